@@ -1,0 +1,29 @@
+//! Where lockstep's chain data comes from.
+//!
+//! - [`ChainSource`]: the async, object-safe trait the manager's one chain
+//!   loop reads through (tip, hashes, headers, BIP158 filters and BIP157
+//!   filter headers, blocks) and broadcasts through, with typed errors that
+//!   say whether retrying helps.
+//! - [`SimChain`]: the embedded regtest chain, deterministic from a seed,
+//!   consensus valid in its signed mode, with background load, scripted
+//!   payments, spends, a validating mempool and reorgs. Its
+//!   [`SimChain::truth`] is the oracle every wallet test compares with.
+//! - [`filters`]: building BIP158 basic filters and chaining their headers
+//!   (rust-bitcoin's reference construction, tested on Bitcoin Core's
+//!   vectors).
+//! - [`verify`]: Bitcoin Core's script interpreter (`bitcoinconsensus` 0.106),
+//!   Taproot included.
+
+pub mod filters;
+mod sim;
+mod source;
+pub mod verify;
+
+pub use sim::{
+    ChainStats, Load, LoadError, ReorgReport, ReorgTxs, SaveError, ScriptTotals, SignError,
+    SimChain, SimError, SimMode, SimParams, SpentCoin, Truth, TruthCoin, TruthTx,
+};
+pub use source::{
+    BlockId, BroadcastError, ChainSource, InvalidTx, Missing, RejectReason, SourceError,
+    SourceErrorKind,
+};

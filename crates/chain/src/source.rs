@@ -1,0 +1,241 @@
+//! The [`ChainSource`] trait: everything lockstep asks of a chain.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bitcoin::bip158::FilterHeader;
+use bitcoin::block::Header;
+use bitcoin::{Amount, Block, BlockHash, OutPoint, Transaction, Txid};
+
+/// A block's place in a chain: its height and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockId {
+    /// Height above genesis (genesis is 0).
+    pub height: u32,
+    /// The block's hash.
+    pub hash: BlockHash,
+}
+
+/// A source of chain data for the one chain loop, and the way out for
+/// transactions.
+///
+/// The manager holds an `Arc<dyn ChainSource>`, so the trait is object safe.
+/// Every method may be called concurrently (the loop prefetches filters while
+/// it matches). Implementations answer for their *current* best chain: a hash
+/// that was reorganised away may give [`SourceError::NotFound`], and the
+/// caller re-reads the tip.
+///
+/// Implementations in this crate: [`crate::SimChain`], the embedded regtest
+/// chain.
+#[async_trait]
+pub trait ChainSource: Send + Sync + 'static {
+    /// The best chain's tip.
+    async fn tip(&self) -> Result<BlockId, SourceError>;
+
+    /// The hash of the best chain's block at `height`.
+    async fn block_hash(&self, height: u32) -> Result<BlockHash, SourceError>;
+
+    /// The header of the block `hash`.
+    async fn header(&self, hash: BlockHash) -> Result<Header, SourceError>;
+
+    /// The block's BIP158 basic filter, raw as served by BIP157 (`cfilter`):
+    /// the element count as a CompactSize followed by the Golomb-Rice set.
+    async fn filter(&self, hash: BlockHash) -> Result<Vec<u8>, SourceError>;
+
+    /// The block's BIP157 basic filter header, which commits to its filter
+    /// and to every filter before it.
+    async fn filter_header(&self, hash: BlockHash) -> Result<FilterHeader, SourceError>;
+
+    /// The block itself.
+    async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError>;
+
+    /// Hands a transaction to the network. `Ok` means the source accepted it
+    /// into its mempool; a rejection says why in [`RejectReason`].
+    async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError>;
+}
+
+/// What the caller of a [`ChainSource`] can do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceErrorKind {
+    /// The source is down, slow or overloaded: retrying later can help.
+    Retryable,
+    /// The source does not have it on its best chain (a reorg, or a height
+    /// above the tip): re-read the tip before asking again.
+    NotFound,
+    /// The source answered with data that is wrong: do not trust it.
+    Invalid,
+}
+
+/// What a chain source could not be asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The source cannot be reached or refused to answer. Retryable.
+    #[error("chain source unavailable: {reason}")]
+    Unavailable {
+        /// What happened, for the log.
+        reason: String,
+    },
+    /// The source did not answer in time. Retryable.
+    #[error("chain source timed out after {after_ms} ms")]
+    Timeout {
+        /// How long the caller waited.
+        after_ms: u64,
+    },
+    /// The thing asked for is not on the source's best chain.
+    #[error("{0} not found on the best chain")]
+    NotFound(Missing),
+    /// The source answered with data that cannot be right (it does not
+    /// decode, or does not match what it committed to).
+    #[error("chain source sent invalid data for {what}: {reason}")]
+    Invalid {
+        /// Which request the data answered.
+        what: Missing,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl SourceError {
+    /// What the caller can do about it.
+    pub fn kind(&self) -> SourceErrorKind {
+        match self {
+            SourceError::Unavailable { .. } | SourceError::Timeout { .. } => {
+                SourceErrorKind::Retryable
+            }
+            SourceError::NotFound(_) => SourceErrorKind::NotFound,
+            SourceError::Invalid { .. } => SourceErrorKind::Invalid,
+        }
+    }
+
+    /// Whether asking again later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind() == SourceErrorKind::Retryable
+    }
+}
+
+/// Names what a [`SourceError`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Missing {
+    /// The block at this height of the best chain.
+    Height(u32),
+    /// The header of this block.
+    Header(BlockHash),
+    /// The block itself.
+    Block(BlockHash),
+    /// The basic filter of this block.
+    Filter(BlockHash),
+    /// The basic filter header of this block.
+    FilterHeader(BlockHash),
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Missing::Height(h) => write!(f, "block at height {h}"),
+            Missing::Header(b) => write!(f, "header {b}"),
+            Missing::Block(b) => write!(f, "block {b}"),
+            Missing::Filter(b) => write!(f, "basic filter of {b}"),
+            Missing::FilterHeader(b) => write!(f, "basic filter header of {b}"),
+        }
+    }
+}
+
+/// A broadcast that did not go through.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BroadcastError {
+    /// The source examined the transaction and refused it. Retrying the same
+    /// transaction does not help; the reason says what would.
+    #[error("transaction {txid} rejected: {reason}")]
+    Rejected {
+        /// The rejected transaction.
+        txid: Txid,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// The source could not be asked (see [`SourceError::kind`]).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// Why a source refused a transaction, in Bitcoin Core's categories.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// An input is already spent by a confirmed transaction (Core:
+    /// `bad-txns-inputs-missingorspent` for a known output).
+    #[error("input {outpoint} is already spent in the best chain")]
+    ConflictConfirmed {
+        /// The input that is spent.
+        outpoint: OutPoint,
+    },
+    /// An input is already spent by another transaction in the mempool (Core:
+    /// `txn-mempool-conflict`; lockstep's sources do not replace).
+    #[error("input {outpoint} is already spent by mempool transaction {spent_by}")]
+    ConflictMempool {
+        /// The input that is spent.
+        outpoint: OutPoint,
+        /// The mempool transaction that spends it.
+        spent_by: Txid,
+    },
+    /// An input refers to an output the source does not know (Core:
+    /// `missing-inputs`).
+    #[error("input {outpoint} refers to an unknown output")]
+    MissingInputs {
+        /// The first input that could not be found.
+        outpoint: OutPoint,
+    },
+    /// The very same transaction is already confirmed.
+    #[error("transaction already confirmed")]
+    AlreadyConfirmed,
+    /// The transaction breaks a consensus or standardness rule.
+    #[error("invalid transaction: {0}")]
+    Invalid(InvalidTx),
+}
+
+/// The rule a transaction breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidTx {
+    /// No inputs.
+    #[error("no inputs")]
+    NoInputs,
+    /// No outputs.
+    #[error("no outputs")]
+    NoOutputs,
+    /// A coinbase cannot be broadcast.
+    #[error("a coinbase transaction cannot be broadcast")]
+    Coinbase,
+    /// The same outpoint is spent twice in the transaction.
+    #[error("input {0} is spent twice")]
+    DuplicateInput(OutPoint),
+    /// The outputs are worth more than the inputs.
+    #[error("outputs ({outputs}) exceed inputs ({inputs})")]
+    OutputsExceedInputs {
+        /// Sum of the inputs.
+        inputs: Amount,
+        /// Sum of the outputs.
+        outputs: Amount,
+    },
+    /// An output value is above the money supply.
+    #[error("output value out of range")]
+    ValueOutOfRange,
+    /// A coinbase output is spent before it has 100 confirmations.
+    #[error("coinbase output {outpoint} is immature until height {mature_at}")]
+    PrematureCoinbaseSpend {
+        /// The immature coinbase output.
+        outpoint: OutPoint,
+        /// The first height at which it may be spent.
+        mature_at: u32,
+    },
+    /// An input's script does not verify (Bitcoin Core's interpreter).
+    #[error("input {input} fails script verification: {reason}")]
+    Script {
+        /// Index of the failing input.
+        input: usize,
+        /// The interpreter's verdict.
+        reason: String,
+    },
+}

@@ -1,0 +1,134 @@
+//! The versioned schema: [`MIGRATIONS`] and the code that applies them.
+
+use std::path::Path;
+
+use rusqlite::{Connection, TransactionBehavior};
+use tracing::info;
+
+use crate::APPLICATION_ID;
+use crate::error::{OpenError, SqliteError};
+
+/// The schema migrations, oldest first: `MIGRATIONS[i]` takes a database from
+/// version `i` to version `i + 1` (`PRAGMA user_version`).
+///
+/// Never edit a released entry: append a new one. Each runs inside its own
+/// `BEGIN IMMEDIATE` transaction together with the `user_version` bump (and,
+/// for the first, the `application_id`), so a crash or an error leaves the
+/// file at the previous version.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // Version 1: the chain loop's state and the wallet registry.
+    //
+    // `chain_tip` holds at most one row (id 0), absent until the loop first
+    // commits. Every active wallet's synced-to is this tip by construction.
+    //
+    // `block_hashes` holds the loop's recent block hashes (about 100; the
+    // caller prunes) for reorg detection.
+    //
+    // `wallets.importing_height` is NULL for an active wallet and the height an
+    // in-progress import has reached otherwise. AUTOINCREMENT: a wallet id is
+    // never reused, even after a deletion, so a stale id cannot name another
+    // wallet.
+    "
+    CREATE TABLE chain_tip (
+        id     INTEGER PRIMARY KEY CHECK (id = 0),
+        height INTEGER NOT NULL CHECK (height BETWEEN 0 AND 4294967295),
+        hash   BLOB    NOT NULL CHECK (length(hash) = 32)
+    ) STRICT;
+
+    CREATE TABLE block_hashes (
+        height INTEGER PRIMARY KEY CHECK (height BETWEEN 0 AND 4294967295),
+        hash   BLOB    NOT NULL CHECK (length(hash) = 32)
+    ) STRICT;
+
+    CREATE TABLE wallets (
+        wallet_id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        name             TEXT    NOT NULL UNIQUE,
+        birth_height     INTEGER NOT NULL CHECK (birth_height BETWEEN 0 AND 4294967295),
+        importing_height INTEGER NULL CHECK (importing_height BETWEEN 0 AND 4294967295),
+        created_at       INTEGER NOT NULL
+    ) STRICT;
+    ",
+];
+
+/// The latest schema version this build knows.
+pub(crate) fn latest_version() -> i32 {
+    version_count(MIGRATIONS)
+}
+
+fn version_count(migrations: &[&str]) -> i32 {
+    i32::try_from(migrations.len()).expect("fewer than 2^31 migrations")
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<i32> {
+    conn.pragma_query_value(None, "user_version", |row| row.get(0))
+}
+
+/// Brings the database up to `migrations.len()`, one transaction per step.
+/// A database already at that version is only read.
+pub(crate) fn migrate(
+    conn: &mut Connection,
+    path: &Path,
+    migrations: &[&str],
+) -> Result<(), OpenError> {
+    let latest = version_count(migrations);
+    let sqlite = |source| OpenError::Sqlite {
+        path: path.to_owned(),
+        source: SqliteError::new(source),
+    };
+    // Fast path: an up-to-date file takes no write lock at all.
+    if user_version(conn).map_err(sqlite)? == latest {
+        return Ok(());
+    }
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sqlite)?;
+        // Read again under the write lock: another process may have migrated.
+        let version = user_version(&tx).map_err(sqlite)?;
+        if version > latest {
+            return Err(OpenError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                supported: latest,
+            });
+        }
+        if version == latest {
+            return Ok(());
+        }
+        if version < 0 {
+            return Err(OpenError::Corrupt {
+                path: path.to_owned(),
+                detail: format!("negative schema version {version}"),
+                source: None,
+            });
+        }
+        if version > 0 {
+            let application_id: i32 = tx
+                .pragma_query_value(None, "application_id", |row| row.get(0))
+                .map_err(sqlite)?;
+            if application_id != APPLICATION_ID {
+                return Err(OpenError::Foreign {
+                    path: path.to_owned(),
+                    application_id,
+                });
+            }
+        }
+        let next = version + 1;
+        let failed = |source| OpenError::Migration {
+            path: path.to_owned(),
+            version: next,
+            source: SqliteError::new(source),
+        };
+        // `version` is in 0..latest here, so the index is in bounds.
+        let sql = migrations[usize::try_from(version).expect("non-negative")];
+        tx.execute_batch(sql).map_err(failed)?;
+        if version == 0 {
+            tx.pragma_update(None, "application_id", APPLICATION_ID)
+                .map_err(failed)?;
+        }
+        tx.pragma_update(None, "user_version", next)
+            .map_err(failed)?;
+        tx.commit().map_err(failed)?;
+        info!(path = %path.display(), version = next, "migrated store schema");
+    }
+}

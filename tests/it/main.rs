@@ -1,0 +1,3 @@
+//! lockstep's cross-crate tests: one binary, one module per area.
+
+mod foundation;

@@ -1,0 +1,74 @@
+//! lockstep's automation, in Rust rather than shell scripts:
+//! `cargo xtask ci | bench [NAME] | demo`.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// What CI runs: format check, clippy with warnings denied, every test.
+    Ci,
+    /// Criterion benchmarks (all, or those of one bench target: chain, ...).
+    Bench {
+        /// A bench target of the lockstep-benches package.
+        name: Option<String>,
+        /// Passed on to criterion (e.g. a benchmark filter).
+        #[arg(last = true)]
+        criterion_args: Vec<String>,
+    },
+    /// The demo, in release mode.
+    Demo,
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Ci => {
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            cargo(&["test", "--workspace"])
+        }
+        Task::Bench {
+            name,
+            criterion_args,
+        } => {
+            let mut args = vec!["bench", "-p", "lockstep-benches"];
+            if let Some(name) = &name {
+                args.extend(["--bench", name]);
+            }
+            if !criterion_args.is_empty() {
+                args.push("--");
+                args.extend(criterion_args.iter().map(String::as_str));
+            }
+            cargo(&args)
+        }
+        Task::Demo => cargo(&["run", "--release", "--", "demo"]),
+    }
+}
