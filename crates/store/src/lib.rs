@@ -88,6 +88,7 @@ mod open;
 mod schema;
 mod store;
 mod tx;
+mod wallet_tables;
 
 #[cfg(test)]
 mod tests;
@@ -96,6 +97,7 @@ pub use error::{ErrorKind, OpenError, SqliteError, StoreError};
 pub use open::StoreOptions;
 pub use store::Store;
 pub use tx::{BlockHash, ReadTx, WalletId, WalletRow, WriteTx};
+pub use wallet_tables::{KeychainRow, NewKeychain};
 
 /// The `application_id` stamped in every lockstep database's header ("LKST"),
 /// so that [`Store::open`] recognises its own files and refuses others'.

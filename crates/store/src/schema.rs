@@ -48,6 +48,36 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         created_at       INTEGER NOT NULL
     ) STRICT;
     ",
+    // Version 2: descriptor wallets' keychains and derived scripts.
+    //
+    // `wallet_keychains` has one row per wallet and keychain (0 external,
+    // 1 internal): the public descriptor (never a secret), the network, the
+    // lookahead window, the next index to reveal, the highest index seen
+    // used on chain, and `derived_to`: scripts `0..derived_to` are stored in
+    // `wallet_scripts`, so nothing is derived on the chain loop's hot path.
+    "
+    CREATE TABLE wallet_keychains (
+        wallet_id  INTEGER NOT NULL REFERENCES wallets (wallet_id) ON DELETE CASCADE,
+        keychain   INTEGER NOT NULL CHECK (keychain IN (0, 1)),
+        network    TEXT    NOT NULL,
+        descriptor TEXT    NOT NULL,
+        lookahead  INTEGER NOT NULL CHECK (lookahead BETWEEN 1 AND 1000000),
+        next_index INTEGER NOT NULL DEFAULT 0 CHECK (next_index BETWEEN 0 AND 2147483648),
+        last_used  INTEGER NULL CHECK (last_used BETWEEN 0 AND 2147483647),
+        derived_to INTEGER NOT NULL DEFAULT 0 CHECK (derived_to BETWEEN 0 AND 2147483648),
+        PRIMARY KEY (wallet_id, keychain)
+    ) STRICT;
+
+    CREATE TABLE wallet_scripts (
+        wallet_id INTEGER NOT NULL REFERENCES wallets (wallet_id) ON DELETE CASCADE,
+        keychain  INTEGER NOT NULL CHECK (keychain IN (0, 1)),
+        idx       INTEGER NOT NULL CHECK (idx BETWEEN 0 AND 2147483647),
+        script    BLOB    NOT NULL,
+        PRIMARY KEY (wallet_id, keychain, idx)
+    ) STRICT, WITHOUT ROWID;
+
+    CREATE INDEX wallet_scripts_by_script ON wallet_scripts (script);
+    ",
 ];
 
 /// The latest schema version this build knows.

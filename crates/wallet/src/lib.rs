@@ -1,5 +1,23 @@
-//! Descriptor wallets whose whole state lives in the shared database: scripts
-//! and lookahead, coins, ingest and its exact inverse, coin selection, signing
-//! and coin locks.
+//! Descriptor wallets whose whole state lives in the shared database.
 //!
-//! Filled in by the wallet issue (#5).
+//! A [`Wallet`] is made from two ranged output descriptors
+//! ([`WalletDescriptors`]: external and internal keychains, parsed and
+//! checked with `miniscript`: network, range, derivability) and is stored
+//! through `lockstep-store` as rows keyed by its wallet id, so the manager
+//! can make many wallets change inside one database transaction. It never
+//! talks to the chain.
+//!
+//! Built so far (issue #5, first step): descriptors with typed errors,
+//! derivation checked against the BIP84, BIP86 and BIP341 vectors, and a
+//! persisted lookahead window that moves forward the moment an index is
+//! used. Coins, ingest and its inverse, coin selection, signing, encrypted
+//! keys and coin locks follow.
+
+mod descriptor;
+mod wallet;
+
+#[cfg(test)]
+mod tests;
+
+pub use descriptor::{DescriptorError, Keychain, WalletDescriptors};
+pub use wallet::{DEFAULT_LOOKAHEAD, NewScripts, Wallet, WalletError, WalletParams};

@@ -1,0 +1,361 @@
+//! A descriptor wallet whose state lives in the shared database.
+
+use std::collections::HashMap;
+
+use bitcoin::{Network, Script, ScriptBuf};
+use lockstep_store::{ErrorKind, NewKeychain, ReadTx, StoreError, WalletId, WriteTx};
+
+use crate::descriptor::{DescriptorError, Keychain, WalletDescriptors};
+
+/// Scripts kept derived past the last used index of each keychain, by
+/// default.
+///
+/// Bitcoin Core keeps 1,000, BDK 25. lockstep's wallets share one aggregate
+/// watchlist, and every watched script adds a 1/784,931 chance per block of
+/// a false-positive block fetch *for all of them*: 1,000 wallets × 2
+/// keychains × 25 scripts is 50,000 scripts, about 6 % of blocks fetched for
+/// nothing; with Core's 1,000 it would be 2,000,000 scripts and nearly every
+/// block. The window moves forward the moment a block uses a script in it
+/// (even inside one block), so a wallet that hands out its own addresses in
+/// order never needs a deep one; raise it for wallets restored from a seed
+/// that was used elsewhere with gaps.
+pub const DEFAULT_LOOKAHEAD: u32 = 25;
+
+/// How a wallet is registered.
+#[derive(Debug, Clone)]
+pub struct WalletParams<'a> {
+    /// A unique name.
+    pub name: &'a str,
+    /// The height from which the chain must be scanned for it.
+    pub birth_height: u32,
+    /// Scripts kept derived past the last used index (at least 1).
+    pub lookahead: u32,
+}
+
+/// What went wrong with a wallet operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WalletError {
+    /// A descriptor was refused (invalid input).
+    #[error(transparent)]
+    Descriptor(#[from] DescriptorError),
+    /// The database refused (see [`StoreError::kind`]; a duplicate name is
+    /// [`StoreError::DuplicateWalletName`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No wallet has this id.
+    #[error("wallet {0} not found")]
+    NotFound(WalletId),
+    /// The lookahead must be at least 1.
+    #[error("lookahead must be at least 1 (got {0})")]
+    InvalidLookahead(u32),
+    /// A keychain has used every non-hardened index.
+    #[error("{0} keychain has no index left")]
+    IndexExhausted(Keychain),
+    /// What the database holds contradicts itself or the descriptors.
+    #[error("wallet {wallet_id} is corrupt in the database: {detail}")]
+    Corrupt {
+        /// The wallet.
+        wallet_id: WalletId,
+        /// What does not hold together.
+        detail: String,
+    },
+}
+
+impl WalletError {
+    /// What the caller can do: retry, fix the input, or stop.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            WalletError::Store(e) => e.kind(),
+            WalletError::Descriptor(_)
+            | WalletError::NotFound(_)
+            | WalletError::InvalidLookahead(_)
+            | WalletError::IndexExhausted(_) => ErrorKind::Invalid,
+            WalletError::Corrupt { .. } => ErrorKind::Fatal,
+        }
+    }
+}
+
+/// One keychain's place: what is revealed, what was used, what is derived.
+#[derive(Debug, Clone)]
+struct KeychainState {
+    next_index: u32,
+    last_used: Option<u32>,
+    /// Scripts `0..scripts.len()`, all stored.
+    scripts: Vec<ScriptBuf>,
+}
+
+/// A descriptor wallet.
+///
+/// Its state is rows of the shared database keyed by its wallet id; this
+/// value mirrors them for the chain loop (scripts to watch, and which
+/// keychain and index a script is). Methods that change state take the
+/// caller's [`WriteTx`] and update this mirror at once: if that transaction
+/// does not commit, drop the wallet and [`Wallet::load`] it again.
+#[derive(Debug, Clone)]
+pub struct Wallet {
+    id: WalletId,
+    name: String,
+    birth_height: u32,
+    lookahead: u32,
+    descriptors: WalletDescriptors,
+    keychains: [KeychainState; 2],
+    by_script: HashMap<ScriptBuf, (Keychain, u32)>,
+}
+
+/// Scripts a change derived, to be added to the manager's watchlist.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewScripts(pub Vec<(Keychain, u32, ScriptBuf)>);
+
+impl Wallet {
+    /// Registers a wallet in the caller's transaction: its row, its two
+    /// keychains (public descriptors only) and its first `lookahead`
+    /// scripts of each keychain.
+    pub fn create(
+        tx: &mut WriteTx<'_>,
+        params: &WalletParams<'_>,
+        descriptors: WalletDescriptors,
+    ) -> Result<Wallet, WalletError> {
+        if params.lookahead == 0 {
+            return Err(WalletError::InvalidLookahead(0));
+        }
+        let id = tx.insert_wallet(params.name, params.birth_height, None)?;
+        let mut wallet = Wallet {
+            id,
+            name: params.name.to_owned(),
+            birth_height: params.birth_height,
+            lookahead: params.lookahead,
+            keychains: [Keychain::External, Keychain::Internal].map(|_| KeychainState {
+                next_index: 0,
+                last_used: None,
+                scripts: Vec::new(),
+            }),
+            descriptors,
+            by_script: HashMap::new(),
+        };
+        for keychain in Keychain::ALL {
+            let descriptor = wallet.descriptors.descriptor(keychain).to_string();
+            tx.insert_keychain(
+                id,
+                NewKeychain {
+                    keychain: keychain.as_u8(),
+                    network: wallet.descriptors.network().to_core_arg(),
+                    descriptor: &descriptor,
+                    lookahead: params.lookahead,
+                },
+            )?;
+            wallet.derive_to(tx, keychain, params.lookahead)?;
+        }
+        Ok(wallet)
+    }
+
+    /// Loads a wallet from the database: its public descriptors and stored
+    /// scripts (nothing is derived). A signing wallet loads locked.
+    pub fn load(tx: &ReadTx<'_>, id: WalletId) -> Result<Wallet, WalletError> {
+        let row = tx.wallet(id)?.ok_or(WalletError::NotFound(id))?;
+        let corrupt = |detail: String| WalletError::Corrupt {
+            wallet_id: id,
+            detail,
+        };
+        let rows = tx.keychains(id)?;
+        let [ext, int] = rows.as_slice() else {
+            return Err(corrupt(format!("{} keychains instead of 2", rows.len())));
+        };
+        let network = Network::from_core_arg(&ext.network).map_err(|e| corrupt(e.to_string()))?;
+        let descriptors = WalletDescriptors::parse(&ext.descriptor, &int.descriptor, network)
+            .map_err(|e| corrupt(format!("stored descriptor: {e}")))?;
+        let mut keychains = Vec::with_capacity(2);
+        let mut by_script = HashMap::new();
+        for (keychain, row) in Keychain::ALL.into_iter().zip([ext, int]) {
+            let scripts: Vec<ScriptBuf> = tx
+                .keychain_scripts(id, keychain.as_u8())?
+                .into_iter()
+                .map(ScriptBuf::from)
+                .collect();
+            if scripts.len() != row.derived_to as usize {
+                return Err(corrupt(format!(
+                    "{keychain}: {} scripts stored, {} recorded",
+                    scripts.len(),
+                    row.derived_to
+                )));
+            }
+            // A cheap check that the stored scripts are this descriptor's.
+            if let Some(last) = scripts.last() {
+                let index = scripts.len() as u32 - 1;
+                if descriptors.script_at(keychain, index)? != *last {
+                    return Err(corrupt(format!(
+                        "{keychain} script {index} does not match the descriptor"
+                    )));
+                }
+            }
+            for (index, script) in scripts.iter().enumerate() {
+                by_script.insert(script.clone(), (keychain, index as u32));
+            }
+            keychains.push(KeychainState {
+                next_index: row.next_index,
+                last_used: row.last_used,
+                scripts,
+            });
+        }
+        let keychains: [KeychainState; 2] = keychains.try_into().expect("two keychains");
+        Ok(Wallet {
+            id,
+            name: row.name,
+            birth_height: row.birth_height,
+            lookahead: ext.lookahead,
+            descriptors,
+            keychains,
+            by_script,
+        })
+    }
+
+    /// The wallet's id in the database.
+    pub fn id(&self) -> WalletId {
+        self.id
+    }
+
+    /// Its unique name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where scanning must start for it.
+    pub fn birth_height(&self) -> u32 {
+        self.birth_height
+    }
+
+    /// Its network.
+    pub fn network(&self) -> Network {
+        self.descriptors.network()
+    }
+
+    /// Its descriptors.
+    pub fn descriptors(&self) -> &WalletDescriptors {
+        &self.descriptors
+    }
+
+    /// Scripts kept derived past the last used index.
+    pub fn lookahead(&self) -> u32 {
+        self.lookahead
+    }
+
+    /// The next index a keychain will reveal.
+    pub fn next_index(&self, keychain: Keychain) -> u32 {
+        self.state(keychain).next_index
+    }
+
+    /// The highest index of a keychain seen used on chain.
+    pub fn last_used(&self, keychain: Keychain) -> Option<u32> {
+        self.state(keychain).last_used
+    }
+
+    fn state(&self, keychain: Keychain) -> &KeychainState {
+        &self.keychains[keychain.as_u8() as usize]
+    }
+
+    /// Everything the chain loop must watch for this wallet: every revealed
+    /// script and the lookahead window past the last used and revealed one.
+    /// Already derived; costs nothing but iteration.
+    pub fn watch_scripts(&self) -> impl Iterator<Item = (Keychain, u32, &Script)> + '_ {
+        Keychain::ALL.into_iter().flat_map(move |k| {
+            self.state(k)
+                .scripts
+                .iter()
+                .enumerate()
+                .map(move |(i, s)| (k, i as u32, s.as_script()))
+        })
+    }
+
+    /// The keychain and index of one of the wallet's scripts.
+    pub fn script_index(&self, script: &Script) -> Option<(Keychain, u32)> {
+        self.by_script.get(script).copied()
+    }
+
+    /// Reveals the next script of a keychain (an address to hand out), and
+    /// derives what keeps the lookahead window full past it.
+    pub fn reveal_next(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        keychain: Keychain,
+    ) -> Result<(u32, ScriptBuf, NewScripts), WalletError> {
+        let index = self.state(keychain).next_index;
+        if index >= (1 << 31) - 1 {
+            return Err(WalletError::IndexExhausted(keychain));
+        }
+        let state = &mut self.keychains[keychain.as_u8() as usize];
+        state.next_index = index + 1;
+        tx.set_keychain_indexes(self.id, keychain.as_u8(), state.next_index, state.last_used)?;
+        let new = self.fill_window(tx, keychain)?;
+        Ok((
+            index,
+            self.state(keychain).scripts[index as usize].clone(),
+            new,
+        ))
+    }
+
+    /// Records that a block used `index` of a keychain, and moves the
+    /// lookahead window past it at once (so a later transaction of the same
+    /// block paying a newly derived script is found). Returns the scripts
+    /// newly derived, for the manager's watchlist.
+    pub fn mark_used(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        keychain: Keychain,
+        index: u32,
+    ) -> Result<NewScripts, WalletError> {
+        let state = &mut self.keychains[keychain.as_u8() as usize];
+        if state.last_used.is_some_and(|used| used >= index) && state.next_index > index {
+            return Ok(NewScripts::default());
+        }
+        state.last_used = Some(state.last_used.map_or(index, |used| used.max(index)));
+        state.next_index = state.next_index.max(index + 1);
+        tx.set_keychain_indexes(self.id, keychain.as_u8(), state.next_index, state.last_used)?;
+        self.fill_window(tx, keychain)
+    }
+
+    /// Derives until `lookahead` scripts lie past both the last used and
+    /// the last revealed index.
+    fn fill_window(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        keychain: Keychain,
+    ) -> Result<NewScripts, WalletError> {
+        let state = self.state(keychain);
+        let past = state.next_index.max(state.last_used.map_or(0, |u| u + 1));
+        let want = past.saturating_add(self.lookahead).min(1 << 31);
+        let first = state.scripts.len() as u32;
+        self.derive_to(tx, keychain, want)?;
+        let scripts = &self.state(keychain).scripts;
+        Ok(NewScripts(
+            (first..scripts.len() as u32)
+                .map(|i| (keychain, i, scripts[i as usize].clone()))
+                .collect(),
+        ))
+    }
+
+    /// Derives and stores scripts up to (not including) `end`.
+    fn derive_to(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        keychain: Keychain,
+        end: u32,
+    ) -> Result<(), WalletError> {
+        let first = self.state(keychain).scripts.len() as u32;
+        if end <= first {
+            return Ok(());
+        }
+        let scripts = (first..end)
+            .map(|i| self.descriptors.script_at(keychain, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let raw: Vec<Vec<u8>> = scripts.iter().map(|s| s.to_bytes()).collect();
+        tx.append_scripts(self.id, keychain.as_u8(), first, &raw)?;
+        for (i, script) in scripts.into_iter().enumerate() {
+            self.by_script
+                .insert(script.clone(), (keychain, first + i as u32));
+            self.keychains[keychain.as_u8() as usize]
+                .scripts
+                .push(script);
+        }
+        Ok(())
+    }
+}
