@@ -97,7 +97,7 @@ pub use error::{ErrorKind, OpenError, SqliteError, StoreError};
 pub use open::StoreOptions;
 pub use store::Store;
 pub use tx::{BlockHash, ReadTx, WalletId, WalletRow, WriteTx};
-pub use wallet_tables::{KeychainRow, NewKeychain};
+pub use wallet_tables::{CoinRow, Disconnected, KeychainRow, NewKeychain, WalletTxRow};
 
 /// The `application_id` stamped in every lockstep database's header ("LKST"),
 /// so that [`Store::open`] recognises its own files and refuses others'.

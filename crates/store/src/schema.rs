@@ -78,6 +78,47 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 
     CREATE INDEX wallet_scripts_by_script ON wallet_scripts (script);
     ",
+    // Version 3: what wallets own and did.
+    //
+    // `wallet_coins`: every output paying a wallet script on the best chain,
+    // with where it was created and, once spent, by what and where.
+    // Disconnecting height h deletes coins created at h and above and
+    // un-spends coins spent at h and above: the exact inverse of ingest.
+    //
+    // `wallet_txs`: every transaction that touched a wallet, with what it
+    // paid the wallet and what it spent of it. `height` NULL: unconfirmed
+    // (kept only for transactions the wallet broadcast itself, `raw` set).
+    "
+    CREATE TABLE wallet_coins (
+        wallet_id    INTEGER NOT NULL REFERENCES wallets (wallet_id) ON DELETE CASCADE,
+        txid         BLOB    NOT NULL CHECK (length(txid) = 32),
+        vout         INTEGER NOT NULL CHECK (vout BETWEEN 0 AND 4294967295),
+        value        INTEGER NOT NULL CHECK (value BETWEEN 0 AND 2100000000000000),
+        script       BLOB    NOT NULL,
+        keychain     INTEGER NOT NULL CHECK (keychain IN (0, 1)),
+        idx          INTEGER NOT NULL CHECK (idx BETWEEN 0 AND 2147483647),
+        height       INTEGER NOT NULL CHECK (height BETWEEN 0 AND 4294967295),
+        is_coinbase  INTEGER NOT NULL CHECK (is_coinbase IN (0, 1)),
+        spent_txid   BLOB    NULL CHECK (length(spent_txid) = 32),
+        spent_height INTEGER NULL CHECK (spent_height BETWEEN 0 AND 4294967295),
+        PRIMARY KEY (wallet_id, txid, vout)
+    ) STRICT, WITHOUT ROWID;
+
+    CREATE INDEX wallet_coins_by_height ON wallet_coins (wallet_id, height);
+    CREATE INDEX wallet_coins_by_spent_height ON wallet_coins (wallet_id, spent_height);
+
+    CREATE TABLE wallet_txs (
+        wallet_id INTEGER NOT NULL REFERENCES wallets (wallet_id) ON DELETE CASCADE,
+        txid      BLOB    NOT NULL CHECK (length(txid) = 32),
+        height    INTEGER NULL CHECK (height BETWEEN 0 AND 4294967295),
+        received  INTEGER NOT NULL CHECK (received >= 0),
+        sent      INTEGER NOT NULL CHECK (sent >= 0),
+        raw       BLOB    NULL,
+        PRIMARY KEY (wallet_id, txid)
+    ) STRICT, WITHOUT ROWID;
+
+    CREATE INDEX wallet_txs_by_height ON wallet_txs (wallet_id, height);
+    ",
 ];
 
 /// The latest schema version this build knows.

@@ -2,7 +2,7 @@
 //!
 //! Typed functions only; the wallet crate never sees SQL.
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension as _, params};
 
 use crate::error::{SqlResultExt as _, StoreError};
 use crate::tx::{ReadTx, WalletId, WriteTx};
@@ -214,5 +214,272 @@ impl WriteTx<'_> {
             .execute(params![wallet_id.as_i64(), keychain, next_index, last_used])
             .or_store()?;
         Ok(())
+    }
+}
+
+/// A wallet's coin as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoinRow {
+    /// The creating transaction.
+    pub txid: [u8; 32],
+    /// The output's index.
+    pub vout: u32,
+    /// Its value in satoshis.
+    pub value: u64,
+    /// Its script.
+    pub script: Vec<u8>,
+    /// 0 external, 1 internal.
+    pub keychain: u8,
+    /// The script's derivation index.
+    pub index: u32,
+    /// The height of the block that created it.
+    pub height: u32,
+    /// Whether a coinbase created it.
+    pub is_coinbase: bool,
+    /// The spending transaction and its height, once spent.
+    pub spent: Option<([u8; 32], u32)>,
+}
+
+/// A transaction that touched a wallet, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletTxRow {
+    /// The transaction.
+    pub txid: [u8; 32],
+    /// Its block's height; `None` while unconfirmed.
+    pub height: Option<u32>,
+    /// What it paid the wallet, in satoshis.
+    pub received: u64,
+    /// What it spent of the wallet's coins, in satoshis.
+    pub sent: u64,
+}
+
+/// What [`WriteTx::disconnect_wallet`] undid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Disconnected {
+    /// Coins created at or above the height, removed.
+    pub coins_removed: usize,
+    /// Coins spent at or above the height, unspent again.
+    pub coins_restored: usize,
+    /// Transactions confirmed at or above the height, dropped (or back to
+    /// unconfirmed when the wallet broadcast them).
+    pub txs_unconfirmed: usize,
+}
+
+/// Reads a non-negative integer column as `u64` (SQLite integers are i64).
+fn get_u64(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<u64> {
+    let value: i64 = row.get(column)?;
+    u64::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(column, value))
+}
+
+/// Amounts are at most 21 million BTC, so they fit an i64.
+fn sql_amount(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn coin_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<CoinRow> {
+    let spent_txid: Option<[u8; 32]> = row.get(9)?;
+    let spent_height: Option<u32> = row.get(10)?;
+    Ok(CoinRow {
+        txid: row.get(0)?,
+        vout: row.get(1)?,
+        value: get_u64(row, 2)?,
+        script: row.get(3)?,
+        keychain: row.get(4)?,
+        index: row.get(5)?,
+        height: row.get(6)?,
+        is_coinbase: row.get(7)?,
+        spent: spent_txid.zip(spent_height),
+    })
+}
+
+const COIN_COLUMNS: &str = "txid, vout, value, script, keychain, idx, height, is_coinbase, wallet_id, spent_txid, spent_height";
+
+impl ReadTx<'_> {
+    /// A wallet's coins (unspent only, or all), by outpoint.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn wallet_coins(
+        &self,
+        wallet_id: WalletId,
+        unspent_only: bool,
+    ) -> Result<Vec<CoinRow>, StoreError> {
+        let sql = if unspent_only {
+            format!(
+                "SELECT {COIN_COLUMNS} FROM wallet_coins WHERE wallet_id = ?1 AND spent_txid IS NULL ORDER BY txid, vout"
+            )
+        } else {
+            format!(
+                "SELECT {COIN_COLUMNS} FROM wallet_coins WHERE wallet_id = ?1 ORDER BY txid, vout"
+            )
+        };
+        let mut stmt = self.tx.prepare_cached(&sql).or_store()?;
+        let rows = stmt
+            .query_map([wallet_id.as_i64()], coin_from_row)
+            .or_store()?;
+        rows.collect::<Result<_, _>>().or_store()
+    }
+
+    /// The transactions that touched a wallet, confirmed ones by height
+    /// then unconfirmed ones.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn wallet_txs(&self, wallet_id: WalletId) -> Result<Vec<WalletTxRow>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT txid, height, received, sent FROM wallet_txs WHERE wallet_id = ?1 \
+                 ORDER BY height IS NULL, height, txid",
+            )
+            .or_store()?;
+        let rows = stmt
+            .query_map([wallet_id.as_i64()], |row| {
+                Ok(WalletTxRow {
+                    txid: row.get(0)?,
+                    height: row.get(1)?,
+                    received: get_u64(row, 2)?,
+                    sent: get_u64(row, 3)?,
+                })
+            })
+            .or_store()?;
+        rows.collect::<Result<_, _>>().or_store()
+    }
+
+    /// The sum of a wallet's unspent coins, in satoshis.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn wallet_balance(&self, wallet_id: WalletId) -> Result<u64, StoreError> {
+        self.tx
+            .prepare_cached("SELECT COALESCE(SUM(value), 0) FROM wallet_coins WHERE wallet_id = ?1 AND spent_txid IS NULL")
+            .or_store()?
+            .query_row([wallet_id.as_i64()], |row| get_u64(row, 0))
+            .or_store()
+    }
+}
+
+impl WriteTx<'_> {
+    /// Records a coin a block paid the wallet.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn insert_coin(&mut self, wallet_id: WalletId, coin: &CoinRow) -> Result<(), StoreError> {
+        self.read
+            .tx
+            .prepare_cached(&format!(
+                "INSERT INTO wallet_coins ({COIN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ))
+            .or_store()?
+            .execute(params![
+                coin.txid,
+                coin.vout,
+                sql_amount(coin.value),
+                coin.script,
+                coin.keychain,
+                coin.index,
+                coin.height,
+                coin.is_coinbase,
+                wallet_id.as_i64(),
+                coin.spent.map(|s| s.0),
+                coin.spent.map(|s| s.1),
+            ])
+            .or_store()?;
+        Ok(())
+    }
+
+    /// Marks the wallet's coin at `(txid, vout)` spent by `spent_txid` at
+    /// `height`, if the wallet has it unspent. Returns its value then.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn spend_coin(
+        &mut self,
+        wallet_id: WalletId,
+        txid: &[u8; 32],
+        vout: u32,
+        spent_txid: &[u8; 32],
+        height: u32,
+    ) -> Result<Option<u64>, StoreError> {
+        self.read
+            .tx
+            .prepare_cached(
+                "UPDATE wallet_coins SET spent_txid = ?4, spent_height = ?5 \
+                 WHERE wallet_id = ?1 AND txid = ?2 AND vout = ?3 AND spent_txid IS NULL RETURNING value",
+            )
+            .or_store()?
+            .query_row(params![wallet_id.as_i64(), txid, vout, spent_txid, height], |row| get_u64(row, 0))
+            .optional()
+            .or_store()
+    }
+
+    /// Records (or adds to) a transaction that touched the wallet at
+    /// `height`.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn record_wallet_tx(
+        &mut self,
+        wallet_id: WalletId,
+        row: &WalletTxRow,
+    ) -> Result<(), StoreError> {
+        self.read
+            .tx
+            .prepare_cached(
+                "INSERT INTO wallet_txs (wallet_id, txid, height, received, sent) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (wallet_id, txid) DO UPDATE SET height = excluded.height, \
+                 received = excluded.received, sent = excluded.sent",
+            )
+            .or_store()?
+            .execute(params![wallet_id.as_i64(), row.txid, row.height, sql_amount(row.received), sql_amount(row.sent)])
+            .or_store()?;
+        Ok(())
+    }
+
+    /// Undoes, for one wallet, everything blocks at `height` and above did:
+    /// their coins go, coins they spent come back, their transactions are
+    /// dropped (or return to unconfirmed if the wallet broadcast them).
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn disconnect_wallet(
+        &mut self,
+        wallet_id: WalletId,
+        height: u32,
+    ) -> Result<Disconnected, StoreError> {
+        let tx = &self.read.tx;
+        let id = wallet_id.as_i64();
+        let coins_removed = tx
+            .prepare_cached("DELETE FROM wallet_coins WHERE wallet_id = ?1 AND height >= ?2")
+            .or_store()?
+            .execute(params![id, height])
+            .or_store()?;
+        let coins_restored = tx
+            .prepare_cached(
+                "UPDATE wallet_coins SET spent_txid = NULL, spent_height = NULL \
+                 WHERE wallet_id = ?1 AND spent_height >= ?2",
+            )
+            .or_store()?
+            .execute(params![id, height])
+            .or_store()?;
+        let dropped = tx
+            .prepare_cached(
+                "DELETE FROM wallet_txs WHERE wallet_id = ?1 AND height >= ?2 AND raw IS NULL",
+            )
+            .or_store()?
+            .execute(params![id, height])
+            .or_store()?;
+        let unconfirmed = tx
+            .prepare_cached(
+                "UPDATE wallet_txs SET height = NULL WHERE wallet_id = ?1 AND height >= ?2",
+            )
+            .or_store()?
+            .execute(params![id, height])
+            .or_store()?;
+        Ok(Disconnected {
+            coins_removed,
+            coins_restored,
+            txs_unconfirmed: dropped + unconfirmed,
+        })
     }
 }

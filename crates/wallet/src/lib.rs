@@ -17,7 +17,12 @@ mod descriptor;
 mod wallet;
 
 #[cfg(test)]
+mod oracle_tests;
+#[cfg(test)]
 mod tests;
 
 pub use descriptor::{DescriptorError, Keychain, WalletDescriptors};
-pub use wallet::{DEFAULT_LOOKAHEAD, NewScripts, Wallet, WalletError, WalletParams};
+pub use wallet::{
+    Coin, DEFAULT_LOOKAHEAD, HistoryTx, IngestSummary, NewScripts, Wallet, WalletError,
+    WalletParams,
+};

@@ -2,8 +2,12 @@
 
 use std::collections::HashMap;
 
-use bitcoin::{Network, Script, ScriptBuf};
-use lockstep_store::{ErrorKind, NewKeychain, ReadTx, StoreError, WalletId, WriteTx};
+use bitcoin::hashes::Hash;
+use bitcoin::{Amount, Network, OutPoint, Script, ScriptBuf, Transaction, TxOut, Txid};
+use lockstep_store::{
+    CoinRow, Disconnected, ErrorKind, NewKeychain, ReadTx, StoreError, WalletId, WalletTxRow,
+    WriteTx,
+};
 
 use crate::descriptor::{DescriptorError, Keychain, WalletDescriptors};
 
@@ -101,6 +105,63 @@ pub struct Wallet {
     descriptors: WalletDescriptors,
     keychains: [KeychainState; 2],
     by_script: HashMap<ScriptBuf, (Keychain, u32)>,
+}
+
+/// What [`Wallet::ingest`] did with one block's transactions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestSummary {
+    /// Paid to the wallet's scripts.
+    pub received: Amount,
+    /// Spent of the wallet's coins.
+    pub sent: Amount,
+    /// Coins created.
+    pub coins_created: u32,
+    /// Coins spent.
+    pub coins_spent: u32,
+    /// Transactions that touched the wallet, in block order.
+    pub txids: Vec<Txid>,
+    /// Scripts derived because the block used the lookahead window: the
+    /// manager adds them to its watchlist.
+    pub new_scripts: NewScripts,
+}
+
+/// A coin of the wallet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coin {
+    /// Where it is.
+    pub outpoint: OutPoint,
+    /// Its value and script.
+    pub txout: TxOut,
+    /// The keychain and index of its script.
+    pub keychain: Keychain,
+    /// The derivation index of its script.
+    pub index: u32,
+    /// The height of the block that created it.
+    pub height: u32,
+    /// Whether a coinbase created it.
+    pub is_coinbase: bool,
+    /// The spending transaction and its height, once spent.
+    pub spent: Option<(Txid, u32)>,
+}
+
+/// A transaction in the wallet's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryTx {
+    /// The transaction.
+    pub txid: Txid,
+    /// Its block's height, `None` while unconfirmed.
+    pub height: Option<u32>,
+    /// What it paid the wallet.
+    pub received: Amount,
+    /// What it spent of the wallet's coins.
+    pub sent: Amount,
+}
+
+impl HistoryTx {
+    /// What it did to the wallet's balance, in satoshis.
+    pub fn net(&self) -> i64 {
+        self.received.to_sat() as i64 - self.sent.to_sat() as i64
+    }
 }
 
 /// Scripts a change derived, to be added to the manager's watchlist.
@@ -311,6 +372,145 @@ impl Wallet {
         state.next_index = state.next_index.max(index + 1);
         tx.set_keychain_indexes(self.id, keychain.as_u8(), state.next_index, state.last_used)?;
         self.fill_window(tx, keychain)
+    }
+
+    /// Ingests, inside the caller's transaction, the transactions of the
+    /// block at `height` that the manager routed to this wallet (in block
+    /// order; the wallet never scans a whole block): coins for outputs to
+    /// its scripts, spends of its coins (a coin created and spent in the same
+    /// block included), the transactions, and the lookahead window moved at
+    /// once as scripts are used.
+    ///
+    /// The wallet's synced-to is the chain loop's tip, which the manager
+    /// moves in the same transaction.
+    pub fn ingest(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        height: u32,
+        txs: &[Transaction],
+    ) -> Result<IngestSummary, WalletError> {
+        let mut summary = IngestSummary::default();
+        for t in txs {
+            let txid = t.compute_txid();
+            let txid_bytes = txid.to_byte_array();
+            let (mut received, mut sent, mut touched) = (0u64, 0u64, false);
+            if !t.is_coinbase() {
+                for input in &t.input {
+                    let prev = input.previous_output;
+                    if let Some(value) = tx.spend_coin(
+                        self.id,
+                        &prev.txid.to_byte_array(),
+                        prev.vout,
+                        &txid_bytes,
+                        height,
+                    )? {
+                        sent += value;
+                        summary.coins_spent += 1;
+                        touched = true;
+                    }
+                }
+            }
+            for (vout, out) in t.output.iter().enumerate() {
+                let Some((keychain, index)) = self.script_index(&out.script_pubkey) else {
+                    continue;
+                };
+                tx.insert_coin(
+                    self.id,
+                    &CoinRow {
+                        txid: txid_bytes,
+                        vout: vout as u32,
+                        value: out.value.to_sat(),
+                        script: out.script_pubkey.to_bytes(),
+                        keychain: keychain.as_u8(),
+                        index,
+                        height,
+                        is_coinbase: t.is_coinbase(),
+                        spent: None,
+                    },
+                )?;
+                received += out.value.to_sat();
+                summary.coins_created += 1;
+                touched = true;
+                summary
+                    .new_scripts
+                    .0
+                    .extend(self.mark_used(tx, keychain, index)?.0);
+            }
+            if touched {
+                tx.record_wallet_tx(
+                    self.id,
+                    &WalletTxRow {
+                        txid: txid_bytes,
+                        height: Some(height),
+                        received,
+                        sent,
+                    },
+                )?;
+                summary.received += Amount::from_sat(received);
+                summary.sent += Amount::from_sat(sent);
+                summary.txids.push(txid);
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Undoes exactly what [`Wallet::ingest`] did at `height` and above:
+    /// coins created there go, coins spent there come back, transactions
+    /// confirmed there are dropped (or return to unconfirmed if the wallet
+    /// broadcast them). Derived scripts stay: a wider window loses nothing,
+    /// and reconnecting the same blocks gives the identical state.
+    pub fn disconnect(
+        &self,
+        tx: &mut WriteTx<'_>,
+        height: u32,
+    ) -> Result<Disconnected, WalletError> {
+        Ok(tx.disconnect_wallet(self.id, height)?)
+    }
+
+    /// The sum of the wallet's unspent coins.
+    pub fn balance(&self, tx: &ReadTx<'_>) -> Result<Amount, WalletError> {
+        Ok(Amount::from_sat(tx.wallet_balance(self.id)?))
+    }
+
+    /// The wallet's coins (unspent only, or all), by outpoint.
+    pub fn coins(&self, tx: &ReadTx<'_>, unspent_only: bool) -> Result<Vec<Coin>, WalletError> {
+        tx.wallet_coins(self.id, unspent_only)?
+            .into_iter()
+            .map(|row| {
+                let keychain =
+                    Keychain::from_u8(row.keychain).ok_or_else(|| WalletError::Corrupt {
+                        wallet_id: self.id,
+                        detail: format!("keychain {}", row.keychain),
+                    })?;
+                Ok(Coin {
+                    outpoint: OutPoint::new(Txid::from_byte_array(row.txid), row.vout),
+                    txout: TxOut {
+                        value: Amount::from_sat(row.value),
+                        script_pubkey: ScriptBuf::from(row.script),
+                    },
+                    keychain,
+                    index: row.index,
+                    height: row.height,
+                    is_coinbase: row.is_coinbase,
+                    spent: row.spent.map(|(t, h)| (Txid::from_byte_array(t), h)),
+                })
+            })
+            .collect()
+    }
+
+    /// The transactions that touched the wallet, oldest first, with what
+    /// each paid it and spent of it.
+    pub fn history(&self, tx: &ReadTx<'_>) -> Result<Vec<HistoryTx>, WalletError> {
+        Ok(tx
+            .wallet_txs(self.id)?
+            .into_iter()
+            .map(|row| HistoryTx {
+                txid: Txid::from_byte_array(row.txid),
+                height: row.height,
+                received: Amount::from_sat(row.received),
+                sent: Amount::from_sat(row.sent),
+            })
+            .collect())
     }
 
     /// Derives until `lookahead` scripts lie past both the last used and
