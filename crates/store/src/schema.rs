@@ -119,6 +119,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 
     CREATE INDEX wallet_txs_by_height ON wallet_txs (wallet_id, height);
     ",
+    // Version 4: a signing wallet's private descriptor per keychain,
+    // encrypted by the wallet crate (Argon2id + XChaCha20-Poly1305) before
+    // it gets here. The store never sees a secret in clear.
+    "
+    ALTER TABLE wallet_keychains ADD COLUMN encrypted_secret BLOB NULL;
+    ",
 ];
 
 /// The latest schema version this build knows.

@@ -483,3 +483,45 @@ impl WriteTx<'_> {
         })
     }
 }
+
+impl ReadTx<'_> {
+    /// A keychain's encrypted private descriptor, if the wallet signs.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn keychain_secret(
+        &self,
+        wallet_id: WalletId,
+        keychain: u8,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tx
+            .prepare_cached("SELECT encrypted_secret FROM wallet_keychains WHERE wallet_id = ?1 AND keychain = ?2")
+            .or_store()?
+            .query_row(params![wallet_id.as_i64(), keychain], |row| row.get(0))
+            .optional()
+            .map(Option::flatten)
+            .or_store()
+    }
+}
+
+impl WriteTx<'_> {
+    /// Stores a keychain's encrypted private descriptor (already encrypted
+    /// by the caller: the store never sees a secret in clear).
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn set_keychain_secret(
+        &mut self,
+        wallet_id: WalletId,
+        keychain: u8,
+        encrypted: &[u8],
+    ) -> Result<(), StoreError> {
+        self.read
+            .tx
+            .prepare_cached("UPDATE wallet_keychains SET encrypted_secret = ?3 WHERE wallet_id = ?1 AND keychain = ?2")
+            .or_store()?
+            .execute(params![wallet_id.as_i64(), keychain, encrypted])
+            .or_store()?;
+        Ok(())
+    }
+}

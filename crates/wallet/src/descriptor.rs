@@ -164,6 +164,14 @@ impl WalletDescriptors {
         })
     }
 
+    /// The same descriptors with the private keys dropped (a locked wallet).
+    pub(crate) fn without_secrets(&self) -> WalletDescriptors {
+        WalletDescriptors {
+            secrets: None,
+            ..self.clone()
+        }
+    }
+
     /// The script at `index` of a keychain.
     pub fn script_at(&self, keychain: Keychain, index: u32) -> Result<ScriptBuf, DescriptorError> {
         derive(self.descriptor(keychain), keychain, index)

@@ -14,6 +14,7 @@
 //! keys and coin locks follow.
 
 mod descriptor;
+mod secrets;
 mod wallet;
 
 #[cfg(test)]

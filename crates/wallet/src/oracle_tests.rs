@@ -78,6 +78,7 @@ impl Harness {
             name: "w",
             birth_height: 0,
             lookahead: LOOKAHEAD,
+            passphrase: Some("test passphrase"),
         };
         let wallet = store
             .write_blocking(move |tx| Wallet::create(tx, &params, descriptors))

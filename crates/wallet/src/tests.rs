@@ -354,6 +354,7 @@ fn a_wallet_persists_and_reloads_without_deriving() {
         name: "alice",
         birth_height: 120,
         lookahead: 10,
+        passphrase: Some("test passphrase"),
     };
     let created = store
         .write_blocking(move |tx| Wallet::create(tx, &params, regtest_wpkh(7)))
@@ -378,6 +379,7 @@ fn a_wallet_persists_and_reloads_without_deriving() {
         name: "alice",
         birth_height: 0,
         lookahead: 10,
+        passphrase: Some("test passphrase"),
     };
     let dup = store.write_blocking(move |tx| Wallet::create(tx, &params, regtest_wpkh(8)));
     assert!(matches!(
@@ -398,6 +400,7 @@ fn no_secret_reaches_the_database_file() {
         name: "signer",
         birth_height: 0,
         lookahead: 5,
+        passphrase: Some("test passphrase"),
     };
     store
         .write_blocking(move |tx| Wallet::create(tx, &params, descriptors))
@@ -420,6 +423,7 @@ fn the_lookahead_window_moves_at_once_and_persists() {
         name: "bob",
         birth_height: 0,
         lookahead: 25,
+        passphrase: Some("test passphrase"),
     };
     let wallet = store
         .write_blocking(move |tx| Wallet::create(tx, &params, regtest_wpkh(3)))
@@ -480,6 +484,7 @@ fn a_rolled_back_change_leaves_the_database_as_it_was() {
         name: "carol",
         birth_height: 0,
         lookahead: 5,
+        passphrase: Some("test passphrase"),
     };
     let wallet = store
         .write_blocking(move |tx| Wallet::create(tx, &params, regtest_wpkh(4)))
@@ -494,4 +499,97 @@ fn a_rolled_back_change_leaves_the_database_as_it_was() {
     let loaded = store.read_blocking(move |tx| Wallet::load(tx, id)).unwrap();
     assert_eq!(loaded.last_used(Keychain::External), None);
     assert_eq!(loaded.watch_scripts().count(), 10);
+}
+
+#[test]
+fn signing_keys_are_encrypted_and_a_loaded_wallet_is_locked() {
+    let (dir, store) = open();
+    // A signing wallet needs a passphrase.
+    let params = WalletParams {
+        name: "nopass",
+        birth_height: 0,
+        lookahead: 3,
+        passphrase: None,
+    };
+    let refused = store.write_blocking(move |tx| Wallet::create(tx, &params, regtest_wpkh(5)));
+    assert!(matches!(refused, Err(WalletError::PassphraseRequired)));
+
+    let params = WalletParams {
+        name: "signer",
+        birth_height: 0,
+        lookahead: 3,
+        passphrase: Some("hunter2"),
+    };
+    let created = store
+        .write_blocking(move |tx| Wallet::create(tx, &params, regtest_wpkh(5)))
+        .unwrap();
+    assert!(created.is_signing() && !created.is_locked());
+    let id = created.id();
+
+    let mut wallet = store.read_blocking(move |tx| Wallet::load(tx, id)).unwrap();
+    assert!(wallet.is_signing() && wallet.is_locked());
+    assert!(
+        wallet
+            .descriptors()
+            .secret_descriptor(Keychain::External)
+            .is_none()
+    );
+    let wrong = wallet.clone();
+    let err = store
+        .read_blocking(move |tx| {
+            let mut w = wrong;
+            w.unlock(tx, "hunter3")
+        })
+        .unwrap_err();
+    assert!(matches!(err, WalletError::WrongPassphrase), "{err:?}");
+    wallet = store
+        .read_blocking(move |tx| {
+            let mut w = wallet;
+            w.unlock(tx, "hunter2")?;
+            Ok::<_, WalletError>(w)
+        })
+        .unwrap();
+    assert!(!wallet.is_locked());
+    assert_eq!(
+        wallet.descriptors().secret_descriptor(Keychain::External),
+        created.descriptors().secret_descriptor(Keychain::External)
+    );
+    wallet.lock();
+    assert!(wallet.is_locked());
+
+    // A watch-only wallet has nothing to unlock.
+    let public = regtest_wpkh(6);
+    let watch = WalletDescriptors::parse(
+        &public.descriptor(Keychain::External).to_string(),
+        &public.descriptor(Keychain::Internal).to_string(),
+        Network::Regtest,
+    )
+    .unwrap();
+    let params = WalletParams {
+        name: "watch",
+        birth_height: 0,
+        lookahead: 3,
+        passphrase: None,
+    };
+    let watch = store
+        .write_blocking(move |tx| Wallet::create(tx, &params, watch))
+        .unwrap();
+    assert!(!watch.is_signing() && !watch.is_locked());
+    let err = store
+        .read_blocking(move |tx| {
+            let mut w = watch;
+            w.unlock(tx, "x")
+        })
+        .unwrap_err();
+    assert!(matches!(err, WalletError::WatchOnly(_)));
+
+    // Nothing secret in clear in any of the database's files.
+    let root = Xpriv::from_str(&tprv(5)).unwrap();
+    let secret_bytes = root.private_key.secret_bytes();
+    drop(store);
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("tprv"));
+        assert!(!bytes.windows(32).any(|w| w == secret_bytes));
+    }
 }

@@ -34,6 +34,9 @@ pub struct WalletParams<'a> {
     pub birth_height: u32,
     /// Scripts kept derived past the last used index (at least 1).
     pub lookahead: u32,
+    /// Encrypts a signing wallet's private descriptors at rest; required
+    /// when the descriptors carry private keys, ignored otherwise.
+    pub passphrase: Option<&'a str>,
 }
 
 /// What went wrong with a wallet operation.
@@ -56,6 +59,18 @@ pub enum WalletError {
     /// A keychain has used every non-hardened index.
     #[error("{0} keychain has no index left")]
     IndexExhausted(Keychain),
+    /// A signing wallet needs a passphrase to encrypt its keys.
+    #[error("a wallet with private keys needs a passphrase")]
+    PassphraseRequired,
+    /// The passphrase does not decrypt the wallet's keys.
+    #[error("wrong passphrase")]
+    WrongPassphrase,
+    /// The wallet holds no private keys.
+    #[error("wallet {0} is watch-only")]
+    WatchOnly(WalletId),
+    /// Signing needs the wallet unlocked.
+    #[error("wallet {0} is locked")]
+    Locked(WalletId),
     /// What the database holds contradicts itself or the descriptors.
     #[error("wallet {wallet_id} is corrupt in the database: {detail}")]
     Corrupt {
@@ -74,7 +89,11 @@ impl WalletError {
             WalletError::Descriptor(_)
             | WalletError::NotFound(_)
             | WalletError::InvalidLookahead(_)
-            | WalletError::IndexExhausted(_) => ErrorKind::Invalid,
+            | WalletError::IndexExhausted(_)
+            | WalletError::PassphraseRequired
+            | WalletError::WrongPassphrase
+            | WalletError::WatchOnly(_)
+            | WalletError::Locked(_) => ErrorKind::Invalid,
             WalletError::Corrupt { .. } => ErrorKind::Fatal,
         }
     }
@@ -102,9 +121,18 @@ pub struct Wallet {
     name: String,
     birth_height: u32,
     lookahead: u32,
+    /// Unlocked: with private keys; locked or watch-only: without.
     descriptors: WalletDescriptors,
+    /// Whether the database holds encrypted private keys for it.
+    signing: bool,
     keychains: [KeychainState; 2],
     by_script: HashMap<ScriptBuf, (Keychain, u32)>,
+}
+
+/// What a keychain's encrypted secret is bound to, so that a ciphertext
+/// cannot be moved to another wallet or keychain.
+fn secret_context(id: WalletId, keychain: Keychain) -> Vec<u8> {
+    format!("lockstep wallet {id} {keychain} keychain").into_bytes()
 }
 
 /// What [`Wallet::ingest`] did with one block's transactions.
@@ -180,12 +208,17 @@ impl Wallet {
         if params.lookahead == 0 {
             return Err(WalletError::InvalidLookahead(0));
         }
+        let signing = !descriptors.is_watch_only();
+        if signing && params.passphrase.is_none_or(str::is_empty) {
+            return Err(WalletError::PassphraseRequired);
+        }
         let id = tx.insert_wallet(params.name, params.birth_height, None)?;
         let mut wallet = Wallet {
             id,
             name: params.name.to_owned(),
             birth_height: params.birth_height,
             lookahead: params.lookahead,
+            signing,
             keychains: [Keychain::External, Keychain::Internal].map(|_| KeychainState {
                 next_index: 0,
                 last_used: None,
@@ -205,6 +238,14 @@ impl Wallet {
                     lookahead: params.lookahead,
                 },
             )?;
+            if let (Some(secret), Some(passphrase)) = (
+                wallet.descriptors.secret_descriptor(keychain),
+                params.passphrase,
+            ) {
+                let blob =
+                    crate::secrets::encrypt(&secret, passphrase, &secret_context(id, keychain));
+                tx.set_keychain_secret(id, keychain.as_u8(), &blob)?;
+            }
             wallet.derive_to(tx, keychain, params.lookahead)?;
         }
         Ok(wallet)
@@ -259,15 +300,79 @@ impl Wallet {
             });
         }
         let keychains: [KeychainState; 2] = keychains.try_into().expect("two keychains");
+        let signing = tx.keychain_secret(id, 0)?.is_some();
         Ok(Wallet {
             id,
             name: row.name,
             birth_height: row.birth_height,
             lookahead: ext.lookahead,
             descriptors,
+            signing,
             keychains,
             by_script,
         })
+    }
+
+    /// Decrypts the wallet's private keys with `passphrase` and keeps them in
+    /// memory until [`Wallet::lock`]. The decrypted descriptors must be the
+    /// stored public ones, or the database is corrupt.
+    pub fn unlock(&mut self, tx: &ReadTx<'_>, passphrase: &str) -> Result<(), WalletError> {
+        if !self.signing {
+            return Err(WalletError::WatchOnly(self.id));
+        }
+        let mut secret = Vec::with_capacity(2);
+        for keychain in Keychain::ALL {
+            let blob = tx
+                .keychain_secret(self.id, keychain.as_u8())?
+                .ok_or_else(|| WalletError::Corrupt {
+                    wallet_id: self.id,
+                    detail: format!("{keychain} keychain has no stored secret"),
+                })?;
+            secret.push(
+                crate::secrets::decrypt(&blob, passphrase, &secret_context(self.id, keychain))
+                    .map_err(|e| match e {
+                        crate::secrets::DecryptError::WrongPassphrase => {
+                            WalletError::WrongPassphrase
+                        }
+                        crate::secrets::DecryptError::Format => WalletError::Corrupt {
+                            wallet_id: self.id,
+                            detail: "stored secret format".into(),
+                        },
+                    })?,
+            );
+        }
+        let unlocked =
+            WalletDescriptors::parse(&secret[0], &secret[1], self.network()).map_err(|e| {
+                WalletError::Corrupt {
+                    wallet_id: self.id,
+                    detail: format!("decrypted descriptor: {e}"),
+                }
+            })?;
+        for keychain in Keychain::ALL {
+            if unlocked.descriptor(keychain) != self.descriptors.descriptor(keychain) {
+                return Err(WalletError::Corrupt {
+                    wallet_id: self.id,
+                    detail: format!("decrypted {keychain} descriptor is not the stored one"),
+                });
+            }
+        }
+        self.descriptors = unlocked;
+        Ok(())
+    }
+
+    /// Forgets the private keys (signing then needs [`Wallet::unlock`]).
+    pub fn lock(&mut self) {
+        self.descriptors = self.descriptors.without_secrets();
+    }
+
+    /// Whether the wallet has private keys, stored encrypted.
+    pub fn is_signing(&self) -> bool {
+        self.signing
+    }
+
+    /// Whether a signing wallet's keys are not in memory.
+    pub fn is_locked(&self) -> bool {
+        self.signing && self.descriptors.is_watch_only()
     }
 
     /// The wallet's id in the database.
