@@ -262,6 +262,13 @@ pub enum StoreError {
         /// The name asked for.
         name: String,
     },
+    /// A coin is already locked by another holder. Kind:
+    /// [`ErrorKind::Invalid`].
+    #[error("output {vout} of the coin is already locked by another holder")]
+    CoinLocked {
+        /// The output index of the coin.
+        vout: u32,
+    },
     /// No wallet has this id. Kind: [`ErrorKind::Invalid`].
     #[error("no wallet has id {wallet_id}")]
     WalletNotFound {
@@ -277,9 +284,10 @@ impl StoreError {
             Self::Busy { .. } => ErrorKind::Retryable,
             Self::Corrupt { .. } | Self::Closed | Self::Panicked { .. } => ErrorKind::Fatal,
             Self::Sqlite { source } => source.kind(),
-            Self::Reentrant | Self::DuplicateWalletName { .. } | Self::WalletNotFound { .. } => {
-                ErrorKind::Invalid
-            }
+            Self::Reentrant
+            | Self::DuplicateWalletName { .. }
+            | Self::CoinLocked { .. }
+            | Self::WalletNotFound { .. } => ErrorKind::Invalid,
         }
     }
 

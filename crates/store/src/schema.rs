@@ -125,6 +125,22 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE wallet_keychains ADD COLUMN encrypted_secret BLOB NULL;
     ",
+    // Version 5: coin locks. A coin is reserved by at most one holder (an
+    // action id): the primary key says so, and a lock goes with its coin
+    // when a reorg disconnects the coin.
+    "
+    CREATE TABLE coin_locks (
+        wallet_id INTEGER NOT NULL,
+        txid      BLOB    NOT NULL,
+        vout      INTEGER NOT NULL,
+        holder    TEXT    NOT NULL,
+        locked_at INTEGER NOT NULL,
+        PRIMARY KEY (wallet_id, txid, vout),
+        FOREIGN KEY (wallet_id, txid, vout) REFERENCES wallet_coins (wallet_id, txid, vout) ON DELETE CASCADE
+    ) STRICT, WITHOUT ROWID;
+
+    CREATE INDEX coin_locks_by_holder ON coin_locks (holder);
+    ",
 ];
 
 /// The latest schema version this build knows.

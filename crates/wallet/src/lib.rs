@@ -15,14 +15,18 @@
 
 mod descriptor;
 mod secrets;
+mod selection;
 mod wallet;
 
 #[cfg(test)]
 mod oracle_tests;
 #[cfg(test)]
+mod selection_tests;
+#[cfg(test)]
 mod tests;
 
 pub use descriptor::{DescriptorError, Keychain, WalletDescriptors};
+pub use selection::{Selection, SpendRequest};
 pub use wallet::{
     Coin, DEFAULT_LOOKAHEAD, HistoryTx, IngestSummary, NewScripts, Wallet, WalletError,
     WalletParams,

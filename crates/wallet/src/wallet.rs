@@ -71,6 +71,21 @@ pub enum WalletError {
     /// Signing needs the wallet unlocked.
     #[error("wallet {0} is locked")]
     Locked(WalletId),
+    /// The wallet's unlocked coins do not cover the payment and its fee.
+    #[error(
+        "insufficient funds: {needed} needed, {available} available, {locked} locked by other holders"
+    )]
+    InsufficientFunds {
+        /// The payment plus the fee.
+        needed: Amount,
+        /// What the unlocked coins hold.
+        available: Amount,
+        /// What in-flight holders have locked (it may come back).
+        locked: Amount,
+    },
+    /// A malformed request.
+    #[error("invalid request: {0}")]
+    InvalidRequest(&'static str),
     /// What the database holds contradicts itself or the descriptors.
     #[error("wallet {wallet_id} is corrupt in the database: {detail}")]
     Corrupt {
@@ -93,7 +108,9 @@ impl WalletError {
             | WalletError::PassphraseRequired
             | WalletError::WrongPassphrase
             | WalletError::WatchOnly(_)
-            | WalletError::Locked(_) => ErrorKind::Invalid,
+            | WalletError::Locked(_)
+            | WalletError::InsufficientFunds { .. }
+            | WalletError::InvalidRequest(_) => ErrorKind::Invalid,
             WalletError::Corrupt { .. } => ErrorKind::Fatal,
         }
     }
