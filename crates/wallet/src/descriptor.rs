@@ -172,6 +172,19 @@ impl WalletDescriptors {
         }
     }
 
+    /// The private keys of both keychains in one map (for signing), or
+    /// `None` when locked or watch-only.
+    pub(crate) fn signing_keys(&self) -> Option<KeyMap> {
+        let (ext, int) = self.secrets.as_ref()?;
+        let secp = Secp256k1::new();
+        let mut all = ext.clone();
+        for (_, secret) in int.clone() {
+            // A key both keychains share is already in the map.
+            let _ = all.insert(&secp, secret);
+        }
+        Some(all)
+    }
+
     /// The script at `index` of a keychain.
     pub fn script_at(&self, keychain: Keychain, index: u32) -> Result<ScriptBuf, DescriptorError> {
         derive(self.descriptor(keychain), keychain, index)

@@ -16,12 +16,15 @@
 mod descriptor;
 mod secrets;
 mod selection;
+mod signing;
 mod wallet;
 
 #[cfg(test)]
 mod oracle_tests;
 #[cfg(test)]
 mod selection_tests;
+#[cfg(test)]
+mod signing_tests;
 #[cfg(test)]
 mod tests;
 

@@ -83,6 +83,9 @@ pub enum WalletError {
         /// What in-flight holders have locked (it may come back).
         locked: Amount,
     },
+    /// Building, signing or finalising a transaction failed.
+    #[error("signing: {0}")]
+    Sign(String),
     /// A malformed request.
     #[error("invalid request: {0}")]
     InvalidRequest(&'static str),
@@ -110,7 +113,8 @@ impl WalletError {
             | WalletError::WatchOnly(_)
             | WalletError::Locked(_)
             | WalletError::InsufficientFunds { .. }
-            | WalletError::InvalidRequest(_) => ErrorKind::Invalid,
+            | WalletError::InvalidRequest(_)
+            | WalletError::Sign(_) => ErrorKind::Invalid,
             WalletError::Corrupt { .. } => ErrorKind::Fatal,
         }
     }
