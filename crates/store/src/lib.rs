@@ -97,7 +97,9 @@ pub use error::{ErrorKind, OpenError, SqliteError, StoreError};
 pub use open::StoreOptions;
 pub use store::Store;
 pub use tx::{BlockHash, ReadTx, WalletId, WalletRow, WriteTx};
-pub use wallet_tables::{CoinRow, Disconnected, KeychainRow, NewKeychain, WalletTxRow};
+pub use wallet_tables::{
+    CoinRow, Disconnected, KeychainRow, NewKeychain, PendingBroadcast, WalletTxRow,
+};
 
 /// The `application_id` stamped in every lockstep database's header ("LKST"),
 /// so that [`Store::open`] recognises its own files and refuses others'.

@@ -141,6 +141,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 
     CREATE INDEX coin_locks_by_holder ON coin_locks (holder);
     ",
+    // Version 6: a transaction the wallet broadcast can be conflicted: a
+    // block spent one of its inputs with another transaction. Cleared when
+    // that block is disconnected.
+    "
+    ALTER TABLE wallet_txs ADD COLUMN conflicted_by BLOB NULL CHECK (length(conflicted_by) = 32);
+    ALTER TABLE wallet_txs ADD COLUMN conflicted_height INTEGER NULL;
+    ",
 ];
 
 /// The latest schema version this build knows.

@@ -31,6 +31,6 @@ mod tests;
 pub use descriptor::{DescriptorError, Keychain, WalletDescriptors};
 pub use selection::{Selection, SpendRequest};
 pub use wallet::{
-    Coin, DEFAULT_LOOKAHEAD, HistoryTx, IngestSummary, NewScripts, Wallet, WalletError,
+    Balance, Coin, DEFAULT_LOOKAHEAD, HistoryTx, IngestSummary, NewScripts, Wallet, WalletError,
     WalletParams,
 };

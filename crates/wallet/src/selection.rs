@@ -75,9 +75,15 @@ impl Wallet {
             .filter(|(_, h)| h.is_some())
             .map(|(c, _)| c.value)
             .sum();
+        // A coinbase output is spendable from 100 blocks after its own; with
+        // no chain tip recorded yet, none is.
+        let next_height = tx.tip()?.map(|(h, _)| h + 1);
+        let mature = |c: &lockstep_store::CoinRow| {
+            !c.is_coinbase || next_height.is_some_and(|n| n >= c.height + 100)
+        };
         let free: Vec<_> = rows
             .into_iter()
-            .filter(|(_, h)| h.is_none())
+            .filter(|(c, h)| h.is_none() && mature(c))
             .map(|(c, _)| c)
             .collect();
         let weight = |k: Keychain| self.satisfaction_weight(k);

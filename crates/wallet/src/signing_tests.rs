@@ -253,3 +253,206 @@ fn a_locked_wallet_cannot_sign() {
     assert_eq!(loaded.sign(&mut psbt).unwrap(), selection.coins.len());
     Wallet::finalize(psbt).unwrap();
 }
+
+/// Builds, signs and finalises a payment of `sats` from `selection`'s coins.
+fn signed(wallet: &Wallet, selection: &Selection, sats: u64) -> Transaction {
+    let mut selection = selection.clone();
+    let extra = selection.recipients[0].value.to_sat() - sats;
+    selection.recipients[0].value = Amount::from_sat(sats);
+    if let Some(change) = selection.change.as_mut() {
+        change.value += Amount::from_sat(extra);
+    }
+    let mut psbt = wallet.build_psbt(&selection).unwrap();
+    wallet.sign(&mut psbt).unwrap();
+    Wallet::finalize(psbt).unwrap()
+}
+
+#[test]
+fn own_broadcasts_are_tracked_until_confirmed_or_conflicted() {
+    let world = World::new();
+    let root = Xpriv::new_master(NetworkKind::Test, &[14; 32]).unwrap();
+    let mut w = world.wallet(
+        "tracker",
+        format!("wpkh({root}/0/*)"),
+        format!("tr({root}/1/*)"),
+    );
+    world.fund(&mut [&mut w]);
+    let history = |w: &Wallet| {
+        let w = w.clone();
+        world.store.read_blocking(move |tx| w.history(tx)).unwrap()
+    };
+
+    // Recorded, it shows unconfirmed; once mined and ingested, confirmed.
+    let l = w.clone();
+    let selection = world
+        .store
+        .write_blocking(move |tx| l.select_and_lock(tx, &foreign_payment(), "a"))
+        .unwrap();
+    let t1 = signed(&w, &selection, 90_000);
+    let (l, t) = (w.clone(), t1.clone());
+    let recorded = world
+        .store
+        .write_blocking(move |tx| l.record_broadcast(tx, &t))
+        .unwrap();
+    assert_eq!(recorded.height, None);
+    assert_eq!(
+        recorded.sent.to_sat(),
+        selection
+            .coins
+            .iter()
+            .map(|c| c.txout.value.to_sat())
+            .sum::<u64>()
+    );
+    assert!(
+        history(&w)
+            .iter()
+            .any(|h| h.txid == t1.compute_txid() && h.height.is_none())
+    );
+    world.chain.submit(t1.clone()).unwrap();
+    world.chain.mine(1).unwrap();
+    world.ingest(&mut [&mut w], world.chain.height());
+    let entry = history(&w)
+        .into_iter()
+        .find(|h| h.txid == t1.compute_txid())
+        .unwrap();
+    assert_eq!(
+        (entry.height, entry.conflicted_by),
+        (Some(world.chain.height()), None)
+    );
+
+    // A second payment is recorded, but another spend of the same coins
+    // confirms instead: the recorded one is conflicted, until that block
+    // is disconnected.
+    world.fund(&mut [&mut w]);
+    let l = w.clone();
+    let selection = world
+        .store
+        .write_blocking(move |tx| l.select_and_lock(tx, &foreign_payment(), "b"))
+        .unwrap();
+    let (mine, other) = (
+        signed(&w, &selection, 90_000),
+        signed(&w, &selection, 80_000),
+    );
+    let (l, t) = (w.clone(), mine.clone());
+    world
+        .store
+        .write_blocking(move |tx| l.record_broadcast(tx, &t))
+        .unwrap();
+    world.chain.submit(other.clone()).unwrap();
+    world.chain.mine(1).unwrap();
+    let height = world.chain.height();
+    world.ingest(&mut [&mut w], height);
+    let entry = history(&w)
+        .into_iter()
+        .find(|h| h.txid == mine.compute_txid())
+        .unwrap();
+    assert_eq!(entry.height, None);
+    assert_eq!(entry.conflicted_by, Some((other.compute_txid(), height)));
+    let l = w.clone();
+    world
+        .store
+        .write_blocking(move |tx| l.disconnect(tx, height))
+        .unwrap();
+    let entry = history(&w)
+        .into_iter()
+        .find(|h| h.txid == mine.compute_txid())
+        .unwrap();
+    assert_eq!((entry.height, entry.conflicted_by), (None, None));
+    assert!(history(&w).iter().all(|h| h.txid != other.compute_txid()));
+}
+
+#[test]
+fn the_balance_shows_confirmed_locked_and_pending_parts() {
+    let world = World::new();
+    let root = Xpriv::new_master(NetworkKind::Test, &[15; 32]).unwrap();
+    let mut w = world.wallet(
+        "parts",
+        format!("wpkh({root}/0/*)"),
+        format!("wpkh({root}/1/*)"),
+    );
+    world.fund(&mut [&mut w]);
+    let balance = |w: &Wallet| {
+        let w = w.clone();
+        world
+            .store
+            .read_blocking(move |tx| w.balance_details(tx))
+            .unwrap()
+    };
+    let b = balance(&w);
+    assert_eq!(
+        (b.confirmed.to_sat(), b.locked, b.spendable().to_sat()),
+        (120_001, Amount::ZERO, 120_001)
+    );
+    let l = w.clone();
+    let selection = world
+        .store
+        .write_blocking(move |tx| l.select_and_lock(tx, &foreign_payment(), "x"))
+        .unwrap();
+    let t = signed(&w, &selection, 90_000);
+    let (l, tt) = (w.clone(), t.clone());
+    world
+        .store
+        .write_blocking(move |tx| l.record_broadcast(tx, &tt))
+        .unwrap();
+    let b = balance(&w);
+    let inputs: u64 = selection.coins.iter().map(|c| c.txout.value.to_sat()).sum();
+    assert_eq!(b.locked.to_sat(), inputs);
+    assert_eq!(b.unconfirmed_outgoing.to_sat(), inputs);
+    assert_eq!(
+        b.unconfirmed_incoming,
+        selection.change.as_ref().map_or(Amount::ZERO, |c| c.value)
+    );
+    assert_eq!(b.spendable().to_sat(), 120_001 - inputs);
+}
+
+#[test]
+fn immature_coinbase_coins_are_not_selected() {
+    let world = World::new();
+    let root = Xpriv::new_master(NetworkKind::Test, &[16; 32]).unwrap();
+    let w = world.wallet(
+        "miner",
+        format!("wpkh({root}/0/*)"),
+        format!("wpkh({root}/1/*)"),
+    );
+    let coinbase = Transaction {
+        version: bitcoin::transaction::Version::TWO,
+        lock_time: bitcoin::absolute::LockTime::ZERO,
+        input: vec![bitcoin::TxIn {
+            previous_output: bitcoin::OutPoint::null(),
+            ..Default::default()
+        }],
+        output: vec![TxOut {
+            value: Amount::from_sat(500_000),
+            script_pubkey: w.descriptors().script_at(Keychain::External, 0).unwrap(),
+        }],
+    };
+    assert!(coinbase.is_coinbase());
+    let mut owned = w.clone();
+    let w = world
+        .store
+        .write_blocking(move |tx| {
+            owned.ingest(tx, 200, &[coinbase])?;
+            tx.set_tip(250, &[0; 32])?;
+            Ok::<_, WalletError>(owned)
+        })
+        .unwrap();
+    let l = w.clone();
+    let err = world
+        .store
+        .write_blocking(move |tx| l.select_and_lock(tx, &foreign_payment(), "m"))
+        .unwrap_err();
+    assert!(
+        matches!(err, WalletError::InsufficientFunds { .. }),
+        "{err:?}"
+    );
+    let l = w.clone();
+    world
+        .store
+        .write_blocking(|tx| tx.set_tip(299, &[0; 32]))
+        .unwrap();
+    let selection = world
+        .store
+        .write_blocking(move |tx| l.select_and_lock(tx, &foreign_payment(), "m"))
+        .unwrap();
+    assert_eq!(selection.coins.len(), 1);
+}

@@ -174,6 +174,29 @@ pub struct IngestSummary {
     pub new_scripts: NewScripts,
 }
 
+/// A wallet's balance in parts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Balance {
+    /// Unspent confirmed coins.
+    pub confirmed: Amount,
+    /// Of those, what in-flight holders (actions) have locked.
+    pub locked: Amount,
+    /// Outputs to the wallet of its own unconfirmed broadcasts.
+    pub unconfirmed_incoming: Amount,
+    /// Inputs of its own unconfirmed broadcasts (confirmed coins on their
+    /// way out).
+    pub unconfirmed_outgoing: Amount,
+}
+
+impl Balance {
+    /// What a new payment can use now: confirmed, not locked.
+    pub fn spendable(&self) -> Amount {
+        self.confirmed
+            .checked_sub(self.locked)
+            .unwrap_or(Amount::ZERO)
+    }
+}
+
 /// A coin of the wallet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Coin {
@@ -204,6 +227,9 @@ pub struct HistoryTx {
     pub received: Amount,
     /// What it spent of the wallet's coins.
     pub sent: Amount,
+    /// For a transaction the wallet broadcast: the confirmed transaction
+    /// that spent one of its inputs instead, and its height.
+    pub conflicted_by: Option<(Txid, u32)>,
 }
 
 impl HistoryTx {
@@ -516,9 +542,33 @@ impl Wallet {
         txs: &[Transaction],
     ) -> Result<IngestSummary, WalletError> {
         let mut summary = IngestSummary::default();
+        // The wallet's own unconfirmed broadcasts, by the outpoints they
+        // spend: a block spending one of those with another transaction
+        // conflicts them.
+        let mut pending: HashMap<OutPoint, [u8; 32]> = HashMap::new();
+        for (own, raw) in tx.pending_broadcasts(self.id)? {
+            let own_tx: Transaction =
+                bitcoin::consensus::deserialize(&raw).map_err(|e| WalletError::Corrupt {
+                    wallet_id: self.id,
+                    detail: format!("stored broadcast: {e}"),
+                })?;
+            for input in &own_tx.input {
+                pending.insert(input.previous_output, own);
+            }
+        }
         for t in txs {
             let txid = t.compute_txid();
             let txid_bytes = txid.to_byte_array();
+            if !pending.is_empty() && !t.is_coinbase() {
+                for input in &t.input {
+                    if let Some(own) = pending
+                        .get(&input.previous_output)
+                        .filter(|own| **own != txid_bytes)
+                    {
+                        tx.set_conflicted(self.id, own, &txid_bytes, height)?;
+                    }
+                }
+            }
             let (mut received, mut sent, mut touched) = (0u64, 0u64, false);
             if !t.is_coinbase() {
                 for input in &t.input {
@@ -570,6 +620,7 @@ impl Wallet {
                         height: Some(height),
                         received,
                         sent,
+                        conflicted_by: None,
                     },
                 )?;
                 summary.received += Amount::from_sat(received);
@@ -578,6 +629,47 @@ impl Wallet {
             }
         }
         Ok(summary)
+    }
+
+    /// Records a transaction the wallet is broadcasting: it shows in the
+    /// history as unconfirmed (with what it pays and spends of the wallet)
+    /// until a block confirms it, or conflicts it by spending one of its
+    /// inputs with another transaction. Call it in the same transaction
+    /// that hands it to the chain source's broadcast queue, or before.
+    pub fn record_broadcast(
+        &self,
+        tx: &mut WriteTx<'_>,
+        transaction: &Transaction,
+    ) -> Result<HistoryTx, WalletError> {
+        let txid = transaction.compute_txid();
+        let mut sent = 0u64;
+        for input in &transaction.input {
+            let prev = input.previous_output;
+            if let Some(coin) = tx.wallet_coin(self.id, &prev.txid.to_byte_array(), prev.vout)? {
+                sent += coin.value;
+            }
+        }
+        let received: u64 = transaction
+            .output
+            .iter()
+            .filter(|o| self.script_index(&o.script_pubkey).is_some())
+            .map(|o| o.value.to_sat())
+            .sum();
+        let row = WalletTxRow {
+            txid: txid.to_byte_array(),
+            height: None,
+            received,
+            sent,
+            conflicted_by: None,
+        };
+        tx.record_broadcast(self.id, &row, &bitcoin::consensus::serialize(transaction))?;
+        Ok(HistoryTx {
+            txid,
+            height: None,
+            received: Amount::from_sat(received),
+            sent: Amount::from_sat(sent),
+            conflicted_by: None,
+        })
     }
 
     /// Undoes exactly what [`Wallet::ingest`] did at `height` and above:
@@ -593,9 +685,35 @@ impl Wallet {
         Ok(tx.disconnect_wallet(self.id, height)?)
     }
 
-    /// The sum of the wallet's unspent coins.
+    /// The sum of the wallet's unspent confirmed coins.
     pub fn balance(&self, tx: &ReadTx<'_>) -> Result<Amount, WalletError> {
         Ok(Amount::from_sat(tx.wallet_balance(self.id)?))
+    }
+
+    /// The balance in parts: confirmed coins, what in-flight holders have
+    /// locked of them, and what the wallet's own pending broadcasts will
+    /// move (their inputs leaving, their outputs to the wallet arriving).
+    pub fn balance_details(&self, tx: &ReadTx<'_>) -> Result<Balance, WalletError> {
+        let coins = tx.unspent_coins_with_locks(self.id)?;
+        let confirmed: u64 = coins.iter().map(|(c, _)| c.value).sum();
+        let locked: u64 = coins
+            .iter()
+            .filter(|(_, h)| h.is_some())
+            .map(|(c, _)| c.value)
+            .sum();
+        let (mut incoming, mut outgoing) = (0u64, 0u64);
+        for row in tx.wallet_txs(self.id)? {
+            if row.height.is_none() && row.conflicted_by.is_none() {
+                incoming += row.received;
+                outgoing += row.sent;
+            }
+        }
+        Ok(Balance {
+            confirmed: Amount::from_sat(confirmed),
+            locked: Amount::from_sat(locked),
+            unconfirmed_incoming: Amount::from_sat(incoming),
+            unconfirmed_outgoing: Amount::from_sat(outgoing),
+        })
     }
 
     /// The wallet's coins (unspent only, or all), by outpoint.
@@ -635,6 +753,9 @@ impl Wallet {
                 height: row.height,
                 received: Amount::from_sat(row.received),
                 sent: Amount::from_sat(row.sent),
+                conflicted_by: row
+                    .conflicted_by
+                    .map(|(t, h)| (Txid::from_byte_array(t), h)),
             })
             .collect())
     }
