@@ -4,7 +4,6 @@
 //! validating mempool accepts them.
 
 use bitcoin::bip32::{Xpriv, Xpub};
-use bitcoin::consensus::serialize;
 use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::Secp256k1;
 use bitcoin::{Amount, Network, NetworkKind, ScriptBuf, Transaction, TxOut};
@@ -13,28 +12,10 @@ use lockstep_store::{Store, StoreOptions};
 
 use crate::*;
 
-fn verify(tx: &Transaction, spent: &[TxOut]) -> Result<(), (usize, bitcoinconsensus::Error)> {
-    let bytes = serialize(tx);
-    let utxos: Vec<bitcoinconsensus::Utxo> = spent
-        .iter()
-        .map(|o| bitcoinconsensus::Utxo {
-            script_pubkey: o.script_pubkey.as_bytes().as_ptr(),
-            script_pubkey_len: o.script_pubkey.len() as u32,
-            value: o.value.to_sat() as i64,
-        })
-        .collect();
-    for (i, out) in spent.iter().enumerate() {
-        bitcoinconsensus::verify_with_flags(
-            out.script_pubkey.as_bytes(),
-            out.value.to_sat(),
-            &bytes,
-            Some(&utxos),
-            i,
-            bitcoinconsensus::VERIFY_ALL_PRE_TAPROOT | bitcoinconsensus::VERIFY_TAPROOT,
-        )
-        .map_err(|e| (i, e))?;
-    }
-    Ok(())
+/// Bitcoin Core's interpreter (`bitcoinconsensus` 0.106) on every input,
+/// with all spent outputs and Taproot on; the failing input on error.
+fn verify(tx: &Transaction, spent: &[TxOut]) -> Result<(), (usize, String)> {
+    lockstep_chain::verify::verify_transaction(tx, spent).map_err(|e| (e.input, e.reason))
 }
 
 struct World {
