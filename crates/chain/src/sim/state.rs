@@ -70,8 +70,8 @@ pub(crate) struct Mempool {
 }
 
 impl Mempool {
-    fn insert(&mut self, tx: Transaction) {
-        let txid = tx.compute_txid();
+    /// `txid` is `tx`'s, computed once by the caller.
+    fn insert(&mut self, tx: Transaction, txid: Txid) {
         for input in &tx.input {
             self.spent.insert(input.previous_output, txid);
             self.created.remove(&input.previous_output);
@@ -195,6 +195,7 @@ impl State {
     pub(crate) fn check_tx(
         &self,
         tx: &Transaction,
+        txid: Txid,
         verify_scripts: bool,
     ) -> Result<Vec<TxOut>, RejectReason> {
         let invalid = RejectReason::Invalid;
@@ -207,7 +208,7 @@ impl State {
         if tx.output.is_empty() {
             return Err(invalid(InvalidTx::NoOutputs));
         }
-        let txid = tx.compute_txid();
+
         if self.txids.contains_key(&txid) {
             return Err(RejectReason::AlreadyConfirmed);
         }
@@ -268,8 +269,7 @@ impl State {
 
     /// Puts a checked transaction into the mempool and keeps the pool of
     /// spendable simulator coins in step with it.
-    fn enter_mempool(&mut self, tx: Transaction) -> Txid {
-        let txid = tx.compute_txid();
+    fn enter_mempool(&mut self, tx: Transaction, txid: Txid) -> Txid {
         for input in &tx.input {
             self.pool.remove(&input.previous_output);
         }
@@ -284,7 +284,7 @@ impl State {
                 });
             }
         }
-        self.mempool.insert(tx);
+        self.mempool.insert(tx, txid);
         txid
     }
 
@@ -294,11 +294,11 @@ impl State {
         if self.mempool.txids.contains(&txid) {
             return Ok(txid);
         }
-        self.check_tx(&tx, self.params.mode == SimMode::Signed)?;
+        self.check_tx(&tx, txid, self.params.mode == SimMode::Signed)?;
         for vout in 0..tx.output.len() as u32 {
             self.foreign.insert(OutPoint::new(txid, vout));
         }
-        Ok(self.enter_mempool(tx))
+        Ok(self.enter_mempool(tx, txid))
     }
 
     /// Builds, signs and enters into the mempool a transaction of the
@@ -347,7 +347,7 @@ impl State {
         for vout in foreign {
             self.foreign.insert(OutPoint::new(txid, vout));
         }
-        self.enter_mempool(tx)
+        self.enter_mempool(tx, txid)
     }
 
     /// Pays `amount` to `script` from the simulator's coins, into the mempool.
@@ -487,8 +487,9 @@ impl State {
         let mut in_block: HashMap<OutPoint, TxOut> = HashMap::new();
         let mut prevouts: HashMap<OutPoint, ScriptBuf> = HashMap::new();
         let mut fees = 0u64;
-        for tx in &txs {
-            let txid = tx.compute_txid();
+        // Each txid once: hashing is most of a transaction's cost here.
+        let txids: Vec<Txid> = txs.iter().map(Transaction::compute_txid).collect();
+        for (tx, &txid) in txs.iter().zip(&txids) {
             let mut value_in = 0u64;
             for input in &tx.input {
                 let outpoint = input.previous_output;
@@ -558,8 +559,9 @@ impl State {
         }
 
         // The coinbase's outputs, then the index of every transaction.
+        let coinbase_txid = block.txdata[0].compute_txid();
         for (i, tx) in block.txdata.iter().enumerate() {
-            let txid = tx.compute_txid();
+            let txid = if i == 0 { coinbase_txid } else { txids[i - 1] };
             self.txids.insert(txid, (height, tx.output.len() as u32));
             for vout in 0..tx.output.len() as u32 {
                 let outpoint = OutPoint::new(txid, vout);
@@ -803,9 +805,10 @@ impl State {
         candidates.extend(old_mempool);
         let mut dropped = 0;
         for tx in candidates {
-            match self.check_tx(&tx, false) {
+            let txid = tx.compute_txid();
+            match self.check_tx(&tx, txid, false) {
                 Ok(_) => {
-                    self.enter_mempool(tx);
+                    self.enter_mempool(tx, txid);
                 }
                 Err(_) => dropped += 1,
             }
@@ -838,9 +841,10 @@ impl State {
         pool_order: Vec<OutPoint>,
     ) -> Result<(), SimError> {
         for tx in mempool {
-            self.check_tx(&tx, false)
+            let txid = tx.compute_txid();
+            self.check_tx(&tx, txid, false)
                 .map_err(|e| SimError::Inconsistent(format!("saved mempool transaction: {e}")))?;
-            self.mempool.insert(tx);
+            self.mempool.insert(tx, txid);
         }
         self.pool = Pool::default();
         for outpoint in pool_order {
