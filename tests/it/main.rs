@@ -1,3 +1,4 @@
 //! lockstep's cross-crate tests: one binary, one module per area.
 
 mod foundation;
+mod manager;

@@ -15,6 +15,7 @@
 //!   Taproot included.
 
 pub mod filters;
+pub mod metered;
 mod sim;
 mod source;
 pub mod verify;

@@ -49,6 +49,26 @@ pub trait ChainSource: Send + Sync + 'static {
     /// The block itself.
     async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError>;
 
+    /// Up to `count` consecutive headers of the best chain from height
+    /// `from` (fewer at the tip, none above it), in one request where the
+    /// source can: BIP157 peers and Core's REST interface serve 2,000
+    /// headers per message. The caller checks that they chain.
+    ///
+    /// The default asks [`block_hash`](Self::block_hash) and
+    /// [`header`](Self::header) once per height.
+    async fn headers(&self, from: u32, count: u32) -> Result<Vec<Header>, SourceError> {
+        let mut out = Vec::with_capacity(count as usize);
+        for height in from..from.saturating_add(count) {
+            let hash = match self.block_hash(height).await {
+                Ok(hash) => hash,
+                Err(SourceError::NotFound(_)) if !out.is_empty() || height > from => break,
+                Err(e) => return Err(e),
+            };
+            out.push(self.header(hash).await?);
+        }
+        Ok(out)
+    }
+
     /// Hands a transaction to the network. `Ok` means the source accepted it
     /// into its mempool; a rejection says why in [`RejectReason`].
     async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError>;

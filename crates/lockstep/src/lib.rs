@@ -6,9 +6,14 @@
 //! - [`chain`]: the `ChainSource` trait and the embedded simulated regtest
 //!   chain, [`chain::SimChain`];
 //! - [`store`]: the one SQLite database that holds every wallet;
-//! - [`filter`], [`wallet`], [`manager`], [`dispatcher`], [`actions`]: the
-//!   matcher, the wallets, the one chain loop, action slots and durable
-//!   actions, filled in by their issues.
+//! - [`filter`], [`wallet`], [`manager`]: the matcher, the wallets, the one
+//!   chain loop for all of them;
+//! - [`dispatcher`], [`actions`]: action slots and durable actions, filled
+//!   in by their issues;
+//! - [`oracle`]: deterministic test wallets, and checking a wallet against
+//!   the simulated chain's oracle (the demo and the tests use it).
+
+pub mod oracle;
 
 pub use lockstep_actions as actions;
 pub use lockstep_chain as chain;

@@ -1,4 +1,345 @@
-//! The one chain loop for all wallets: aggregate matching, one database
-//! transaction per block, stop-the-world import, reorgs and restart.
+//! The one chain loop for all wallets.
 //!
-//! Filled in by the manager issue (#6).
+//! A [`Manager`] owns one [`ChainSource`] and runs one chain loop (a tokio
+//! task) for every registered wallet:
+//!
+//! - **Per block**, the basic filter is fetched (several blocks ahead,
+//!   while earlier blocks are matched and committed), checked against the
+//!   BIP157 filter-header chain, and matched once against the aggregate
+//!   watchlist of every wallet's scripts. Only a match fetches the block,
+//!   which is checked against its header and merkle root; its transactions
+//!   are routed to the wallets they touch through a script-to-wallets map
+//!   and a spent-outpoint-to-wallets map, one lookup per output and input.
+//! - **One SQLite transaction** connects a batch of blocks (one block at the
+//!   tip): every touched wallet ingests; scripts a block derives (a used
+//!   lookahead window) join the watchlist at once, for the rest of the
+//!   block and every filter fetched ahead; the loop's tip and its recent
+//!   hashes move; the [`BlockHook`] runs. A wallet's synced-to *is* the
+//!   loop's tip, so no per-wallet row is rewritten per block. Events are
+//!   published after the commit.
+//! - **Strategy**: when hashing every watched script costs more per block
+//!   than fetching and routing the block (measured as the loop runs), the
+//!   loop fetches every block instead; it logs each switch.
+//! - **Import** ([`Manager::import_wallet`], [`Manager::import_scripts`])
+//!   stops the world at a block boundary, scans from the wallet's birth (or
+//!   the given height) for the newcomer's scripts only, in batches that
+//!   record the import's progress, and joins the newcomer at the loop's tip.
+//!   A crash mid-import resumes it on restart, before the loop goes on.
+//! - **Reorgs** are found when the source's headers stop extending the
+//!   loop's tip (and at start-up); every wallet disconnects down to the
+//!   fork point in one transaction, then the new branch is connected.
+//!
+//! Everything the loop commits is in the database: a restart resumes from
+//! it, and a crash at any instant loses nothing (see the crash test in
+//! `tests/`).
+
+mod books;
+mod config;
+mod connect;
+mod engine;
+mod error;
+mod events;
+mod pipeline;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bitcoin::{BlockHash, ScriptBuf};
+use lockstep_chain::{BlockId, ChainSource};
+use lockstep_store::{Store, WalletId, WriteTx};
+use lockstep_wallet::{Keychain, WalletDescriptors};
+use tokio::sync::{Mutex, broadcast, watch};
+use tokio::task::JoinHandle;
+
+pub use config::{ManagerConfig, Strategy};
+pub use error::{ErrorKind, HookError, ManagerError};
+pub use events::{Event, Stats, Status};
+
+use engine::{Engine, Outputs, StepOutcome};
+use events::Counters;
+
+/// Called inside the database transaction that connects or disconnects
+/// blocks, so that what the dispatcher and actions change per block
+/// commits atomically with the block. The manager knows nothing of what
+/// the hook does. An error rolls the whole transaction back.
+pub trait BlockHook: Send + Sync + 'static {
+    /// The block at `height` is being connected (in height order; several
+    /// per transaction while catching up).
+    fn block_connected(
+        &self,
+        tx: &mut WriteTx<'_>,
+        height: u32,
+        hash: &BlockHash,
+    ) -> Result<(), HookError>;
+
+    /// Every block above `fork_height` is being disconnected.
+    fn blocks_disconnected(&self, tx: &mut WriteTx<'_>, fork_height: u32) -> Result<(), HookError>;
+}
+
+/// A wallet to register.
+#[derive(Debug, Clone)]
+pub struct NewWallet {
+    /// A unique name.
+    pub name: String,
+    /// Its two keychains.
+    pub descriptors: WalletDescriptors,
+    /// The first height that can hold its transactions.
+    pub birth_height: u32,
+    /// Scripts kept derived past the last used one.
+    pub lookahead: u32,
+    /// Encrypts a signing wallet's keys at rest.
+    pub passphrase: Option<String>,
+}
+
+/// Which scripts of a wallet a targeted import rescans.
+#[derive(Debug, Clone)]
+pub enum ScriptImport {
+    /// These scripts, each one the wallet already derives.
+    Scripts(Vec<ScriptBuf>),
+    /// A keychain's scripts `0..end`, derived first where the lookahead
+    /// window has not reached them (a payment past the gap limit).
+    Range {
+        /// The keychain.
+        keychain: Keychain,
+        /// One past the last index.
+        end: u32,
+    },
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct Shared {
+    engine: Mutex<Engine>,
+    out: Arc<Outputs>,
+    running: std::sync::Mutex<Option<Running>>,
+    store: Store,
+    config: ManagerConfig,
+}
+
+/// The one chain loop for all wallets. Cloning gives another handle on the
+/// same manager.
+#[derive(Clone)]
+pub struct Manager {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("status", &*self.shared.out.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// A manager over `store` and `source`. Nothing is read or fetched
+    /// until [`start`](Self::start), [`sync`](Self::sync) or an import.
+    pub fn new(store: Store, source: Arc<dyn ChainSource>, config: ManagerConfig) -> Manager {
+        let out = Arc::new(Outputs {
+            counters: Counters::default(),
+            events: broadcast::channel(4096).0,
+            status: watch::channel(Status::Connecting).0,
+            tip: watch::channel(None).0,
+        });
+        let engine = Engine::new(store.clone(), source, config.clone(), Arc::clone(&out));
+        Manager {
+            shared: Arc::new(Shared {
+                engine: Mutex::new(engine),
+                out,
+                running: std::sync::Mutex::new(None),
+                store,
+                config,
+            }),
+        }
+    }
+
+    /// Sets the hook called inside every block's transaction.
+    pub async fn set_hook(&self, hook: Arc<dyn BlockHook>) {
+        self.shared.engine.lock().await.hook = Some(hook);
+    }
+
+    /// The database.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Starts the chain loop (a tokio task). Does nothing if it runs.
+    pub fn start(&self) {
+        let mut running = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if running.as_ref().is_some_and(|r| !r.task.is_finished()) {
+            return;
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_loop(Arc::clone(&self.shared), stop_rx));
+        *running = Some(Running { stop, task });
+    }
+
+    /// Stops the chain loop: the batch being fetched is abandoned (nothing
+    /// of it is committed), a batch being committed finishes. Returns once
+    /// the loop has ended.
+    pub async fn stop(&self) {
+        let running = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(running) = running {
+            let _ = running.stop.send(true);
+            let _ = running.task.await;
+        }
+        self.shared.out.status.send_replace(Status::Stopped);
+    }
+
+    /// Runs the loop in the caller's task until it reaches the source's
+    /// tip; returns that height. For callers that drive the loop
+    /// themselves (tests, benchmarks, one-shot tools); errors are returned,
+    /// not retried.
+    ///
+    /// # Errors
+    /// The first [`ManagerError`] of a step.
+    pub async fn sync(&self) -> Result<u32, ManagerError> {
+        let (_keep, mut stop) = watch::channel(false);
+        loop {
+            let mut engine = self.shared.engine.lock().await;
+            match engine.step(&mut stop).await? {
+                StepOutcome::Progress => {}
+                StepOutcome::AtTip | StepOutcome::Stopped => {
+                    return Ok(engine.tip().map_or(0, |t| t.height));
+                }
+            }
+        }
+    }
+
+    /// Registers a wallet. A wallet born above the loop's tip joins at
+    /// once; otherwise this is [`import_wallet`](Self::import_wallet).
+    ///
+    /// # Errors
+    /// As [`import_wallet`](Self::import_wallet).
+    pub async fn register(&self, wallet: NewWallet) -> Result<WalletId, ManagerError> {
+        self.import_wallet(wallet).await
+    }
+
+    /// Imports a wallet, stopping the world: the loop pauses at a block
+    /// boundary; the blocks from the wallet's birth height to the loop's
+    /// tip are scanned for its scripts only (other wallets receive
+    /// nothing meanwhile, and lose nothing); the wallet joins with its
+    /// synced-to equal to the loop's; the loop resumes.
+    ///
+    /// # Errors
+    /// A wallet the database refuses (a duplicate name: invalid), or a
+    /// source or database failure. If the import itself fails, the wallet
+    /// stays marked importing and the loop finishes its import before it
+    /// goes on.
+    pub async fn import_wallet(&self, wallet: NewWallet) -> Result<WalletId, ManagerError> {
+        self.shared.engine.lock().await.add_wallet(wallet).await
+    }
+
+    /// Rescans some scripts of a registered wallet from `from_height` to
+    /// the loop's tip, stopping the world like an import: for payments a
+    /// lookahead window did not reach, or scripts derived past it.
+    ///
+    /// # Errors
+    /// [`ManagerError::UnknownWallet`], [`ManagerError::NotWalletScript`],
+    /// or a source or database failure (the rescan then completes, for all
+    /// of the wallet's scripts, before the loop goes on).
+    pub async fn import_scripts(
+        &self,
+        wallet: WalletId,
+        scripts: ScriptImport,
+        from_height: u32,
+    ) -> Result<(), ManagerError> {
+        self.shared
+            .engine
+            .lock()
+            .await
+            .import_scripts(wallet, scripts, from_height)
+            .await
+    }
+
+    /// The loop's status.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.shared.out.status.subscribe()
+    }
+
+    /// The loop's committed tip, as it moves.
+    pub fn tip(&self) -> watch::Receiver<Option<BlockId>> {
+        self.shared.out.tip.subscribe()
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.out.events.subscribe()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.out.counters.snapshot()
+    }
+
+    /// Waits until the loop has committed the block `target` (its height
+    /// and hash), or `timeout` passes.
+    ///
+    /// # Errors
+    /// [`ManagerError::Stopped`] on timeout.
+    pub async fn wait_for(&self, target: BlockId, timeout: Duration) -> Result<(), ManagerError> {
+        let mut tip = self.tip();
+        let reached = tokio::time::timeout(timeout, tip.wait_for(|t| *t == Some(target))).await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ManagerError::Stopped),
+        }
+    }
+}
+
+/// The chain loop: steps while there is work, waits for new blocks at the
+/// tip, retries failures with backoff while the status says offline.
+async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let config = &shared.config;
+    let mut backoff = config.initial_backoff;
+    let mut offline_since: Option<SystemTime> = None;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let step = {
+            let mut engine = shared.engine.lock().await;
+            engine.step(&mut stop).await
+        };
+        let wait = match step {
+            Ok(StepOutcome::Progress) => {
+                backoff = config.initial_backoff;
+                offline_since = None;
+                continue;
+            }
+            Ok(StepOutcome::Stopped) => break,
+            Ok(StepOutcome::AtTip) => {
+                backoff = config.initial_backoff;
+                offline_since = None;
+                config.poll_interval
+            }
+            Err(error) => {
+                let since = *offline_since.get_or_insert_with(SystemTime::now);
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "chain loop step failed");
+                shared.out.status.send_replace(Status::Offline {
+                    since,
+                    error: error.to_string(),
+                });
+                let wait = backoff;
+                backoff = (backoff * 2).min(config.max_backoff);
+                wait
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = pipeline::wait_true(&mut stop) => break,
+        }
+    }
+}

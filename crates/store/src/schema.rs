@@ -148,6 +148,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE wallet_txs ADD COLUMN conflicted_by BLOB NULL CHECK (length(conflicted_by) = 32);
     ALTER TABLE wallet_txs ADD COLUMN conflicted_height INTEGER NULL;
     ",
+    // Version 7: the hash of the block an import has reached, so that an
+    // import resumed after a restart can tell whether a reorg while the
+    // process was down replaced what it had scanned.
+    "
+    ALTER TABLE wallets ADD COLUMN importing_hash BLOB NULL CHECK (length(importing_hash) = 32);
+    ",
 ];
 
 /// The latest schema version this build knows.

@@ -48,12 +48,16 @@ pub struct WalletRow {
     /// construction; `Some(h)` while an import is in progress and has reached
     /// height `h`.
     pub importing_height: Option<u32>,
+    /// The hash of the block at `importing_height`, once the import has
+    /// scanned a block (see [`WriteTx::set_import_progress`]).
+    pub importing_hash: Option<BlockHash>,
     /// When the wallet was registered, in seconds since the Unix epoch.
     pub created_at: i64,
 }
 
 impl WalletRow {
-    const COLUMNS: &'static str = "wallet_id, name, birth_height, importing_height, created_at";
+    const COLUMNS: &'static str =
+        "wallet_id, name, birth_height, importing_height, created_at, importing_hash";
 
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
@@ -62,6 +66,7 @@ impl WalletRow {
             birth_height: row.get(2)?,
             importing_height: row.get(3)?,
             created_at: row.get(4)?,
+            importing_hash: row.get(5)?,
         })
     }
 }
@@ -309,9 +314,38 @@ impl WriteTx<'_> {
     ) -> Result<(), StoreError> {
         let changed = self
             .tx()
-            .prepare_cached("UPDATE wallets SET importing_height = ?2 WHERE wallet_id = ?1")
+            .prepare_cached(
+                "UPDATE wallets SET importing_height = ?2, importing_hash = NULL WHERE wallet_id = ?1",
+            )
             .or_store()?
             .execute(params![wallet_id.0, importing_height])
+            .or_store()?;
+        if changed == 0 {
+            return Err(StoreError::WalletNotFound { wallet_id });
+        }
+        Ok(())
+    }
+
+    /// Records that a wallet's import has scanned every block up to
+    /// `height`, whose hash is `hash`: a restart resumes after it, once it
+    /// has checked that `hash` is still on the best chain.
+    ///
+    /// # Errors
+    /// [`StoreError::WalletNotFound`] (invalid) if no wallet has this id;
+    /// otherwise busy (retry), corrupt or full disk (fatal).
+    pub fn set_import_progress(
+        &mut self,
+        wallet_id: WalletId,
+        height: u32,
+        hash: &BlockHash,
+    ) -> Result<(), StoreError> {
+        let changed = self
+            .tx()
+            .prepare_cached(
+                "UPDATE wallets SET importing_height = ?2, importing_hash = ?3 WHERE wallet_id = ?1",
+            )
+            .or_store()?
+            .execute(params![wallet_id.0, height, hash])
             .or_store()?;
         if changed == 0 {
             return Err(StoreError::WalletNotFound { wallet_id });

@@ -369,15 +369,19 @@ impl ReadTx<'_> {
 }
 
 impl WriteTx<'_> {
-    /// Records a coin a block paid the wallet.
+    /// Records a coin a block paid the wallet. Idempotent: a coin already
+    /// recorded is left as it is (a rescan of scripts imported later sees
+    /// the block again), and `false` is returned.
     ///
     /// # Errors
     /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
-    pub fn insert_coin(&mut self, wallet_id: WalletId, coin: &CoinRow) -> Result<(), StoreError> {
-        self.read
+    pub fn insert_coin(&mut self, wallet_id: WalletId, coin: &CoinRow) -> Result<bool, StoreError> {
+        let inserted = self
+            .read
             .tx
             .prepare_cached(&format!(
-                "INSERT INTO wallet_coins ({COIN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                "INSERT INTO wallet_coins ({COIN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (wallet_id, txid, vout) DO NOTHING"
             ))
             .or_store()?
             .execute(params![
@@ -394,11 +398,12 @@ impl WriteTx<'_> {
                 coin.spent.map(|s| s.1),
             ])
             .or_store()?;
-        Ok(())
+        Ok(inserted == 1)
     }
 
     /// Marks the wallet's coin at `(txid, vout)` spent by `spent_txid` at
-    /// `height`, if the wallet has it unspent. Returns its value then.
+    /// `height`, if the wallet has it unspent (or already spent by that same
+    /// transaction: a rescan sees the block again). Returns its value then.
     ///
     /// # Errors
     /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
@@ -414,10 +419,14 @@ impl WriteTx<'_> {
             .tx
             .prepare_cached(
                 "UPDATE wallet_coins SET spent_txid = ?4, spent_height = ?5 \
-                 WHERE wallet_id = ?1 AND txid = ?2 AND vout = ?3 AND spent_txid IS NULL RETURNING value",
+                 WHERE wallet_id = ?1 AND txid = ?2 AND vout = ?3 \
+                 AND (spent_txid IS NULL OR spent_txid = ?4) RETURNING value",
             )
             .or_store()?
-            .query_row(params![wallet_id.as_i64(), txid, vout, spent_txid, height], |row| get_u64(row, 0))
+            .query_row(
+                params![wallet_id.as_i64(), txid, vout, spent_txid, height],
+                |row| get_u64(row, 0),
+            )
             .optional()
             .or_store()
     }

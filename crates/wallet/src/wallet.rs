@@ -526,6 +526,30 @@ impl Wallet {
         self.fill_window(tx, keychain)
     }
 
+    /// Derives and stores a keychain's scripts up to (not including)
+    /// `end` without marking any of them used: a targeted import of
+    /// scripts past the lookahead window (a gap the window did not reach)
+    /// derives them first, then rescans for them. Returns the scripts
+    /// newly derived.
+    pub fn derive_until(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        keychain: Keychain,
+        end: u32,
+    ) -> Result<NewScripts, WalletError> {
+        if end > 1 << 31 {
+            return Err(WalletError::IndexExhausted(keychain));
+        }
+        let first = self.state(keychain).scripts.len() as u32;
+        self.derive_to(tx, keychain, end)?;
+        let scripts = &self.state(keychain).scripts;
+        Ok(NewScripts(
+            (first..scripts.len() as u32)
+                .map(|i| (keychain, i, scripts[i as usize].clone()))
+                .collect(),
+        ))
+    }
+
     /// Ingests, inside the caller's transaction, the transactions of the
     /// block at `height` that the manager routed to this wallet (in block
     /// order; the wallet never scans a whole block): coins for outputs to
@@ -590,7 +614,7 @@ impl Wallet {
                 let Some((keychain, index)) = self.script_index(&out.script_pubkey) else {
                     continue;
                 };
-                tx.insert_coin(
+                let new_coin = tx.insert_coin(
                     self.id,
                     &CoinRow {
                         txid: txid_bytes,
@@ -605,7 +629,7 @@ impl Wallet {
                     },
                 )?;
                 received += out.value.to_sat();
-                summary.coins_created += 1;
+                summary.coins_created += u32::from(new_coin);
                 touched = true;
                 summary
                     .new_scripts

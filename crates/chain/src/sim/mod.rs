@@ -578,6 +578,20 @@ impl ChainSource for SimChain {
         Ok(state.blocks[*height as usize].block.clone())
     }
 
+    async fn headers(&self, from: u32, count: u32) -> Result<Vec<Header>, SourceError> {
+        let state = self.read();
+        let end = (from as usize)
+            .saturating_add(count as usize)
+            .min(state.blocks.len());
+        if from as usize >= state.blocks.len() {
+            return Err(SourceError::NotFound(Missing::Height(from)));
+        }
+        Ok(state.blocks[from as usize..end]
+            .iter()
+            .map(|b| b.block.header)
+            .collect())
+    }
+
     async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
         let txid = tx.compute_txid();
         self.submit(tx.clone())

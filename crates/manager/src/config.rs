@@ -1,0 +1,70 @@
+//! How the chain loop is tuned.
+
+use std::time::Duration;
+
+/// How the loop decides, block by block, between matching the block's
+/// filter and fetching the block itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Measure both costs as the loop runs and take the cheaper path:
+    /// filters while hashing every watched script costs less than fetching
+    /// and scanning the block (small watchlists, remote sources), blocks
+    /// past that crossover (very large watchlists, a source next door).
+    Auto,
+    /// Always match filters first (a light client's way).
+    Filters,
+    /// Always fetch every block and route it directly.
+    Blocks,
+}
+
+/// Tuning of the chain loop. [`Default`] suits a local source.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Blocks committed per database transaction while catching up (at the
+    /// tip, every block commits on its own). After each commit every
+    /// wallet's synced-to equals the loop's tip.
+    pub batch_size: u32,
+    /// Blocks whose filter (and, on a match, block) are fetched ahead of
+    /// the one being committed.
+    pub prefetch: usize,
+    /// Headers asked for per request.
+    pub header_batch: u32,
+    /// Block hashes kept below the tip to find a fork point: the deepest
+    /// reorg the loop can follow.
+    pub recent_hashes: u32,
+    /// How long one request to the source may take.
+    pub request_timeout: Duration,
+    /// How often a request that failed retryably (unavailable, timed out)
+    /// is tried again, after `initial_backoff` times the attempt, before
+    /// its batch is abandoned and the loop backs off.
+    pub request_retries: u32,
+    /// First wait after a failure; doubled up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Longest wait between retries.
+    pub max_backoff: Duration,
+    /// How often the loop asks the source for a new tip once synced.
+    pub poll_interval: Duration,
+    /// Filters or blocks, per block.
+    pub strategy: Strategy,
+    /// Where a loop with an empty database starts (the block at this
+    /// height is taken as already processed).
+    pub start_height: u32,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            batch_size: 250,
+            prefetch: 32,
+            header_batch: 2_000,
+            recent_hashes: 100,
+            request_timeout: Duration::from_secs(30),
+            request_retries: 3,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(200),
+            strategy: Strategy::Auto,
+            start_height: 0,
+        }
+    }
+}

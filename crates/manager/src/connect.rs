@@ -1,0 +1,223 @@
+//! Inside one write transaction: routing each fetched block's transactions
+//! to the wallets they touch, ingesting them, and moving the scan's height.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use bitcoin::bip158::FilterHeader;
+use bitcoin::hashes::Hash as _;
+use bitcoin::{Block, BlockHash, OutPoint, ScriptBuf};
+use lockstep_store::{WalletId, WriteTx};
+use lockstep_wallet::IngestSummary;
+
+use crate::books::Books;
+use crate::pipeline::Fetched;
+use crate::{BlockHook, ManagerError};
+
+/// Whose scan a batch advances.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Mode {
+    /// The chain loop: the tip, the recent hashes and the block hook move.
+    Loop {
+        /// Block hashes kept below the tip.
+        keep: u32,
+    },
+    /// A wallet's import: only its progress moves.
+    Import(WalletId),
+}
+
+/// One block a batch connected.
+#[derive(Debug)]
+pub(crate) struct Connected {
+    pub(crate) height: u32,
+    pub(crate) hash: BlockHash,
+    pub(crate) filter_header: Option<FilterHeader>,
+    /// Per touched wallet, what the block did to it.
+    pub(crate) activity: Vec<(WalletId, IngestSummary)>,
+    /// Whether the block was routed (fetched and needed).
+    pub(crate) routed: bool,
+    /// How long routing and ingesting took (for the strategy's cost model).
+    pub(crate) route_nanos: u64,
+}
+
+/// What a batch did.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    pub(crate) connected: Vec<Connected>,
+    /// Blocks not taken: a script derived inside the batch matched a block
+    /// that was not fetched. They are fetched and connected next.
+    pub(crate) rest: Vec<Fetched>,
+    pub(crate) filters: u64,
+    pub(crate) blocks: u64,
+    pub(crate) false_positives: u64,
+}
+
+/// Connects `items` in order, in the caller's transaction.
+pub(crate) fn connect_batch(
+    tx: &mut WriteTx<'_>,
+    mut books: Books,
+    items: Vec<Fetched>,
+    mode: Mode,
+    hook: Option<Arc<dyn BlockHook>>,
+) -> Result<(Books, Outcome), ManagerError> {
+    let mut outcome = Outcome::default();
+    let mut items = items.into_iter();
+    while let Some(item) = items.next() {
+        let need = item.needs_block(&books.watch);
+        if need && item.block.is_none() {
+            outcome.rest.push(item);
+            outcome.rest.extend(items);
+            break;
+        }
+        if item.filter.is_some() {
+            outcome.filters += 1;
+        }
+        let mut activity = Vec::new();
+        let start = std::time::Instant::now();
+        let routed = need && item.block.is_some();
+        if let (true, Some(block)) = (need, &item.block) {
+            activity = connect_block(tx, &mut books, item.height, block)?;
+            outcome.blocks += 1;
+            if activity.is_empty() {
+                outcome.false_positives += 1;
+            }
+        }
+        let route_nanos = start.elapsed().as_nanos() as u64;
+        if let Mode::Loop { .. } = mode {
+            tx.put_block_hash(item.height, &item.hash.to_byte_array())?;
+            if let Some(hook) = &hook {
+                hook.block_connected(tx, item.height, &item.hash)
+                    .map_err(ManagerError::Hook)?;
+            }
+        }
+        outcome.connected.push(Connected {
+            height: item.height,
+            hash: item.hash,
+            filter_header: item.filter.as_ref().map(|f| f.header),
+            activity,
+            routed,
+            route_nanos,
+        });
+    }
+    if let Some(last) = outcome.connected.last() {
+        let hash = last.hash.to_byte_array();
+        match mode {
+            Mode::Loop { keep } => {
+                tx.set_tip(last.height, &hash)?;
+                tx.prune_block_hashes_below(last.height.saturating_sub(keep))?;
+            }
+            Mode::Import(wallet) => tx.set_import_progress(wallet, last.height, &hash)?,
+        }
+    }
+    books.watch.compact();
+    Ok((books, outcome))
+}
+
+/// Routes one block's transactions to the wallets they touch and ingests
+/// them, in block order, one transaction at a time: a transaction that
+/// uses a wallet's lookahead window derives new scripts at once, so later
+/// transactions of the block paying them are routed too. If a script
+/// derived this way is paid by an *earlier* transaction of the block, the
+/// block is routed again (ingest is idempotent), until nothing new is found.
+fn connect_block(
+    tx: &mut WriteTx<'_>,
+    books: &mut Books,
+    height: u32,
+    block: &Block,
+) -> Result<Vec<(WalletId, IngestSummary)>, ManagerError> {
+    let mut activity: BTreeMap<WalletId, IngestSummary> = BTreeMap::new();
+    let mut created: BTreeMap<WalletId, u32> = BTreeMap::new();
+    let mut touched: Vec<WalletId> = Vec::new();
+    for _pass in 0..64 {
+        // Each pass ingests the whole block again: its summaries replace
+        // the last pass's, except for coins created (counted once).
+        activity.clear();
+        let mut derived: HashSet<ScriptBuf> = HashSet::new();
+        let mut last_derivation = None;
+        for (position, t) in block.txdata.iter().enumerate() {
+            touched.clear();
+            for out in &t.output {
+                books.watch.wallets_of(&out.script_pubkey, &mut touched);
+            }
+            if !t.is_coinbase() {
+                for input in &t.input {
+                    if let Some(owners) = books.outpoints.get(&input.previous_output) {
+                        touched.extend_from_slice(owners);
+                    }
+                }
+            }
+            if touched.is_empty() {
+                continue;
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            let txid = t.compute_txid();
+            for &id in &touched {
+                let Some(wallet) = books.wallets.get_mut(&id) else {
+                    continue;
+                };
+                let summary = wallet.ingest(tx, height, std::slice::from_ref(t))?;
+                if !t.is_coinbase() {
+                    for input in &t.input {
+                        if let Some(owners) = books.outpoints.get_mut(&input.previous_output) {
+                            owners.retain(|o| *o != id);
+                            if owners.is_empty() {
+                                books.outpoints.remove(&input.previous_output);
+                            }
+                        }
+                    }
+                }
+                for (vout, out) in t.output.iter().enumerate() {
+                    if wallet.script_index(&out.script_pubkey).is_some() {
+                        let owners = books
+                            .outpoints
+                            .entry(OutPoint {
+                                txid,
+                                vout: vout as u32,
+                            })
+                            .or_default();
+                        if !owners.contains(&id) {
+                            owners.push(id);
+                        }
+                    }
+                }
+                for (keychain, index, script) in &summary.new_scripts.0 {
+                    if books.watch.add(script, (id, *keychain, *index)) {
+                        derived.insert(script.clone());
+                        last_derivation = Some(position);
+                    }
+                }
+                *created.entry(id).or_default() += summary.coins_created;
+                merge(activity.entry(id).or_default(), summary);
+            }
+        }
+        // Did a script derived in this pass pay a transaction the pass had
+        // already gone by?
+        let missed = last_derivation.is_some_and(|last| {
+            block.txdata[..=last]
+                .iter()
+                .any(|t| t.output.iter().any(|o| derived.contains(&o.script_pubkey)))
+        });
+        if !missed {
+            break;
+        }
+    }
+    for (id, summary) in &mut activity {
+        summary.coins_created = created.get(id).copied().unwrap_or(0);
+    }
+    Ok(activity.into_iter().collect())
+}
+
+/// Adds a later summary of the same block to an earlier one.
+fn merge(into: &mut IngestSummary, more: IngestSummary) {
+    into.received += more.received;
+    into.sent += more.sent;
+    into.coins_created += more.coins_created;
+    into.coins_spent += more.coins_spent;
+    for txid in more.txids {
+        if !into.txids.contains(&txid) {
+            into.txids.push(txid);
+        }
+    }
+    into.new_scripts.0.extend(more.new_scripts.0);
+}

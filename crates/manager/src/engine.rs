@@ -1,0 +1,1022 @@
+//! The loop's state and its steps: connect a batch, follow a reorg, run an
+//! import. One `Engine` lives behind the manager's mutex; whoever holds the
+//! mutex holds the world still (the loop between two batches, or an
+//! import for as long as it runs).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use bitcoin::bip158::FilterHeader;
+use bitcoin::hashes::Hash as _;
+use bitcoin::{BlockHash, ScriptBuf};
+use lockstep_chain::{BlockId, ChainSource, SourceError};
+use lockstep_store::{Store, WalletId, WalletRow};
+use lockstep_wallet::{Keychain, Wallet, WalletParams};
+use tokio::sync::{broadcast, watch};
+
+use crate::books::Books;
+use crate::config::Strategy;
+use crate::connect::{Mode, Outcome, connect_batch};
+use crate::events::Counters;
+use crate::pipeline::{Fetched, Flow, Path, Pipeline, Policy, Snapshot, fetch_block, timed};
+use crate::{BlockHook, Event, ManagerConfig, ManagerError, NewWallet, ScriptImport, Status};
+
+/// The loop's committed tip.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tip {
+    pub(crate) height: u32,
+    pub(crate) hash: BlockHash,
+}
+
+/// What a step of the loop did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StepOutcome {
+    /// Committed blocks (or followed a reorg): step again at once.
+    Progress,
+    /// At the source's tip: wait for a new block.
+    AtTip,
+    /// Stopped before committing anything.
+    Stopped,
+}
+
+/// Where the manager tells the world what happened.
+pub(crate) struct Outputs {
+    pub(crate) counters: Counters,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) status: watch::Sender<Status>,
+    pub(crate) tip: watch::Sender<Option<BlockId>>,
+}
+
+impl Outputs {
+    fn publish(&self, event: Event) {
+        // No subscriber is not an error.
+        let _ = self.events.send(event);
+    }
+}
+
+/// A running average of one path's cost per block, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ema {
+    value: f64,
+    samples: u32,
+}
+
+impl Ema {
+    fn add(&mut self, nanos: u64) {
+        self.samples += 1;
+        let alpha = 1.0 / f64::from(self.samples.min(64));
+        self.value += alpha * (nanos as f64 - self.value);
+    }
+}
+
+/// The measured costs behind the per-block strategy: what a block costs on
+/// the filter path (fetching the filter and hashing every watched script),
+/// per watched script; what it costs on the block path (fetching, checking
+/// and routing the block).
+#[derive(Debug, Clone, Copy, Default)]
+struct CostModel {
+    filter: Ema,
+    /// Watched scripts when `filter` was last measured.
+    filter_scripts: usize,
+    block: Ema,
+    /// Routing a block that touches no wallet (what the block path adds
+    /// for every block).
+    route: Ema,
+}
+
+pub(crate) struct Engine {
+    pub(crate) store: Store,
+    pub(crate) source: Arc<dyn ChainSource>,
+    pub(crate) config: ManagerConfig,
+    pub(crate) hook: Option<Arc<dyn BlockHook>>,
+    pub(crate) out: Arc<Outputs>,
+    /// The active wallets; `None` after a failed write, until reloaded.
+    books: Option<Books>,
+    tip: Option<Tip>,
+    /// The filter header of the tip, when known.
+    tip_filter_header: Option<FilterHeader>,
+    recent: BTreeMap<u32, BlockHash>,
+    pipe: Option<Pipeline>,
+    started: bool,
+    cost: CostModel,
+    path: Path,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        store: Store,
+        source: Arc<dyn ChainSource>,
+        config: ManagerConfig,
+        out: Arc<Outputs>,
+    ) -> Engine {
+        let path = match config.strategy {
+            Strategy::Blocks => Path::Blocks,
+            Strategy::Auto | Strategy::Filters => Path::Filters,
+        };
+        Engine {
+            store,
+            source,
+            config,
+            hook: None,
+            out,
+            books: None,
+            tip: None,
+            tip_filter_header: None,
+            recent: BTreeMap::new(),
+            pipe: None,
+            started: false,
+            cost: CostModel::default(),
+            path,
+        }
+    }
+
+    pub(crate) fn tip(&self) -> Option<BlockId> {
+        self.tip.map(|t| BlockId {
+            height: t.height,
+            hash: t.hash,
+        })
+    }
+
+    fn tip_or_err(&self) -> Tip {
+        self.tip.expect("started engine has a tip")
+    }
+
+    /// The active wallets, loaded again from the database if a failed
+    /// write left them unknown.
+    async fn books(&mut self) -> Result<&mut Books, ManagerError> {
+        if self.books.is_none() {
+            let books = self.store.read(Books::load_active).await?;
+            self.books = Some(books);
+        }
+        Ok(self.books.as_mut().expect("just loaded"))
+    }
+
+    /// Loads the tip and the wallets, checks the tip is still on the
+    /// source's best chain (a reorg while the process was down), and
+    /// finishes any import a crash interrupted. Runs once.
+    pub(crate) async fn ensure_started(&mut self) -> Result<(), ManagerError> {
+        if self.started {
+            return Ok(());
+        }
+        self.out.status.send_replace(Status::Connecting);
+        self.books().await?;
+        let keep = self.config.recent_hashes as usize + 1;
+        let (tip, recent) = self
+            .store
+            .read(move |tx| Ok::<_, ManagerError>((tx.tip()?, tx.recent_block_hashes(keep)?)))
+            .await?;
+        self.recent = recent
+            .into_iter()
+            .map(|(h, hash)| (h, BlockHash::from_byte_array(hash)))
+            .collect();
+        match tip {
+            Some((height, hash)) => {
+                self.tip = Some(Tip {
+                    height,
+                    hash: BlockHash::from_byte_array(hash),
+                });
+            }
+            None => {
+                let height = self.config.start_height;
+                let hash =
+                    timed(Policy::of(&self.config), || self.source.block_hash(height)).await?;
+                let raw = hash.to_byte_array();
+                self.store
+                    .write(move |tx| {
+                        tx.set_tip(height, &raw)?;
+                        tx.put_block_hash(height, &raw)
+                    })
+                    .await?;
+                self.tip = Some(Tip { height, hash });
+                self.recent.insert(height, hash);
+            }
+        }
+        self.publish_tip();
+        let tip = self.tip_or_err();
+        match timed(Policy::of(&self.config), || {
+            self.source.block_hash(tip.height)
+        })
+        .await
+        {
+            Ok(hash) if hash == tip.hash => {}
+            Ok(_) | Err(SourceError::NotFound(_)) => self.handle_reorg().await?,
+            Err(e) => return Err(e.into()),
+        }
+        self.started = true;
+        self.resume_imports().await
+    }
+
+    fn publish_tip(&self) {
+        self.out.tip.send_replace(self.tip());
+    }
+
+    /// Finishes every import the database says is in progress.
+    async fn resume_imports(&mut self) -> Result<(), ManagerError> {
+        let rows: Vec<WalletRow> = self.store.read(|tx| tx.wallets()).await?;
+        for row in rows {
+            let Some(after) = row.importing_height else {
+                continue;
+            };
+            let id = row.wallet_id;
+            let on_chain = match row.importing_hash {
+                None => None,
+                Some(hash) => {
+                    let hash = BlockHash::from_byte_array(hash);
+                    match timed(Policy::of(&self.config), || self.source.block_hash(after)).await {
+                        Ok(found) => Some(found == hash).filter(|same| *same).map(|_| hash),
+                        Err(SourceError::NotFound(_)) => None,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            let (after, after_hash) = match (on_chain, row.importing_hash) {
+                (Some(hash), _) => (after, Some(hash)),
+                (None, None) => (after, None),
+                (None, Some(_)) => {
+                    // What the import scanned was reorganised away while
+                    // the process was down: scan again from the birth height.
+                    let restart = row.birth_height.saturating_sub(1);
+                    tracing::warn!(wallet = %id, "import's blocks left the best chain; rescanning from birth");
+                    self.store
+                        .write(move |tx| {
+                            tx.disconnect_wallet(id, 0)?;
+                            tx.set_importing_height(id, Some(restart))
+                        })
+                        .await?;
+                    (restart, None)
+                }
+            };
+            let wallet = self.store.read(move |tx| Wallet::load(tx, id)).await?;
+            tracing::info!(wallet = %id, from = after + 1, "resuming import");
+            self.run_import(wallet, None, after, after_hash).await?;
+        }
+        Ok(())
+    }
+
+    /// One step of the loop: connect one batch of blocks, or follow a reorg,
+    /// or find the loop at the source's tip.
+    pub(crate) async fn step(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<StepOutcome, ManagerError> {
+        self.ensure_started().await?;
+        match self.advance(stop).await {
+            Ok(outcome) => Ok(outcome),
+            Err(Flow::Reorg) => {
+                let tip = self.tip_or_err();
+                if self.pipe.as_ref().is_some_and(|p| p.is_fresh(tip.height)) {
+                    self.handle_reorg().await?;
+                }
+                self.pipe = None;
+                Ok(StepOutcome::Progress)
+            }
+            Err(Flow::Reset) => {
+                self.pipe = None;
+                Ok(StepOutcome::Progress)
+            }
+            Err(Flow::Stop) => {
+                self.pipe = None;
+                Ok(StepOutcome::Stopped)
+            }
+            Err(Flow::Fail(e)) => {
+                self.pipe = None;
+                Err(e)
+            }
+        }
+    }
+
+    async fn advance(&mut self, stop: &mut watch::Receiver<bool>) -> Result<StepOutcome, Flow> {
+        let tip = self.tip_or_err();
+        let mut pipe = match self.pipe.take() {
+            Some(pipe) => pipe,
+            None => Pipeline::new(tip.height, tip.hash, None),
+        };
+        let result = self.advance_with(&mut pipe, stop).await;
+        self.pipe = Some(pipe);
+        result
+    }
+
+    async fn advance_with(
+        &mut self,
+        pipe: &mut Pipeline,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<StepOutcome, Flow> {
+        let tip = self.tip_or_err();
+        pipe.top_up_headers(&self.source, &self.config).await?;
+        if pipe.pending() == 0 {
+            // At the source's tip, as far as headers go: is our tip still
+            // its best block?
+            let best = timed(Policy::of(&self.config), || self.source.tip()).await?;
+            if best.hash != tip.hash && best.height <= tip.height {
+                return Err(Flow::Reorg);
+            }
+            if best.hash != tip.hash {
+                // A new block arrived after the header request: take it
+                // at the next poll.
+                return Ok(StepOutcome::AtTip);
+            }
+            self.out
+                .status
+                .send_replace(Status::Synced { height: tip.height });
+            return Ok(StepOutcome::AtTip);
+        }
+        let path = self.path;
+        let books = self.books().await?;
+        let snapshot = snapshot(books, path);
+        pipe.spawn(&self.source, &self.config, &snapshot);
+        let items = collect(pipe, &self.source, &self.config, &snapshot, Some(stop)).await?;
+        if items.is_empty() {
+            return Ok(StepOutcome::Progress);
+        }
+        let mut filter_header = self.tip_filter_header;
+        let items = self
+            .prepare(items, tip.hash, &mut filter_header, BooksRef::Main)
+            .await?;
+        let books = self.books.take().expect("loaded above");
+        let hook = self.hook.clone();
+        let mode = Mode::Loop {
+            keep: self.config.recent_hashes,
+        };
+        let result = self
+            .store
+            .write(move |tx| connect_batch(tx, books, items, mode, hook))
+            .await;
+        let (books, outcome) = match result {
+            Ok(done) => done,
+            Err(e) => return Err(Flow::Fail(e)),
+        };
+        self.books = Some(books);
+        self.after_loop_commit(pipe, outcome);
+        Ok(StepOutcome::Progress)
+    }
+
+    /// Bookkeeping after the loop committed a batch: the tip, recent
+    /// hashes, counters, the strategy, events, status.
+    fn after_loop_commit(&mut self, pipe: &mut Pipeline, mut outcome: Outcome) {
+        let c = &self.out.counters;
+        Counters::add(&c.commits, 1);
+        Counters::add(&c.blocks_connected, outcome.connected.len() as u64);
+        self.count(&outcome);
+        pipe.unread(std::mem::take(&mut outcome.rest));
+        for block in &outcome.connected {
+            self.recent.insert(block.height, block.hash);
+            self.tip = Some(Tip {
+                height: block.height,
+                hash: block.hash,
+            });
+            self.tip_filter_header = block.filter_header;
+            if block.routed && block.activity.is_empty() {
+                self.cost.route.add(block.route_nanos);
+            }
+        }
+        let keep_from = self
+            .tip_or_err()
+            .height
+            .saturating_sub(self.config.recent_hashes);
+        self.recent = self.recent.split_off(&keep_from);
+        self.publish_tip();
+        for block in outcome.connected {
+            self.out.publish(Event::BlockConnected {
+                height: block.height,
+                hash: block.hash,
+                wallets: block.activity.iter().map(|(id, _)| *id).collect(),
+            });
+            for (wallet, summary) in block.activity {
+                self.out.publish(Event::WalletActivity {
+                    wallet,
+                    height: block.height,
+                    txids: summary.txids,
+                    received: summary.received,
+                    sent: summary.sent,
+                });
+            }
+        }
+        let height = self.tip_or_err().height;
+        let status = if pipe.pending() == 0 && pipe.at_source_tip() {
+            Status::Synced { height }
+        } else {
+            Status::Syncing {
+                height,
+                tip: pipe.known_height().max(height),
+            }
+        };
+        self.out.status.send_replace(status);
+        self.choose_path();
+    }
+
+    fn count(&self, outcome: &Outcome) {
+        let c = &self.out.counters;
+        Counters::add(&c.filters_matched, outcome.filters);
+        Counters::add(&c.blocks_fetched, outcome.blocks);
+        Counters::add(&c.false_positives, outcome.false_positives);
+    }
+
+    /// Switches between the filter and the block path when the measured
+    /// costs cross (with some hysteresis), and says so in the log.
+    fn choose_path(&mut self) {
+        if self.config.strategy != Strategy::Auto || self.cost.block.samples < 8 {
+            return;
+        }
+        let scripts = self.books.as_ref().map_or(0, |b| b.watch.len()).max(1);
+        if self.cost.filter.samples == 0 {
+            return;
+        }
+        // Filter cost grows with the watchlist; scale the last measurement.
+        let filter =
+            self.cost.filter.value * scripts as f64 / self.cost.filter_scripts.max(1) as f64;
+        let block = self.cost.block.value + self.cost.route.value;
+        let next = match self.path {
+            Path::Filters if block * 1.25 < filter => Path::Blocks,
+            Path::Blocks if block > filter * 1.25 => Path::Filters,
+            path => path,
+        };
+        if next != self.path {
+            tracing::info!(
+                from = ?self.path,
+                to = ?next,
+                watched_scripts = scripts,
+                filter_ns_per_block = filter as u64,
+                block_ns_per_block = block as u64,
+                "matching strategy switched"
+            );
+            Counters::add(&self.out.counters.strategy_switches, 1);
+            self.path = next;
+        }
+    }
+
+    /// Checks each fetched block's filter against the filter-header chain,
+    /// matches it again for scripts added since it was matched, and fetches
+    /// the blocks those new matches need. Feeds the cost model.
+    async fn prepare(
+        &mut self,
+        mut items: Vec<Fetched>,
+        mut prev_hash: BlockHash,
+        filter_header: &mut Option<FilterHeader>,
+        books: BooksRef<'_>,
+    ) -> Result<Vec<Fetched>, Flow> {
+        let scripts = match &books {
+            BooksRef::Main => self.books.as_ref().map_or(0, |b| b.watch.len()),
+            BooksRef::Import(b) => b.watch.len(),
+        };
+        for item in &mut items {
+            if let Some(f) = &item.filter {
+                let previous = match *filter_header {
+                    Some(header) => header,
+                    None => {
+                        timed(Policy::of(&self.config), || {
+                            self.source.filter_header(prev_hash)
+                        })
+                        .await?
+                    }
+                };
+                if f.filter_hash.filter_header(&previous) != f.header {
+                    return Err(Flow::Fail(ManagerError::FilterHeaderMismatch {
+                        height: item.height,
+                        hash: item.hash,
+                    }));
+                }
+                *filter_header = Some(f.header);
+                if matches!(books, BooksRef::Main) {
+                    self.cost.filter.add(f.nanos);
+                    self.cost.filter_scripts = scripts;
+                }
+            } else {
+                *filter_header = None;
+            }
+            if item.block_nanos > 0 && matches!(books, BooksRef::Main) {
+                self.cost.block.add(item.block_nanos);
+            }
+            let watch = match &books {
+                BooksRef::Main => &self.books.as_ref().expect("loaded").watch,
+                BooksRef::Import(b) => &b.watch,
+            };
+            let need = item.needs_block(watch);
+            let checked = watch.len();
+            if let Some(f) = &mut item.filter {
+                f.matched |= need;
+                f.checked = checked;
+            }
+            if item.block.is_none() && need {
+                item.block = Some(
+                    fetch_block(
+                        &self.source,
+                        item.height,
+                        item.hash,
+                        Policy::of(&self.config),
+                    )
+                    .await?,
+                );
+            }
+            prev_hash = item.hash;
+        }
+        Ok(items)
+    }
+
+    /// Follows a reorg: finds the highest recorded block still on the
+    /// source's best chain, and disconnects every wallet above it in one
+    /// transaction. The loop then connects the new branch.
+    pub(crate) async fn handle_reorg(&mut self) -> Result<(), ManagerError> {
+        self.pipe = None;
+        let mut fork = None;
+        for (&height, &hash) in self.recent.iter().rev() {
+            match timed(Policy::of(&self.config), || self.source.block_hash(height)).await {
+                Ok(found) if found == hash => {
+                    fork = Some((height, hash));
+                    break;
+                }
+                Ok(_) | Err(SourceError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some((fork_height, fork_hash)) = fork else {
+            return Err(ManagerError::ReorgTooDeep {
+                kept: self.recent.len(),
+                lowest: self.recent.keys().next().copied().unwrap_or(0),
+            });
+        };
+        let disconnected: Vec<(u32, BlockHash)> = self
+            .recent
+            .range(fork_height + 1..)
+            .rev()
+            .map(|(h, hash)| (*h, *hash))
+            .collect();
+        tracing::info!(fork = fork_height, depth = disconnected.len(), "reorg");
+        self.books().await?;
+        let mut books = self.books.take().expect("loaded");
+        let hook = self.hook.clone();
+        let raw_fork = fork_hash.to_byte_array();
+        let result = self
+            .store
+            .write(move |tx| {
+                for row in tx.wallets()? {
+                    tx.disconnect_wallet(row.wallet_id, fork_height + 1)?;
+                    if row.importing_height.is_some_and(|h| h > fork_height) {
+                        tx.set_import_progress(row.wallet_id, fork_height, &raw_fork)?;
+                    }
+                }
+                tx.delete_block_hashes_above(fork_height)?;
+                tx.set_tip(fork_height, &raw_fork)?;
+                if let Some(hook) = &hook {
+                    hook.blocks_disconnected(tx, fork_height)
+                        .map_err(ManagerError::Hook)?;
+                }
+                books.reload_coins(tx)?;
+                Ok::<_, ManagerError>(books)
+            })
+            .await?;
+        self.books = Some(result);
+        Counters::add(&self.out.counters.commits, 1);
+        Counters::add(
+            &self.out.counters.blocks_disconnected,
+            disconnected.len() as u64,
+        );
+        self.recent.retain(|h, _| *h <= fork_height);
+        self.tip = Some(Tip {
+            height: fork_height,
+            hash: fork_hash,
+        });
+        self.tip_filter_header = None;
+        self.publish_tip();
+        for (height, hash) in disconnected {
+            self.out.publish(Event::BlockDisconnected { height, hash });
+        }
+        Ok(())
+    }
+
+    /// Registers a wallet. Born above the loop's tip, it joins at once;
+    /// otherwise it is imported (the world stands still meanwhile).
+    pub(crate) async fn add_wallet(&mut self, spec: NewWallet) -> Result<WalletId, ManagerError> {
+        self.ensure_started().await?;
+        let tip = self.tip_or_err();
+        let joins_now = spec.birth_height > tip.height;
+        let after = spec.birth_height.saturating_sub(1);
+        let wallet = self
+            .store
+            .write(move |tx| {
+                let params = WalletParams {
+                    name: &spec.name,
+                    birth_height: spec.birth_height,
+                    lookahead: spec.lookahead,
+                    passphrase: spec.passphrase.as_deref(),
+                };
+                let wallet = Wallet::create(tx, &params, spec.descriptors)?;
+                if !joins_now {
+                    tx.set_importing_height(wallet.id(), Some(after))?;
+                }
+                Ok::<_, ManagerError>(wallet)
+            })
+            .await?;
+        let id = wallet.id();
+        if joins_now {
+            let joined = self
+                .store
+                .read(move |tx| {
+                    let mut books = Books::empty();
+                    books.add_wallet(tx, wallet)?;
+                    Ok::<_, ManagerError>(books)
+                })
+                .await?;
+            self.books().await?.merge(joined);
+            Counters::add(&self.out.counters.imports, 1);
+            self.out.publish(Event::WalletImported {
+                wallet: id,
+                height: tip.height,
+            });
+            return Ok(id);
+        }
+        self.run_import(wallet, None, after, None).await?;
+        Ok(id)
+    }
+
+    /// Rescans, for some scripts of an active wallet only, from
+    /// `from_height` to the loop's tip.
+    pub(crate) async fn import_scripts(
+        &mut self,
+        id: WalletId,
+        import: ScriptImport,
+        from_height: u32,
+    ) -> Result<(), ManagerError> {
+        self.ensure_started().await?;
+        let tip = self.tip_or_err();
+        let after = from_height.saturating_sub(1).min(tip.height);
+        let after_hash = timed(Policy::of(&self.config), || self.source.block_hash(after)).await?;
+        let books = self.books().await?;
+        let Some(wallet) = books.wallets.remove(&id) else {
+            return Err(ManagerError::UnknownWallet(id));
+        };
+        let raw_after = after_hash.to_byte_array();
+        let result = self
+            .store
+            .write(move |tx| {
+                let mut wallet = wallet;
+                let scripts: Vec<(Keychain, u32, ScriptBuf)> = match import {
+                    ScriptImport::Range { keychain, end } => {
+                        wallet.derive_until(tx, keychain, end)?;
+                        wallet
+                            .watch_scripts()
+                            .filter(|(k, i, _)| *k == keychain && *i < end)
+                            .map(|(k, i, s)| (k, i, s.to_owned()))
+                            .collect()
+                    }
+                    ScriptImport::Scripts(list) => list
+                        .into_iter()
+                        .map(|script| match wallet.script_index(&script) {
+                            Some((k, i)) => Ok((k, i, script)),
+                            None => Err(ManagerError::NotWalletScript {
+                                wallet: wallet.id(),
+                                script: script.to_hex_string(),
+                            }),
+                        })
+                        .collect::<Result<_, _>>()?,
+                };
+                // Marked importing: a crash from here on resumes as a full
+                // rescan of the wallet from `after`, which ingest's
+                // idempotence makes exact.
+                tx.set_import_progress(wallet.id(), after, &raw_after)?;
+                Ok::<_, ManagerError>((wallet, scripts))
+            })
+            .await;
+        let (wallet, scripts) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                self.books = None;
+                return Err(e);
+            }
+        };
+        tracing::info!(wallet = %id, scripts = scripts.len(), from = after + 1, "targeted import");
+        self.run_import(wallet, Some(scripts), after, Some(after_hash))
+            .await
+    }
+
+    /// Scans `after + 1 ..= loop tip` for one wallet (all its scripts, or
+    /// only `scripts`), in batches that each commit the import's progress;
+    /// then the wallet joins the loop's books at the loop's tip.
+    async fn run_import(
+        &mut self,
+        wallet: Wallet,
+        scripts: Option<Vec<(Keychain, u32, ScriptBuf)>>,
+        mut after: u32,
+        after_hash: Option<BlockHash>,
+    ) -> Result<(), ManagerError> {
+        let id = wallet.id();
+        let birth = wallet.birth_height();
+        let mut books = self
+            .store
+            .read(move |tx| {
+                let mut books = Books::empty();
+                match scripts {
+                    None => books.add_wallet(tx, wallet)?,
+                    Some(scripts) => {
+                        for (keychain, index, script) in &scripts {
+                            books.watch.add(script, (id, *keychain, *index));
+                        }
+                        books.load_coins(tx, id)?;
+                        books.wallets.insert(id, wallet);
+                    }
+                }
+                books.watch.compact_all();
+                Ok::<_, ManagerError>(books)
+            })
+            .await?;
+        let mut after_hash = match after_hash {
+            Some(hash) => hash,
+            None => timed(Policy::of(&self.config), || self.source.block_hash(after)).await?,
+        };
+        // The import's own recent hashes, to find its fork if the chain
+        // changes under it.
+        let mut scanned: VecDeque<(u32, BlockHash)> = VecDeque::from([(after, after_hash)]);
+        let mut failures = 0u32;
+        loop {
+            let tip = self.tip_or_err();
+            if after >= tip.height {
+                if after > tip.height || after_hash != tip.hash {
+                    if after == tip.height {
+                        // The loop's tip is not what the import scanned:
+                        // the loop follows the reorg first.
+                        self.handle_reorg().await?;
+                    }
+                    let tip = self.tip_or_err();
+                    if after > tip.height {
+                        self.rewind_import(&mut books, id, tip.height, tip.hash)
+                            .await?;
+                        after = tip.height;
+                        after_hash = tip.hash;
+                    }
+                    continue;
+                }
+                break;
+            }
+            let mut pipe = Pipeline::new(after, after_hash, Some(tip.height));
+            match self
+                .import_batches(
+                    &mut pipe,
+                    &mut books,
+                    id,
+                    &mut after,
+                    &mut after_hash,
+                    &mut scanned,
+                )
+                .await
+            {
+                Ok(()) => {}
+                Err(Flow::Reorg | Flow::Reset) => {
+                    // The chain changed under the import: go back to the
+                    // last block it scanned that is still on it.
+                    let mut fork = None;
+                    for &(height, hash) in scanned.iter().rev() {
+                        match timed(Policy::of(&self.config), || self.source.block_hash(height))
+                            .await
+                        {
+                            Ok(found) if found == hash => {
+                                fork = Some((height, hash));
+                                break;
+                            }
+                            Ok(_) | Err(SourceError::NotFound(_)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    let (height, hash) = match fork {
+                        Some(fork) => fork,
+                        None => {
+                            let height = birth.saturating_sub(1);
+                            (
+                                height,
+                                timed(Policy::of(&self.config), || self.source.block_hash(height))
+                                    .await?,
+                            )
+                        }
+                    };
+                    if height < after {
+                        self.rewind_import(&mut books, id, height, hash).await?;
+                    }
+                    after = height;
+                    after_hash = hash;
+                    scanned.retain(|(h, _)| *h <= height);
+                    if scanned.is_empty() {
+                        scanned.push_back((height, hash));
+                    }
+                    // The loop's own tip may have gone with the reorg.
+                    let tip = self.tip_or_err();
+                    match timed(Policy::of(&self.config), || {
+                        self.source.block_hash(tip.height)
+                    })
+                    .await
+                    {
+                        Ok(found) if found == tip.hash => {}
+                        Ok(_) | Err(SourceError::NotFound(_)) => self.handle_reorg().await?,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(Flow::Stop) => return Err(ManagerError::Stopped),
+                Err(Flow::Fail(e)) => {
+                    failures += 1;
+                    if e.kind() != crate::ErrorKind::Retryable || failures > 5 {
+                        // The wallet stays marked importing; the loop
+                        // resumes the import before it goes on.
+                        self.started = false;
+                        return Err(e);
+                    }
+                    tokio::time::sleep(self.config.initial_backoff * failures).await;
+                }
+            }
+        }
+        // Join: the wallet's synced-to is the loop's from now on.
+        self.store
+            .write(move |tx| tx.set_importing_height(id, None))
+            .await?;
+        Counters::add(&self.out.counters.commits, 1);
+        Counters::add(&self.out.counters.imports, 1);
+        let main = self.books().await?;
+        main.merge(books);
+        self.out.publish(Event::WalletImported {
+            wallet: id,
+            height: after,
+        });
+        tracing::info!(wallet = %id, height = after, "import joined the loop");
+        Ok(())
+    }
+
+    /// Undoes an import's blocks above `height`.
+    async fn rewind_import(
+        &mut self,
+        books: &mut Books,
+        id: WalletId,
+        height: u32,
+        hash: BlockHash,
+    ) -> Result<(), ManagerError> {
+        let raw = hash.to_byte_array();
+        let taken = std::mem::replace(books, Books::empty());
+        *books = self
+            .store
+            .write(move |tx| {
+                let mut books = taken;
+                tx.disconnect_wallet(id, height + 1)?;
+                tx.set_import_progress(id, height, &raw)?;
+                books.reload_coins(tx)?;
+                Ok::<_, ManagerError>(books)
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Connects the pipeline's blocks for an import, batch by batch.
+    async fn import_batches(
+        &mut self,
+        pipe: &mut Pipeline,
+        books: &mut Books,
+        id: WalletId,
+        after: &mut u32,
+        after_hash: &mut BlockHash,
+        scanned: &mut VecDeque<(u32, BlockHash)>,
+    ) -> Result<(), Flow> {
+        let path = match self.config.strategy {
+            Strategy::Blocks => Path::Blocks,
+            Strategy::Auto | Strategy::Filters => Path::Filters,
+        };
+        let mut filter_header = None;
+        loop {
+            pipe.top_up_headers(&self.source, &self.config).await?;
+            if pipe.pending() == 0 {
+                if pipe.at_source_tip() && *after < self.tip_or_err().height {
+                    // The source's chain ends below the loop's tip.
+                    return Err(Flow::Reset);
+                }
+                return Ok(());
+            }
+            let snap = snapshot(books, path);
+            pipe.spawn(&self.source, &self.config, &snap);
+            let items = collect(pipe, &self.source, &self.config, &snap, None).await?;
+            if items.is_empty() {
+                continue;
+            }
+            let items = self
+                .prepare(
+                    items,
+                    *after_hash,
+                    &mut filter_header,
+                    BooksRef::Import(books),
+                )
+                .await?;
+            let taken = std::mem::replace(books, Books::empty());
+            let (returned, mut outcome) = match self
+                .store
+                .write(move |tx| connect_batch(tx, taken, items, Mode::Import(id), None))
+                .await
+            {
+                Ok(done) => done,
+                Err(e) => {
+                    // The import's mirror may be ahead of the database:
+                    // read it again from what was committed.
+                    *books = self
+                        .store
+                        .read(move |tx| {
+                            let mut books = Books::empty();
+                            books.add_wallet(tx, Wallet::load(tx, id)?)?;
+                            Ok::<_, ManagerError>(books)
+                        })
+                        .await?;
+                    return Err(Flow::Fail(e));
+                }
+            };
+            *books = returned;
+            Counters::add(&self.out.counters.commits, 1);
+            self.count(&outcome);
+            pipe.unread(std::mem::take(&mut outcome.rest));
+            for block in &outcome.connected {
+                *after = block.height;
+                *after_hash = block.hash;
+                scanned.push_back((block.height, block.hash));
+                filter_header = block.filter_header;
+                for (wallet, summary) in &block.activity {
+                    self.out.publish(Event::WalletActivity {
+                        wallet: *wallet,
+                        height: block.height,
+                        txids: summary.txids.clone(),
+                        received: summary.received,
+                        sent: summary.sent,
+                    });
+                }
+            }
+            while scanned.len() > self.config.recent_hashes as usize + 1 {
+                scanned.pop_front();
+            }
+            let tip = self.tip_or_err().height;
+            self.out.status.send_replace(Status::Syncing {
+                height: tip,
+                tip: tip.max(pipe.known_height()),
+            });
+        }
+    }
+}
+
+/// Which books [`Engine::prepare`] matches against.
+enum BooksRef<'a> {
+    Main,
+    Import(&'a Books),
+}
+
+/// What prefetch tasks started now match against.
+fn snapshot(books: &Books, path: Path) -> Snapshot {
+    let (base, checked) = books.watch.snapshot();
+    Snapshot {
+        base,
+        checked,
+        path,
+        idle: books.watch.len() == 0,
+    }
+}
+
+/// Takes up to a batch of fetched blocks, in order, from the pipeline,
+/// fetching more headers and starting more tasks as it goes.
+async fn collect(
+    pipe: &mut Pipeline,
+    source: &Arc<dyn ChainSource>,
+    config: &crate::ManagerConfig,
+    snapshot: &Snapshot,
+    mut stop: Option<&mut watch::Receiver<bool>>,
+) -> Result<Vec<Fetched>, Flow> {
+    let mut items = Vec::new();
+    while items.len() < config.batch_size.max(1) as usize {
+        match pipe.next(stop.as_deref_mut()).await {
+            None => break,
+            Some(item) => items.push(item?),
+        }
+        if !pipe.at_source_tip() {
+            match pipe.top_up_headers(source, config).await {
+                Ok(()) => {}
+                // Headers beyond what this batch holds changed: commit the
+                // batch; the next step sees the reorg from its tip.
+                Err(Flow::Reorg) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        pipe.spawn(source, config, snapshot);
+    }
+    Ok(items)
+}
+
+impl Books {
+    /// Takes in the wallets of an import's books: their scripts join the
+    /// watchlist, their coins replace what this map held for them.
+    pub(crate) fn merge(&mut self, other: Books) {
+        for (script, owner) in other.watch.entries() {
+            self.watch.add(script, *owner);
+        }
+        for id in other.wallets.keys() {
+            self.outpoints.retain(|_, owners| {
+                owners.retain(|o| o != id);
+                !owners.is_empty()
+            });
+        }
+        for (outpoint, owners) in other.outpoints {
+            let entry = self.outpoints.entry(outpoint).or_default();
+            for owner in owners {
+                if !entry.contains(&owner) {
+                    entry.push(owner);
+                }
+            }
+        }
+        self.wallets.extend(other.wallets);
+        self.watch.compact();
+    }
+}

@@ -1,0 +1,127 @@
+//! What can go wrong in the chain loop, and whether retrying helps.
+
+use bitcoin::BlockHash;
+use lockstep_chain::{SourceError, SourceErrorKind};
+use lockstep_filter::DecodeFilterError;
+use lockstep_store::{ErrorKind as StoreErrorKind, StoreError, WalletId};
+use lockstep_wallet::WalletError;
+
+/// Whether a failed manager operation can succeed if tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The source or the database was briefly unavailable: the loop
+    /// retries by itself, with backoff; a caller may retry too.
+    Retryable,
+    /// The input was wrong (a source that lies, a script that is not the
+    /// wallet's, an unknown wallet): retrying the same thing gives the
+    /// same error.
+    Invalid,
+    /// The database or the chain history cannot be trusted any more (a
+    /// corrupt file, a reorg deeper than the recorded hashes).
+    Fatal,
+}
+
+/// An error of a block hook ([`crate::BlockHook`]).
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What went wrong in the chain loop or in an import.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManagerError {
+    /// The chain source failed (see [`SourceError::kind`]).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The database failed (see [`StoreError::kind`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A wallet refused (see [`WalletError::kind`]).
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
+    /// The source sent a basic filter that does not decode.
+    #[error("basic filter of block {hash} at height {height} is corrupt")]
+    BadFilter {
+        /// The block's height.
+        height: u32,
+        /// The block's hash.
+        hash: BlockHash,
+        /// What is wrong with it.
+        #[source]
+        source: DecodeFilterError,
+    },
+    /// The source sent a basic filter that its own filter-header chain does
+    /// not commit to: trusting it could miss a payment silently.
+    #[error("basic filter of block {hash} at height {height} does not match its filter header")]
+    FilterHeaderMismatch {
+        /// The block's height.
+        height: u32,
+        /// The block's hash.
+        hash: BlockHash,
+    },
+    /// The source sent a block or header that is not what it committed to.
+    #[error("block {hash} at height {height} is invalid: {reason}")]
+    BadBlock {
+        /// The block's height.
+        height: u32,
+        /// The hash asked for.
+        hash: BlockHash,
+        /// What does not match.
+        reason: &'static str,
+    },
+    /// The source's chain forks below every block hash the loop keeps.
+    #[error("reorg deeper than the {kept} recorded block hashes (below height {lowest})")]
+    ReorgTooDeep {
+        /// How many hashes the loop keeps.
+        kept: usize,
+        /// The lowest height checked.
+        lowest: u32,
+    },
+    /// The block hook refused; the block was not committed.
+    #[error("block hook failed: {0}")]
+    Hook(HookError),
+    /// No registered wallet has this id.
+    #[error("wallet {0} is not registered with the manager")]
+    UnknownWallet(WalletId),
+    /// A targeted import named a script the wallet does not derive.
+    #[error("wallet {wallet} does not derive script {script}")]
+    NotWalletScript {
+        /// The wallet.
+        wallet: WalletId,
+        /// The script, in hex.
+        script: String,
+    },
+    /// The manager was stopped while the operation waited.
+    #[error("the manager was stopped")]
+    Stopped,
+}
+
+impl ManagerError {
+    /// Whether retrying can help.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ManagerError::Source(e) => match e.kind() {
+                SourceErrorKind::Retryable | SourceErrorKind::NotFound => ErrorKind::Retryable,
+                SourceErrorKind::Invalid => ErrorKind::Invalid,
+            },
+            ManagerError::Store(e) => store_kind(e.kind()),
+            ManagerError::Wallet(e) => match e {
+                WalletError::Store(e) => store_kind(e.kind()),
+                _ => ErrorKind::Invalid,
+            },
+            ManagerError::BadFilter { .. }
+            | ManagerError::FilterHeaderMismatch { .. }
+            | ManagerError::BadBlock { .. }
+            | ManagerError::UnknownWallet(_)
+            | ManagerError::NotWalletScript { .. } => ErrorKind::Invalid,
+            ManagerError::ReorgTooDeep { .. } | ManagerError::Hook(_) => ErrorKind::Fatal,
+            ManagerError::Stopped => ErrorKind::Retryable,
+        }
+    }
+}
+
+fn store_kind(kind: StoreErrorKind) -> ErrorKind {
+    match kind {
+        StoreErrorKind::Retryable => ErrorKind::Retryable,
+        StoreErrorKind::Invalid => ErrorKind::Invalid,
+        StoreErrorKind::Fatal => ErrorKind::Fatal,
+    }
+}

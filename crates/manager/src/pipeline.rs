@@ -1,0 +1,384 @@
+//! Fetching ahead: headers in batches, then per block its filter and filter
+//! header (and, on a match, the block) in tasks that run while earlier
+//! blocks are matched and committed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitcoin::bip158::{FilterHash, FilterHeader};
+use bitcoin::hashes::Hash as _;
+use bitcoin::{Block, BlockHash};
+use lockstep_chain::{ChainSource, SourceError};
+use lockstep_filter::{BasicFilter, Watchlist, matches_parallel};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::books::{AggregateWatch, Owner};
+use crate::{ManagerConfig, ManagerError};
+
+/// Why a scan stopped short of committing a batch. Only `Fail` leaves the
+/// manager; the others are handled by the loop or the import.
+#[derive(Debug)]
+pub(crate) enum Flow {
+    /// The source's headers no longer extend the ones the scan holds.
+    Reorg,
+    /// Something fetched ahead is gone from the source's best chain:
+    /// forget what was fetched ahead and look again.
+    Reset,
+    /// The manager is stopping: abandon the batch, commit nothing.
+    Stop,
+    /// A real error.
+    Fail(ManagerError),
+}
+
+impl From<ManagerError> for Flow {
+    fn from(e: ManagerError) -> Self {
+        Flow::Fail(e)
+    }
+}
+
+impl From<SourceError> for Flow {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::NotFound(_) => Flow::Reset,
+            e => Flow::Fail(ManagerError::Source(e)),
+        }
+    }
+}
+
+/// How the blocks of a scan are examined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// Filter first; the block only on a match.
+    Filters,
+    /// The block itself, always.
+    Blocks,
+}
+
+/// A block's filter, checked and matched in a prefetch task.
+#[derive(Debug)]
+pub(crate) struct FetchedFilter {
+    pub(crate) decoded: BasicFilter,
+    pub(crate) filter_hash: FilterHash,
+    /// The source's filter header for this block.
+    pub(crate) header: FilterHeader,
+    /// How many watch-log entries the match covered.
+    pub(crate) checked: usize,
+    pub(crate) matched: bool,
+    pub(crate) nanos: u64,
+}
+
+/// One block's worth of prefetched data.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub(crate) height: u32,
+    pub(crate) hash: BlockHash,
+    /// `None` on the block path, or when nothing was watched at all.
+    pub(crate) filter: Option<FetchedFilter>,
+    pub(crate) block: Option<Arc<Block>>,
+    pub(crate) block_nanos: u64,
+}
+
+impl Fetched {
+    /// Whether this block must be routed to wallets: its filter matches a
+    /// watched script (including any added since it was matched), or it
+    /// was fetched on the block path, or it was never examined while
+    /// something is watched now.
+    pub(crate) fn needs_block(&self, watch: &AggregateWatch) -> bool {
+        match &self.filter {
+            Some(f) => f.matched || watch.unchecked_match(&f.decoded, f.checked),
+            None => self.block.is_some() || watch.len() > 0,
+        }
+    }
+}
+
+/// What a prefetch task matches against.
+#[derive(Clone)]
+pub(crate) struct Snapshot {
+    pub(crate) base: Arc<Watchlist<Owner>>,
+    pub(crate) checked: usize,
+    pub(crate) path: Path,
+    /// Nothing is watched: fetch nothing.
+    pub(crate) idle: bool,
+}
+
+/// The blocks after `next_header - 1` that a scan has headers for, and
+/// the tasks fetching their filters and blocks.
+pub(crate) struct Pipeline {
+    next_header: u32,
+    last_hash: BlockHash,
+    stop_at: Option<u32>,
+    at_source_tip: bool,
+    headers: VecDeque<(u32, BlockHash)>,
+    inflight: VecDeque<JoinHandle<Result<Fetched, Flow>>>,
+    ready: VecDeque<Fetched>,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for task in &self.inflight {
+            task.abort();
+        }
+    }
+}
+
+impl Pipeline {
+    /// A pipeline for the blocks after `after` (whose hash is `after_hash`),
+    /// up to `stop_at` if given.
+    pub(crate) fn new(after: u32, after_hash: BlockHash, stop_at: Option<u32>) -> Pipeline {
+        Pipeline {
+            next_header: after + 1,
+            last_hash: after_hash,
+            stop_at,
+            at_source_tip: false,
+            headers: VecDeque::new(),
+            inflight: VecDeque::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Whether nothing has been fetched past the scan's committed point.
+    pub(crate) fn is_fresh(&self, committed: u32) -> bool {
+        self.next_header == committed + 1
+    }
+
+    /// Blocks known and not yet handed out.
+    pub(crate) fn pending(&self) -> usize {
+        self.headers.len() + self.inflight.len() + self.ready.len()
+    }
+
+    /// The highest height with a known header.
+    pub(crate) fn known_height(&self) -> u32 {
+        self.next_header - 1
+    }
+
+    /// Whether the last header request found the source's tip.
+    pub(crate) fn at_source_tip(&self) -> bool {
+        self.at_source_tip
+    }
+
+    /// Puts back blocks a batch could not take yet, in order.
+    pub(crate) fn unread(&mut self, items: Vec<Fetched>) {
+        for item in items.into_iter().rev() {
+            self.ready.push_front(item);
+        }
+    }
+
+    /// Asks for more headers when fewer than `prefetch` are waiting.
+    pub(crate) async fn top_up_headers(
+        &mut self,
+        source: &Arc<dyn ChainSource>,
+        config: &ManagerConfig,
+    ) -> Result<(), Flow> {
+        if self.headers.len() >= config.prefetch {
+            return Ok(());
+        }
+        let mut count = config.header_batch.max(1);
+        if let Some(stop) = self.stop_at {
+            if self.next_header > stop {
+                self.at_source_tip = true;
+                return Ok(());
+            }
+            count = count.min(stop - self.next_header + 1);
+        }
+        let headers = match timed(Policy::of(config), || {
+            source.headers(self.next_header, count)
+        })
+        .await
+        {
+            Ok(headers) => headers,
+            Err(SourceError::NotFound(_)) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        self.at_source_tip = headers.len() < count as usize;
+        for header in headers {
+            if header.prev_blockhash != self.last_hash {
+                return Err(Flow::Reorg);
+            }
+            let hash = header.block_hash();
+            self.headers.push_back((self.next_header, hash));
+            self.last_hash = hash;
+            self.next_header += 1;
+        }
+        Ok(())
+    }
+
+    /// Starts fetch tasks until `prefetch` are in flight.
+    pub(crate) fn spawn(
+        &mut self,
+        source: &Arc<dyn ChainSource>,
+        config: &ManagerConfig,
+        snapshot: &Snapshot,
+    ) {
+        while self.inflight.len() < config.prefetch {
+            let Some((height, hash)) = self.headers.pop_front() else {
+                break;
+            };
+            let task = fetch(
+                Arc::clone(source),
+                height,
+                hash,
+                snapshot.clone(),
+                Policy::of(config),
+            );
+            self.inflight.push_back(tokio::spawn(task));
+        }
+    }
+
+    /// The next block in order, once fetched; `None` if none is known.
+    pub(crate) async fn next(
+        &mut self,
+        stop: Option<&mut watch::Receiver<bool>>,
+    ) -> Option<Result<Fetched, Flow>> {
+        if let Some(item) = self.ready.pop_front() {
+            return Some(Ok(item));
+        }
+        let task = self.inflight.front_mut()?;
+        let joined = match stop {
+            Some(stop) => tokio::select! {
+                joined = task => joined,
+                _ = wait_true(stop) => return Some(Err(Flow::Stop)),
+            },
+            None => task.await,
+        };
+        self.inflight.pop_front();
+        Some(match joined {
+            Ok(result) => result,
+            Err(e) => Err(Flow::Fail(ManagerError::Source(SourceError::Unavailable {
+                reason: format!("fetch task failed: {e}"),
+            }))),
+        })
+    }
+}
+
+/// Resolves once the stop flag is set.
+pub(crate) async fn wait_true(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// How one request to the source is made: its deadline, and how often a
+/// retryable failure is tried again (with a growing pause) before the
+/// batch it belongs to gives up.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub(crate) timeout: Duration,
+    pub(crate) retries: u32,
+    pub(crate) backoff: Duration,
+}
+
+impl Policy {
+    pub(crate) fn of(config: &ManagerConfig) -> Policy {
+        Policy {
+            timeout: config.request_timeout,
+            retries: config.request_retries,
+            backoff: config.initial_backoff,
+        }
+    }
+}
+
+/// A source request with a deadline, retried while it fails retryably.
+pub(crate) async fn timed<T, F, Fut>(policy: Policy, mut request: F) -> Result<T, SourceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SourceError>>,
+{
+    let mut attempt = 0;
+    loop {
+        let result = match tokio::time::timeout(policy.timeout, request()).await {
+            Ok(result) => result,
+            Err(_) => Err(SourceError::Timeout {
+                after_ms: policy.timeout.as_millis() as u64,
+            }),
+        };
+        match result {
+            Err(e) if e.is_retryable() && attempt < policy.retries => {
+                attempt += 1;
+                tokio::time::sleep(policy.backoff * attempt).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Fetches and checks one block, as the source committed to it.
+pub(crate) async fn fetch_block(
+    source: &Arc<dyn ChainSource>,
+    height: u32,
+    hash: BlockHash,
+    policy: Policy,
+) -> Result<Arc<Block>, Flow> {
+    let block = timed(policy, || source.block(hash)).await?;
+    if block.block_hash() != hash {
+        return Err(Flow::Fail(ManagerError::BadBlock {
+            height,
+            hash,
+            reason: "its header does not hash to the block asked for",
+        }));
+    }
+    if !block.check_merkle_root() {
+        return Err(Flow::Fail(ManagerError::BadBlock {
+            height,
+            hash,
+            reason: "its transactions do not match its header's merkle root",
+        }));
+    }
+    Ok(block)
+}
+
+/// One prefetch task: the filter and its header, decoded and matched; the
+/// block too on a match or on the block path.
+async fn fetch(
+    source: Arc<dyn ChainSource>,
+    height: u32,
+    hash: BlockHash,
+    snapshot: Snapshot,
+    policy: Policy,
+) -> Result<Fetched, Flow> {
+    let mut fetched = Fetched {
+        height,
+        hash,
+        filter: None,
+        block: None,
+        block_nanos: 0,
+    };
+    if snapshot.idle {
+        return Ok(fetched);
+    }
+    if snapshot.path == Path::Filters {
+        let start = Instant::now();
+        let (raw, header) = tokio::join!(
+            timed(policy, || source.filter(hash)),
+            timed(policy, || source.filter_header(hash))
+        );
+        let (raw, header) = (raw?, header?);
+        let filter_hash = FilterHash::hash(&raw);
+        let decoded =
+            BasicFilter::decode(&hash, &raw).map_err(|source| ManagerError::BadFilter {
+                height,
+                hash,
+                source,
+            })?;
+        let matched =
+            !snapshot.base.is_empty() && !matches_parallel(&decoded, &snapshot.base).is_empty();
+        fetched.filter = Some(FetchedFilter {
+            decoded,
+            filter_hash,
+            header,
+            checked: snapshot.checked,
+            matched,
+            nanos: start.elapsed().as_nanos() as u64,
+        });
+        if !matched {
+            return Ok(fetched);
+        }
+    }
+    let start = Instant::now();
+    fetched.block = Some(fetch_block(&source, height, hash, policy).await?);
+    fetched.block_nanos = start.elapsed().as_nanos() as u64;
+    Ok(fetched)
+}

@@ -1,0 +1,601 @@
+//! The manager end to end, every wallet checked against SimChain's oracle:
+//! many wallets, imports, targeted imports, reorgs (at the tip, deep, during
+//! an import), a lookahead burst, stop and start, a flaky source, and a
+//! source that lies.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bitcoin::bip158::FilterHeader;
+use bitcoin::block::Header;
+use bitcoin::{Amount, Block, BlockHash, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
+use lockstep::chain::{
+    BlockId, BroadcastError, ChainSource, ReorgTxs, SimChain, SimParams, SourceError,
+};
+use lockstep::manager::{
+    Event, Manager, ManagerConfig, ManagerError, NewWallet, ScriptImport, Status,
+};
+use lockstep::oracle::{check_wallet, test_descriptors};
+use lockstep::store::{Store, StoreOptions, WalletId};
+use lockstep::wallet::Keychain;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A test world: a chain, a database, a manager, and what the test paid.
+struct World {
+    _dir: tempfile::TempDir,
+    chain: SimChain,
+    store: Store,
+    manager: Manager,
+    /// Per wallet: its descriptors' seed index, and its lookahead.
+    wallets: BTreeMap<WalletId, (u32, u32)>,
+    /// Coins the test paid to wallets and has not spent yet.
+    paid: Vec<(WalletId, OutPoint)>,
+    /// Per wallet, per keychain, the highest index paid.
+    used: BTreeMap<(WalletId, u8), u32>,
+    rng: ChaCha8Rng,
+}
+
+const SEED: u64 = 61;
+
+/// The simulator pays from matured coinbases: chains start this high.
+const MATURE: u32 = 101;
+
+fn config() -> ManagerConfig {
+    ManagerConfig {
+        batch_size: 16,
+        prefetch: 8,
+        poll_interval: Duration::from_millis(10),
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(50),
+        request_timeout: Duration::from_secs(5),
+        ..ManagerConfig::default()
+    }
+}
+
+impl World {
+    fn new(seed: u64, height: u32) -> World {
+        let chain = SimChain::generate(
+            SimParams::unsigned(seed).with_load(3..=8, 1..=2),
+            MATURE + height,
+        )
+        .unwrap();
+        World::with_source(chain.clone(), Arc::new(chain), config(), seed)
+    }
+
+    fn with_source(
+        chain: SimChain,
+        source: Arc<dyn ChainSource>,
+        config: ManagerConfig,
+        seed: u64,
+    ) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("lockstep.db"), StoreOptions::default()).unwrap();
+        let manager = Manager::new(store.clone(), source, config);
+        World {
+            _dir: dir,
+            chain,
+            store,
+            manager,
+            wallets: BTreeMap::new(),
+            paid: Vec::new(),
+            used: BTreeMap::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    async fn add(&mut self, index: u32, birth_height: u32, lookahead: u32) -> WalletId {
+        let id = self
+            .manager
+            .register(NewWallet {
+                name: format!("w{index}"),
+                descriptors: test_descriptors(SEED, index),
+                birth_height,
+                lookahead,
+                passphrase: None,
+            })
+            .await
+            .unwrap();
+        self.wallets.insert(id, (index, lookahead));
+        id
+    }
+
+    fn script(&self, id: WalletId, keychain: Keychain, i: u32) -> ScriptBuf {
+        let (index, _) = self.wallets[&id];
+        test_descriptors(SEED, index)
+            .script_at(keychain, i)
+            .unwrap()
+    }
+
+    /// Pays a random script inside the wallet's lookahead window.
+    fn pay_random(&mut self, id: WalletId) -> OutPoint {
+        let (_, lookahead) = self.wallets[&id];
+        let keychain = if self.rng.gen_bool(0.7) {
+            Keychain::External
+        } else {
+            Keychain::Internal
+        };
+        let used = self.used.get(&(id, keychain as u8)).map_or(0, |u| u + 1);
+        let i = used + self.rng.gen_range(0..lookahead);
+        let amount = Amount::from_sat(self.rng.gen_range(10_000..5_000_000));
+        self.pay(id, keychain, i, amount)
+    }
+
+    fn pay(&mut self, id: WalletId, keychain: Keychain, i: u32, amount: Amount) -> OutPoint {
+        let op = self
+            .chain
+            .pay(self.script(id, keychain, i), amount)
+            .unwrap();
+        let e = self.used.entry((id, keychain as u8)).or_insert(i);
+        *e = (*e).max(i);
+        self.paid.push((id, op));
+        op
+    }
+
+    /// Spends a random coin the test paid: to another wallet's window, or
+    /// back to the same wallet's internal keychain.
+    fn spend_random(&mut self) {
+        if self.paid.is_empty() {
+            return;
+        }
+        let pick = self.rng.gen_range(0..self.paid.len());
+        let (from, op) = self.paid.swap_remove(pick);
+        let Some(out) = self.chain.unspent(&op) else {
+            return;
+        };
+        let ids: Vec<WalletId> = self.wallets.keys().copied().collect();
+        let to = ids[self.rng.gen_range(0..ids.len())];
+        let half = out.value.to_sat() / 2;
+        let used_to = self.used.get(&(to, 0)).map_or(0, |u| u + 1);
+        let used_change = self.used.get(&(from, 1)).map_or(0, |u| u + 1);
+        let outputs = vec![
+            TxOut {
+                value: Amount::from_sat(half),
+                script_pubkey: self.script(to, Keychain::External, used_to),
+            },
+            TxOut {
+                value: Amount::from_sat(out.value.to_sat() - half - 1_000),
+                script_pubkey: self.script(from, Keychain::Internal, used_change),
+            },
+        ];
+        let txid = self.chain.spend(op, outputs, None).unwrap();
+        *self.used.entry((to, 0)).or_insert(used_to) = used_to;
+        *self.used.entry((from, 1)).or_insert(used_change) = used_change;
+        self.paid.push((to, OutPoint { txid, vout: 0 }));
+        self.paid.push((from, OutPoint { txid, vout: 1 }));
+    }
+
+    /// A few blocks of activity: payments and spends, then mining.
+    fn activity(&mut self, rounds: u32) {
+        let ids: Vec<WalletId> = self.wallets.keys().copied().collect();
+        for _ in 0..rounds {
+            for _ in 0..self.rng.gen_range(1..6) {
+                let id = ids[self.rng.gen_range(0..ids.len())];
+                self.pay_random(id);
+            }
+            for _ in 0..self.rng.gen_range(0..3) {
+                self.spend_random();
+            }
+            self.chain.mine(self.rng.gen_range(1..3)).unwrap();
+        }
+    }
+
+    /// Every registered wallet equals the oracle at the loop's tip, which
+    /// is the chain's tip.
+    fn check_all(&self) {
+        let tip = self.chain.tip();
+        let checks = self
+            .store
+            .read_blocking(|tx| {
+                let (height, hash) = tx.tip()?.expect("the loop has a tip");
+                assert_eq!(height, tip.height, "the loop is at the chain's tip");
+                assert_eq!(hash, bitcoin::hashes::Hash::to_byte_array(tip.hash));
+                let mut checks = Vec::new();
+                for row in tx.wallets()? {
+                    assert_eq!(
+                        row.importing_height, None,
+                        "{} is still importing",
+                        row.name
+                    );
+                    checks.push(check_wallet(tx, &self.chain, row.wallet_id, height)?);
+                }
+                Ok::<_, lockstep::wallet::WalletError>(checks)
+            })
+            .unwrap();
+        assert_eq!(checks.len(), self.wallets.len());
+        let bad: Vec<_> = checks.iter().filter(|c| !c.ok()).collect();
+        assert!(bad.is_empty(), "wallets differ from the oracle: {bad:#?}");
+        let received: usize = checks.iter().map(|c| c.txs).sum();
+        assert!(received > 0, "the scenario paid wallets");
+    }
+
+    async fn sync(&self) {
+        let height = self.manager.sync().await.unwrap();
+        assert_eq!(height, self.chain.height());
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn hundred_wallets_equal_the_oracle() {
+    runtime().block_on(async {
+        let mut w = World::new(1, 30);
+        for i in 0..100 {
+            // Mixed types (by index) and birth heights, some below the
+            // loop's tip (imports), some above.
+            w.add(i, MATURE + (i * 7) % 45, 8 + i % 5).await;
+        }
+        w.activity(40);
+        w.sync().await;
+        w.check_all();
+        w.activity(20);
+        w.sync().await;
+        w.check_all();
+        let stats = w.manager.stats();
+        assert!(stats.blocks_fetched < stats.filters_matched, "{stats:?}");
+        assert!(
+            stats.commits < stats.blocks_connected,
+            "catch-up commits batches: {stats:?}"
+        );
+    });
+}
+
+#[test]
+fn import_mid_run_and_targeted_import() {
+    runtime().block_on(async {
+        let mut w = World::new(2, 20);
+        let a = w.add(0, 1, 10).await;
+        w.add(1, 1, 10).await;
+        w.activity(10);
+        w.sync().await;
+        // A newcomer paid before it is registered, born at height 5.
+        w.wallets.insert(WalletId::from_i64(-1), (7, 10));
+        let early = w.pay(
+            WalletId::from_i64(-1),
+            Keychain::External,
+            3,
+            Amount::from_sat(777_000),
+        );
+        w.chain.mine(2).unwrap();
+        w.wallets.remove(&WalletId::from_i64(-1));
+        w.paid.retain(|(_, op)| *op != early);
+        w.sync().await;
+        let mut events = w.manager.subscribe();
+        let before = w.manager.stats();
+        let newcomer = w.add(7, MATURE + 5, 10).await;
+        let imported = loop {
+            match events.recv().await.unwrap() {
+                Event::WalletImported { wallet, height } if wallet == newcomer => break height,
+                Event::BlockConnected { .. } => panic!("the loop moved during the import"),
+                _ => {}
+            }
+        };
+        assert_eq!(imported, w.chain.height());
+        let after = w.manager.stats();
+        assert_eq!(
+            after.blocks_connected, before.blocks_connected,
+            "existing wallets got nothing"
+        );
+        w.check_all();
+        let balance = w
+            .store
+            .read_blocking(|tx| tx.wallet_balance(newcomer))
+            .unwrap();
+        assert_eq!(balance, 777_000);
+
+        // A payment past wallet a's window: invisible until a targeted
+        // import derives and rescans it.
+        let far = w.pay(a, Keychain::External, 500, Amount::from_sat(123_456));
+        w.chain.mine(3).unwrap();
+        w.activity(3);
+        w.sync().await;
+        w.check_all();
+        let has_far = |w: &World| {
+            w.store
+                .read_blocking(|tx| tx.wallet_coins(a, false))
+                .unwrap()
+                .iter()
+                .any(|c| c.txid == bitcoin::hashes::Hash::to_byte_array(far.txid))
+        };
+        assert!(!has_far(&w), "past the gap limit");
+        let from = w.chain.height() - 8;
+        w.manager
+            .import_scripts(
+                a,
+                ScriptImport::Range {
+                    keychain: Keychain::External,
+                    end: 501,
+                },
+                from,
+            )
+            .await
+            .unwrap();
+        assert!(has_far(&w), "the targeted import found the payment");
+        w.check_all();
+        // A script the wallet does not derive is refused with a typed error.
+        let foreign = w.script(newcomer, Keychain::External, 0);
+        let err = w
+            .manager
+            .import_scripts(a, ScriptImport::Scripts(vec![foreign]), 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ManagerError::NotWalletScript { .. }), "{err}");
+        w.activity(3);
+        w.sync().await;
+        w.check_all();
+    });
+}
+
+#[test]
+fn reorgs_at_the_tip_and_deep() {
+    runtime().block_on(async {
+        let mut w = World::new(3, 20);
+        for i in 0..12 {
+            w.add(i, 1, 10).await;
+        }
+        for (round, (depth, txs)) in [
+            (1, ReorgTxs::Drop),
+            (3, ReorgTxs::Reappear),
+            (25, ReorgTxs::Drop),
+            (2, ReorgTxs::Reappear),
+            (40, ReorgTxs::Reappear),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            w.activity(30);
+            w.sync().await;
+            w.check_all();
+            let mut events = w.manager.subscribe();
+            w.chain.reorg(depth, txs).unwrap();
+            w.activity(2);
+            w.sync().await;
+            w.check_all();
+            let mut disconnected = 0;
+            while let Ok(event) = events.try_recv() {
+                if let Event::BlockDisconnected { .. } = event {
+                    disconnected += 1;
+                }
+            }
+            assert!(
+                disconnected >= depth,
+                "round {round}: {disconnected} disconnected for depth {depth}"
+            );
+        }
+    });
+}
+
+#[test]
+fn lookahead_burst_across_blocks_and_inside_one() {
+    runtime().block_on(async {
+        let mut w = World::new(4, 10);
+        let id = w.add(0, 1, 10).await;
+        w.sync().await;
+        // Inside one block: scripts 0..30 (3 windows), paid in reverse
+        // order so each payment's script is derived by a later one.
+        let mut total = 0;
+        for i in (0..30).rev() {
+            w.pay(
+                id,
+                Keychain::External,
+                i,
+                Amount::from_sat(10_000 + u64::from(i)),
+            );
+            total += 10_000 + u64::from(i);
+        }
+        w.chain.mine(1).unwrap();
+        // Across consecutive blocks: internal scripts 0..30, 9 apart.
+        for i in (0..30).step_by(9) {
+            w.pay(id, Keychain::Internal, i, Amount::from_sat(20_000));
+            total += 20_000;
+            w.chain.mine(1).unwrap();
+        }
+        w.sync().await;
+        w.check_all();
+        let balance = w.store.read_blocking(|tx| tx.wallet_balance(id)).unwrap();
+        assert_eq!(balance, total, "every payment of the burst was found");
+    });
+}
+
+#[test]
+fn stop_and_start_many_times() {
+    runtime().block_on(async {
+        let mut w = World::new(5, 10);
+        for i in 0..6 {
+            w.add(i, 1, 10).await;
+        }
+        w.sync().await;
+        let first = w.chain.height() + 1;
+        let mut events = w.manager.subscribe();
+        let mut connected: Vec<u32> = Vec::new();
+        for round in 0..40 {
+            w.manager.start();
+            w.activity(2);
+            if round % 3 == 0 {
+                tokio::time::sleep(Duration::from_millis(round % 7)).await;
+            }
+            w.manager.stop().await;
+            while let Ok(event) = events.try_recv() {
+                if let Event::BlockConnected { height, .. } = event {
+                    connected.push(height);
+                }
+            }
+        }
+        w.manager.start();
+        w.manager
+            .wait_for(w.chain.tip(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        w.manager.stop().await;
+        while let Ok(event) = events.try_recv() {
+            if let Event::BlockConnected { height, .. } = event {
+                connected.push(height);
+            }
+        }
+        // Every block once, in order: none twice, none skipped.
+        let expected: Vec<u32> = (first..=w.chain.height()).collect();
+        assert_eq!(connected, expected);
+        w.check_all();
+    });
+}
+
+/// A source that fails a fraction of its requests, and sometimes hangs
+/// past the request timeout.
+struct Flaky {
+    inner: SimChain,
+    calls: AtomicU64,
+    failed: AtomicU64,
+    /// An outage: every request fails.
+    down: AtomicBool,
+}
+
+impl Flaky {
+    fn roll(&self) -> Result<(), SourceError> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        if self.down.load(Ordering::Relaxed) {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            return Err(SourceError::Unavailable {
+                reason: "outage".to_owned(),
+            });
+        }
+        // A fixed pseudo-random pattern: about one request in five fails.
+        if (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) < 6 {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            return Err(SourceError::Unavailable {
+                reason: format!("flaky request {n}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ChainSource for Flaky {
+    async fn tip(&self) -> Result<BlockId, SourceError> {
+        self.roll()?;
+        ChainSource::tip(&self.inner).await
+    }
+    async fn block_hash(&self, height: u32) -> Result<BlockHash, SourceError> {
+        self.roll()?;
+        ChainSource::block_hash(&self.inner, height).await
+    }
+    async fn header(&self, hash: BlockHash) -> Result<Header, SourceError> {
+        self.roll()?;
+        self.inner.header(hash).await
+    }
+    async fn headers(&self, from: u32, count: u32) -> Result<Vec<Header>, SourceError> {
+        self.roll()?;
+        self.inner.headers(from, count).await
+    }
+    async fn filter(&self, hash: BlockHash) -> Result<Vec<u8>, SourceError> {
+        self.roll()?;
+        if self.calls.load(Ordering::Relaxed) % 97 == 0 {
+            // Hangs past the manager's request timeout.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.inner.filter(hash).await
+    }
+    async fn filter_header(&self, hash: BlockHash) -> Result<FilterHeader, SourceError> {
+        self.roll()?;
+        self.inner.filter_header(hash).await
+    }
+    async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError> {
+        self.roll()?;
+        self.inner.block(hash).await
+    }
+    async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
+        self.inner.broadcast(tx).await
+    }
+}
+
+#[test]
+fn a_flaky_source_is_retried_until_synced() {
+    runtime().block_on(async {
+        let chain = SimChain::generate(SimParams::unsigned(6).with_load(3..=8, 1..=2), MATURE + 10)
+            .unwrap();
+        let flaky = Arc::new(Flaky {
+            inner: chain.clone(),
+            calls: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+        });
+        let config = ManagerConfig {
+            request_timeout: Duration::from_millis(100),
+            ..config()
+        };
+        let mut w = World::with_source(chain, flaky.clone(), config, 6);
+        for i in 0..8 {
+            // Registration needs the source; retry it like a caller would.
+            loop {
+                match w
+                    .manager
+                    .register(NewWallet {
+                        name: format!("w{i}"),
+                        descriptors: test_descriptors(SEED, i),
+                        birth_height: 1,
+                        lookahead: 10,
+                        passphrase: None,
+                    })
+                    .await
+                {
+                    Ok(id) => {
+                        w.wallets.insert(id, (i, 10));
+                        break;
+                    }
+                    Err(e) => assert_eq!(e.kind(), lockstep::manager::ErrorKind::Retryable, "{e}"),
+                }
+            }
+        }
+        let mut status = w.manager.status();
+        let offline = Arc::new(AtomicBool::new(false));
+        let seen = offline.clone();
+        let watcher = tokio::spawn(async move {
+            while status.changed().await.is_ok() {
+                if matches!(*status.borrow(), Status::Offline { .. }) {
+                    seen.store(true, Ordering::Relaxed);
+                }
+            }
+        });
+        w.manager.start();
+        w.activity(30);
+        // An outage: the loop goes offline, commits nothing, and comes
+        // back when the source does.
+        flaky.down.store(true, Ordering::Relaxed);
+        w.activity(5);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stalled = *w.manager.tip().borrow();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            *w.manager.tip().borrow(),
+            stalled,
+            "nothing commits while the source is down"
+        );
+        flaky.down.store(false, Ordering::Relaxed);
+        w.activity(30);
+        w.manager
+            .wait_for(w.chain.tip(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        w.manager.stop().await;
+        watcher.abort();
+        w.check_all();
+        assert!(
+            flaky.failed.load(Ordering::Relaxed) > 20,
+            "the source failed often"
+        );
+        assert!(
+            offline.load(Ordering::Relaxed),
+            "the status said offline while it failed"
+        );
+    });
+}
