@@ -599,3 +599,196 @@ fn a_flaky_source_is_retried_until_synced() {
         );
     });
 }
+
+/// How [`Liar`] lies about one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lie {
+    /// A byte of its filter flipped (it still decodes).
+    FlippedFilterByte,
+    /// Its filter cut short.
+    TruncatedFilter,
+    /// A wrong filter header.
+    WrongFilterHeader,
+    /// A transaction of the block altered (the merkle root no longer
+    /// matches).
+    TamperedBlock,
+}
+
+/// A source that lies about the block at one hash, and can trigger a reorg
+/// of its chain after some number of filter requests.
+struct Liar {
+    inner: SimChain,
+    lie: std::sync::Mutex<Option<(BlockHash, Lie)>>,
+    /// Filter requests left before the reorg (0: none armed).
+    reorg_in: AtomicU64,
+    reorged: AtomicBool,
+}
+
+impl Liar {
+    fn new(inner: SimChain) -> Liar {
+        Liar {
+            inner,
+            lie: std::sync::Mutex::new(None),
+            reorg_in: AtomicU64::new(0),
+            reorged: AtomicBool::new(false),
+        }
+    }
+
+    fn lie_about(&self, hash: BlockHash) -> Option<Lie> {
+        match *self.lie.lock().unwrap() {
+            Some((at, lie)) if at == hash => Some(lie),
+            _ => None,
+        }
+    }
+}
+
+#[async_trait]
+impl ChainSource for Liar {
+    async fn tip(&self) -> Result<BlockId, SourceError> {
+        ChainSource::tip(&self.inner).await
+    }
+    async fn block_hash(&self, height: u32) -> Result<BlockHash, SourceError> {
+        ChainSource::block_hash(&self.inner, height).await
+    }
+    async fn header(&self, hash: BlockHash) -> Result<Header, SourceError> {
+        self.inner.header(hash).await
+    }
+    async fn headers(&self, from: u32, count: u32) -> Result<Vec<Header>, SourceError> {
+        self.inner.headers(from, count).await
+    }
+    async fn filter(&self, hash: BlockHash) -> Result<Vec<u8>, SourceError> {
+        let left = self.reorg_in.load(Ordering::SeqCst);
+        if left > 0 && self.reorg_in.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.inner.reorg(3, ReorgTxs::Reappear).unwrap();
+            self.inner.mine(2).unwrap();
+            self.reorged.store(true, Ordering::SeqCst);
+        }
+        let mut filter = self.inner.filter(hash).await?;
+        match self.lie_about(hash) {
+            Some(Lie::FlippedFilterByte) => {
+                let last = filter.len() - 1;
+                filter[last] ^= 0x01;
+            }
+            Some(Lie::TruncatedFilter) => filter.truncate(filter.len() / 2),
+            _ => {}
+        }
+        Ok(filter)
+    }
+    async fn filter_header(&self, hash: BlockHash) -> Result<FilterHeader, SourceError> {
+        let header = self.inner.filter_header(hash).await?;
+        Ok(match self.lie_about(hash) {
+            Some(Lie::WrongFilterHeader) => FilterHeader::all_zeros(),
+            _ => header,
+        })
+    }
+    async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError> {
+        let block = self.inner.block(hash).await?;
+        Ok(match self.lie_about(hash) {
+            Some(Lie::TamperedBlock) => {
+                let mut block = (*block).clone();
+                let last = block.txdata.len() - 1;
+                block.txdata[last].output[0].value += Amount::from_sat(1);
+                Arc::new(block)
+            }
+            _ => block,
+        })
+    }
+    async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
+        self.inner.broadcast(tx).await
+    }
+}
+
+use bitcoin::hashes::Hash as _;
+
+#[test]
+fn a_lying_source_gets_a_typed_error_and_nothing_is_committed() {
+    runtime().block_on(async {
+        let chain =
+            SimChain::generate(SimParams::unsigned(8).with_load(3..=8, 1..=2), MATURE + 5).unwrap();
+        let liar = Arc::new(Liar::new(chain.clone()));
+        let mut w = World::with_source(chain, liar.clone(), config(), 8);
+        let id = w.add(0, 1, 10).await;
+        w.sync().await;
+        for (round, lie) in [
+            Lie::FlippedFilterByte,
+            Lie::TruncatedFilter,
+            Lie::WrongFilterHeader,
+            Lie::TamperedBlock,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // Three clean blocks, then the one lied about, which pays the
+            // wallet (so the tampered block is fetched), then more.
+            w.chain.mine(3).unwrap();
+            let good = w.chain.tip();
+            w.pay(
+                id,
+                Keychain::External,
+                round as u32,
+                Amount::from_sat(50_000),
+            );
+            let bad = w.chain.mine(1).unwrap()[0];
+            w.chain.mine(2).unwrap();
+            *liar.lie.lock().unwrap() = Some((bad.hash, lie));
+            let err = w.manager.sync().await.unwrap_err();
+            let expected = match (&err, lie) {
+                (
+                    ManagerError::FilterHeaderMismatch { height, .. },
+                    Lie::FlippedFilterByte | Lie::WrongFilterHeader,
+                ) => *height == bad.height,
+                (ManagerError::BadFilter { height, .. }, Lie::TruncatedFilter) => {
+                    *height == bad.height
+                }
+                (ManagerError::BadBlock { height, .. }, Lie::TamperedBlock) => {
+                    *height == bad.height
+                }
+                _ => false,
+            };
+            assert!(expected, "{lie:?} gave {err:?}");
+            assert_eq!(err.kind(), lockstep::manager::ErrorKind::Invalid);
+            // Nothing at or past the bad block was committed.
+            assert_eq!(*w.manager.tip().borrow(), Some(good), "{lie:?}");
+            let committed = w.store.read_blocking(|tx| tx.tip()).unwrap().unwrap();
+            assert_eq!(committed, (good.height, good.hash.to_byte_array()));
+            // The source mends its ways: the loop goes on, and is right.
+            *liar.lie.lock().unwrap() = None;
+            w.sync().await;
+            w.check_all();
+        }
+    });
+}
+
+#[test]
+fn a_reorg_during_an_import_ends_consistent() {
+    for trigger in [3, 20, 45] {
+        runtime().block_on(async {
+            let chain =
+                SimChain::generate(SimParams::unsigned(11).with_load(3..=8, 1..=2), MATURE + 5)
+                    .unwrap();
+            let liar = Arc::new(Liar::new(chain.clone()));
+            let mut w = World::with_source(chain, liar.clone(), config(), 11);
+            for i in 0..4 {
+                w.add(i, 1, 8).await;
+            }
+            // The newcomer is paid all along, including in the blocks the
+            // reorg will replace.
+            w.wallets.insert(WalletId::from_i64(-1), (9, 8));
+            w.activity(40);
+            w.wallets.remove(&WalletId::from_i64(-1));
+            w.paid.retain(|(id, _)| *id != WalletId::from_i64(-1));
+            w.sync().await;
+            liar.reorg_in.store(trigger, Ordering::SeqCst);
+            w.add(9, MATURE, 8).await;
+            assert!(
+                liar.reorged.load(Ordering::SeqCst),
+                "trigger {trigger}: the reorg happened during the import"
+            );
+            w.sync().await;
+            w.check_all();
+            w.activity(5);
+            w.sync().await;
+            w.check_all();
+        });
+    }
+}

@@ -19,3 +19,26 @@ pub fn p2tr(key: &SecretKey) -> ScriptBuf {
     let secp = Secp256k1::new();
     ScriptBuf::new_p2tr(&secp, key.public_key(&secp).x_only_public_key().0, None)
 }
+
+/// What the crash test's parent (`tests/it/crash.rs`) and child
+/// (`src/bin/crash_child.rs`) agree on.
+pub mod crash {
+    /// Seed of the test wallets' descriptors.
+    pub const WALLET_SEED: u64 = 77;
+    /// Wallets registered at start: indexes `0..WALLETS`.
+    pub const WALLETS: u32 = 8;
+    /// The wallet imported mid-sync.
+    pub const LATE_WALLET: u32 = WALLETS;
+    /// The loop height at which the child imports the late wallet.
+    pub const LATE_WALLET_AT: u32 = 250;
+
+    /// Name, birth height and lookahead of test wallet `index`.
+    pub fn wallet_spec(index: u32) -> (String, u32, u32) {
+        let birth = if index == LATE_WALLET {
+            105
+        } else {
+            1 + index * 20
+        };
+        (format!("crash-{index}"), birth, 6 + index % 4)
+    }
+}

@@ -324,14 +324,21 @@ impl Engine {
         let books = self.books().await?;
         let snapshot = snapshot(books, path);
         pipe.spawn(&self.source, &self.config, &snapshot);
-        let items = collect(pipe, &self.source, &self.config, &snapshot, Some(stop)).await?;
-        if items.is_empty() {
-            return Ok(StepOutcome::Progress);
-        }
+        let (items, fetch_failure) =
+            collect(pipe, &self.source, &self.config, &snapshot, Some(stop)).await;
         let mut filter_header = self.tip_filter_header;
-        let items = self
+        let (items, check_failure) = self
             .prepare(items, tip.hash, &mut filter_header, BooksRef::Main)
-            .await?;
+            .await;
+        // What came before a failure is committed; the failure is reported
+        // after.
+        let failure = check_failure.or(fetch_failure);
+        if items.is_empty() {
+            return match failure {
+                Some(failure) => Err(failure),
+                None => Ok(StepOutcome::Progress),
+            };
+        }
         let books = self.books.take().expect("loaded above");
         let hook = self.hook.clone();
         let mode = Mode::Loop {
@@ -347,7 +354,10 @@ impl Engine {
         };
         self.books = Some(books);
         self.after_loop_commit(pipe, outcome);
-        Ok(StepOutcome::Progress)
+        match failure {
+            Some(failure) => Err(failure),
+            None => Ok(StepOutcome::Progress),
+        }
     }
 
     /// Bookkeeping after the loop committed a batch: the tip, recent
@@ -450,15 +460,31 @@ impl Engine {
     async fn prepare(
         &mut self,
         mut items: Vec<Fetched>,
+        prev_hash: BlockHash,
+        filter_header: &mut Option<FilterHeader>,
+        books: BooksRef<'_>,
+    ) -> (Vec<Fetched>, Option<Flow>) {
+        let mut good = Vec::with_capacity(items.len());
+        let failure = self
+            .prepare_each(&mut items, &mut good, prev_hash, filter_header, books)
+            .await
+            .err();
+        (good, failure)
+    }
+
+    async fn prepare_each(
+        &mut self,
+        items: &mut Vec<Fetched>,
+        good: &mut Vec<Fetched>,
         mut prev_hash: BlockHash,
         filter_header: &mut Option<FilterHeader>,
         books: BooksRef<'_>,
-    ) -> Result<Vec<Fetched>, Flow> {
+    ) -> Result<(), Flow> {
         let scripts = match &books {
             BooksRef::Main => self.books.as_ref().map_or(0, |b| b.watch.len()),
             BooksRef::Import(b) => b.watch.len(),
         };
-        for item in &mut items {
+        for mut item in items.drain(..) {
             if let Some(f) = &item.filter {
                 let previous = match *filter_header {
                     Some(header) => header,
@@ -508,8 +534,9 @@ impl Engine {
                 );
             }
             prev_hash = item.hash;
+            good.push(item);
         }
-        Ok(items)
+        Ok(())
     }
 
     /// Follows a reorg: finds the highest recorded block still on the
@@ -885,18 +912,23 @@ impl Engine {
             }
             let snap = snapshot(books, path);
             pipe.spawn(&self.source, &self.config, &snap);
-            let items = collect(pipe, &self.source, &self.config, &snap, None).await?;
-            if items.is_empty() {
-                continue;
-            }
-            let items = self
+            let (items, fetch_failure) =
+                collect(pipe, &self.source, &self.config, &snap, None).await;
+            let (items, check_failure) = self
                 .prepare(
                     items,
                     *after_hash,
                     &mut filter_header,
                     BooksRef::Import(books),
                 )
-                .await?;
+                .await;
+            let failure = check_failure.or(fetch_failure);
+            if items.is_empty() {
+                match failure {
+                    Some(failure) => return Err(failure),
+                    None => continue,
+                }
+            }
             let taken = std::mem::replace(books, Books::empty());
             let (returned, mut outcome) = match self
                 .store
@@ -945,6 +977,9 @@ impl Engine {
                 height: tip,
                 tip: tip.max(pipe.known_height()),
             });
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
         }
     }
 }
@@ -974,12 +1009,16 @@ async fn collect(
     config: &crate::ManagerConfig,
     snapshot: &Snapshot,
     mut stop: Option<&mut watch::Receiver<bool>>,
-) -> Result<Vec<Fetched>, Flow> {
+) -> (Vec<Fetched>, Option<Flow>) {
     let mut items = Vec::new();
     while items.len() < config.batch_size.max(1) as usize {
         match pipe.next(stop.as_deref_mut()).await {
             None => break,
-            Some(item) => items.push(item?),
+            Some(Ok(item)) => items.push(item),
+            // A stop abandons the batch; any other failure ends it at the
+            // last good block, which is still committed.
+            Some(Err(Flow::Stop)) => return (Vec::new(), Some(Flow::Stop)),
+            Some(Err(e)) => return (items, Some(e)),
         }
         if !pipe.at_source_tip() {
             match pipe.top_up_headers(source, config).await {
@@ -987,12 +1026,12 @@ async fn collect(
                 // Headers beyond what this batch holds changed: commit the
                 // batch; the next step sees the reorg from its tip.
                 Err(Flow::Reorg) => break,
-                Err(e) => return Err(e),
+                Err(e) => return (items, Some(e)),
             }
         }
         pipe.spawn(source, config, snapshot);
     }
-    Ok(items)
+    (items, None)
 }
 
 impl Books {
