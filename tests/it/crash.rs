@@ -67,7 +67,7 @@ impl Activity {
                 let (wallet, op) = self
                     .paid
                     .swap_remove(self.rng.gen_range(0..self.paid.len()));
-                if let Some(out) = chain.unspent(&op) {
+                if let Some(out) = chain.unspent(&op).filter(|o| o.value.to_sat() >= 20_000) {
                     let to = self.rng.gen_range(0..=LATE_WALLET);
                     let half = out.value.to_sat() / 2;
                     let outputs = vec![

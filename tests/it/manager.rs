@@ -143,7 +143,11 @@ impl World {
         }
         let pick = self.rng.gen_range(0..self.paid.len());
         let (from, op) = self.paid.swap_remove(pick);
-        let Some(out) = self.chain.unspent(&op) else {
+        let Some(out) = self
+            .chain
+            .unspent(&op)
+            .filter(|o| o.value.to_sat() >= 20_000)
+        else {
             return;
         };
         let ids: Vec<WalletId> = self.wallets.keys().copied().collect();
