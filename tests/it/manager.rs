@@ -796,3 +796,118 @@ fn a_reorg_during_an_import_ends_consistent() {
         });
     }
 }
+
+#[test]
+fn every_strategy_gives_the_oracle() {
+    use lockstep::manager::Strategy;
+    runtime().block_on(async {
+        let mut fetched = Vec::new();
+        for strategy in [Strategy::Filters, Strategy::Blocks, Strategy::Auto] {
+            let mut w = World::new(12, 5);
+            w.manager = Manager::new(
+                w.store.clone(),
+                Arc::new(w.chain.clone()),
+                ManagerConfig {
+                    strategy,
+                    ..config()
+                },
+            );
+            for i in 0..10 {
+                w.add(i, 1, 10).await;
+            }
+            w.activity(60);
+            w.sync().await;
+            w.check_all();
+            let stats = w.manager.stats();
+            if strategy == Strategy::Blocks {
+                assert_eq!(
+                    stats.blocks_fetched, stats.blocks_connected,
+                    "the block path fetches every block"
+                );
+                assert_eq!(stats.filters_matched, 0);
+            }
+            fetched.push(stats.blocks_fetched);
+        }
+        assert!(
+            fetched[0] < fetched[1],
+            "filters fetch fewer blocks: {fetched:?}"
+        );
+    });
+}
+
+/// A hook that fails at one height, and counts what it saw.
+struct Hook {
+    fail_at: AtomicU64,
+    connected: AtomicU64,
+    disconnected: AtomicU64,
+}
+
+impl lockstep::manager::BlockHook for Hook {
+    fn block_connected(
+        &self,
+        _tx: &mut lockstep::store::WriteTx<'_>,
+        height: u32,
+        _hash: &BlockHash,
+    ) -> Result<(), lockstep::manager::HookError> {
+        if u64::from(height) == self.fail_at.load(Ordering::SeqCst) {
+            return Err("the hook refuses this block".into());
+        }
+        self.connected.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn blocks_disconnected(
+        &self,
+        _tx: &mut lockstep::store::WriteTx<'_>,
+        _fork_height: u32,
+    ) -> Result<(), lockstep::manager::HookError> {
+        self.disconnected.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[test]
+fn the_block_hook_commits_with_the_block_or_not_at_all() {
+    runtime().block_on(async {
+        let mut w = World::new(13, 5);
+        let hook = Arc::new(Hook {
+            fail_at: AtomicU64::new(0),
+            connected: AtomicU64::new(0),
+            disconnected: AtomicU64::new(0),
+        });
+        w.manager.set_hook(hook.clone()).await;
+        for i in 0..4 {
+            w.add(i, 1, 10).await;
+        }
+        w.activity(10);
+        w.sync().await;
+        let before = w.chain.height();
+        w.activity(10);
+        let fail_at = before + 3;
+        hook.fail_at.store(u64::from(fail_at), Ordering::SeqCst);
+        let err = w.manager.sync().await.unwrap_err();
+        assert!(matches!(err, ManagerError::Hook(_)), "{err}");
+        assert_eq!(err.kind(), lockstep::manager::ErrorKind::Fatal);
+        let (tip, _) = w.store.read_blocking(|tx| tx.tip()).unwrap().unwrap();
+        assert!(
+            tip < fail_at,
+            "the refused block and its batch were not committed"
+        );
+        // No wallet holds anything from the refused block or later.
+        for id in w.wallets.keys() {
+            let coins = w
+                .store
+                .read_blocking(move |tx| tx.wallet_coins(*id, false))
+                .unwrap();
+            assert!(coins.iter().all(|c| c.height <= tip));
+        }
+        hook.fail_at.store(0, Ordering::SeqCst);
+        w.sync().await;
+        w.check_all();
+        w.chain.reorg(2, ReorgTxs::Drop).unwrap();
+        w.sync().await;
+        w.check_all();
+        assert_eq!(hook.disconnected.load(Ordering::SeqCst), 1);
+        assert!(hook.connected.load(Ordering::SeqCst) >= u64::from(w.chain.height() - 1));
+    });
+}
