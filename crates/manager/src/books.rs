@@ -208,3 +208,82 @@ impl Books {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bitcoin::hashes::Hash as _;
+
+    use super::*;
+
+    fn script(n: u32) -> ScriptBuf {
+        let mut bytes = vec![0x00, 0x14];
+        bytes.extend_from_slice(
+            &bitcoin::hashes::hash160::Hash::hash(&n.to_le_bytes()).to_byte_array(),
+        );
+        ScriptBuf::from_bytes(bytes)
+    }
+
+    #[test]
+    fn scripts_added_after_a_snapshot_are_matched_again() {
+        let id = WalletId::from_i64(1);
+        let mut watch = AggregateWatch::new();
+        for n in 0..100 {
+            assert!(watch.add(&script(n), (id, Keychain::External, n)));
+        }
+        assert!(
+            !watch.add(&script(5), (id, Keychain::External, 5)),
+            "the same owner twice"
+        );
+        watch.compact_all();
+        let (base, checked) = watch.snapshot();
+        assert_eq!((base.len(), checked), (100, 100));
+        // A script added later is not in the snapshot, but the re-check
+        // finds it, and only it.
+        watch.add(&script(1_000), (id, Keychain::External, 1_000));
+        let genesis = bitcoin::blockdata::constants::genesis_block(bitcoin::Network::Regtest);
+        let hash = genesis.block_hash();
+        let mut raw = Vec::new();
+        {
+            let mut writer = bitcoin::bip158::BlockFilterWriter::new(&mut raw, &genesis);
+            writer.add_element(script(1_000).as_bytes());
+            writer.finish().unwrap();
+        }
+        let filter = BasicFilter::decode(&hash, &raw).unwrap();
+        assert!(lockstep_filter::matches(&filter, &base).is_empty());
+        assert!(watch.unchecked_match(&filter, checked));
+        assert!(!watch.unchecked_match(&filter, watch.len()));
+        // Routing sees base and tail alike.
+        let mut owners = Vec::new();
+        watch.wallets_of(&script(1_000), &mut owners);
+        watch.wallets_of(&script(7), &mut owners);
+        assert_eq!(owners, vec![id, id]);
+        // A second owner of the same script is routed too.
+        let other = WalletId::from_i64(2);
+        assert!(watch.add(&script(7), (other, Keychain::Internal, 0)));
+        owners.clear();
+        watch.wallets_of(&script(7), &mut owners);
+        owners.sort();
+        assert_eq!(owners, vec![id, other]);
+    }
+
+    #[test]
+    fn the_tail_is_folded_into_the_base_past_a_sixty_fourth() {
+        let id = WalletId::from_i64(1);
+        let mut watch = AggregateWatch::new();
+        for n in 0..6_400 {
+            watch.add(&script(n), (id, Keychain::External, n));
+        }
+        watch.compact_all();
+        for n in 6_400..6_499 {
+            watch.add(&script(n), (id, Keychain::External, n));
+        }
+        watch.compact();
+        assert_eq!(watch.snapshot().1, 6_400, "99 < 100: still a tail");
+        watch.add(&script(6_499), (id, Keychain::External, 6_499));
+        watch.compact();
+        assert_eq!(watch.snapshot().1, 6_500, "folded");
+        let mut owners = Vec::new();
+        watch.wallets_of(&script(6_499), &mut owners);
+        assert_eq!(owners, vec![id]);
+    }
+}
