@@ -1,9 +1,13 @@
 //! A wallet's two output descriptors, checked once when the wallet is made.
 
-use bitcoin::secp256k1::Secp256k1;
+use bitcoin::bip32::{self, DerivationPath};
+use bitcoin::secp256k1::{Secp256k1, VerifyOnly};
 use bitcoin::{Network, NetworkKind, ScriptBuf};
 use miniscript::ForEachKey;
-use miniscript::descriptor::{Descriptor, DescriptorPublicKey, DescriptorSecretKey, KeyMap};
+use miniscript::descriptor::{
+    Descriptor, DescriptorPublicKey, DescriptorSecretKey, DescriptorXKey, KeyMap,
+};
+use miniscript::{Translator, translate_hash_clone};
 
 /// A wallet's two chains of scripts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,6 +111,48 @@ pub struct WalletDescriptors {
     external: Descriptor<DescriptorPublicKey>,
     internal: Descriptor<DescriptorPublicKey>,
     secrets: Option<(KeyMap, KeyMap)>,
+    /// The two descriptors with each extended key's fixed path (`/0` in
+    /// `xpub/0/*`) derived once, so that a script costs one BIP32 step per
+    /// key instead of one per path element. Only for scripts: their key
+    /// origins no longer say where the keys come from.
+    derivable: [Descriptor<DescriptorPublicKey>; 2],
+}
+
+/// One verification context for every derivation (miniscript's
+/// `script_pubkey` would create one per key).
+static SECP: std::sync::LazyLock<Secp256k1<VerifyOnly>> =
+    std::sync::LazyLock::new(Secp256k1::verification_only);
+
+/// Derives every extended key's fixed derivation path once.
+struct PreDerive;
+
+impl Translator<DescriptorPublicKey> for PreDerive {
+    type TargetPk = DescriptorPublicKey;
+    type Error = bip32::Error;
+
+    fn pk(&mut self, pk: &DescriptorPublicKey) -> Result<DescriptorPublicKey, bip32::Error> {
+        match pk {
+            DescriptorPublicKey::XPub(x) if !x.derivation_path.is_empty() => {
+                Ok(DescriptorPublicKey::XPub(DescriptorXKey {
+                    origin: x.origin.clone(),
+                    xkey: x.xkey.derive_pub(&*SECP, &x.derivation_path)?,
+                    derivation_path: DerivationPath::master(),
+                    wildcard: x.wildcard,
+                }))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+
+    translate_hash_clone!(DescriptorPublicKey);
+}
+
+/// `descriptor` with its fixed paths derived, or as it is if that fails
+/// (a hardened step: the descriptor is refused elsewhere).
+fn pre_derive(descriptor: &Descriptor<DescriptorPublicKey>) -> Descriptor<DescriptorPublicKey> {
+    descriptor
+        .translate_pk(&mut PreDerive)
+        .unwrap_or_else(|_| descriptor.clone())
 }
 
 impl WalletDescriptors {
@@ -128,11 +174,13 @@ impl WalletDescriptors {
             (false, false) => Some((ext_keys, int_keys)),
             _ => return Err(DescriptorError::MixedSecrets),
         };
+        let derivable = [pre_derive(&ext), pre_derive(&int)];
         Ok(WalletDescriptors {
             network,
             external: ext,
             internal: int,
             secrets,
+            derivable,
         })
     }
 
@@ -187,7 +235,7 @@ impl WalletDescriptors {
 
     /// The script at `index` of a keychain.
     pub fn script_at(&self, keychain: Keychain, index: u32) -> Result<ScriptBuf, DescriptorError> {
-        derive(self.descriptor(keychain), keychain, index)
+        derive(&self.derivable[usize::from(keychain.as_u8())], keychain, index)
     }
 }
 
@@ -197,7 +245,7 @@ fn derive(
     index: u32,
 ) -> Result<ScriptBuf, DescriptorError> {
     descriptor
-        .at_derivation_index(index)
+        .derived_descriptor(&*SECP, index)
         .map(|d| d.script_pubkey())
         .map_err(|e| DescriptorError::NotDerivable {
             keychain,
