@@ -25,7 +25,9 @@ pub struct ManagerConfig {
     /// wallet's synced-to equals the loop's tip.
     pub batch_size: u32,
     /// Blocks whose filter (and, on a match, block) are fetched ahead of
-    /// the one being committed.
+    /// the one being committed: enough that the fetch tasks keep both
+    /// cores busy while a batch commits, and that a remote source's latency
+    /// is hidden (a BIP157 peer serves 1,000 filters per message).
     pub prefetch: usize,
     /// Headers asked for per request.
     pub header_batch: u32,
@@ -55,7 +57,7 @@ impl Default for ManagerConfig {
     fn default() -> Self {
         ManagerConfig {
             batch_size: 250,
-            prefetch: 32,
+            prefetch: 256,
             header_batch: 2_000,
             recent_hashes: 100,
             request_timeout: Duration::from_secs(30),

@@ -61,6 +61,7 @@ pub(crate) fn connect_batch(
     hook: Option<Arc<dyn BlockHook>>,
 ) -> Result<(Books, Outcome), ManagerError> {
     let mut outcome = Outcome::default();
+    let last_height = items.last().map_or(0, |i| i.height);
     let mut items = items.into_iter();
     while let Some(item) = items.next() {
         let need = item.needs_block(&books.watch);
@@ -83,8 +84,12 @@ pub(crate) fn connect_batch(
             }
         }
         let route_nanos = start.elapsed().as_nanos() as u64;
-        if let Mode::Loop { .. } = mode {
-            tx.put_block_hash(item.height, &item.hash.to_byte_array())?;
+        if let Mode::Loop { keep } = mode {
+            // Only the last `keep` hashes are kept: a long catch-up batch
+            // writes just those.
+            if item.height + keep >= last_height {
+                tx.put_block_hash(item.height, &item.hash.to_byte_array())?;
+            }
             if let Some(hook) = &hook {
                 hook.block_connected(tx, item.height, &item.hash)
                     .map_err(ManagerError::Hook)?;

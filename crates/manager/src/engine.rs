@@ -69,20 +69,30 @@ impl Ema {
     }
 }
 
-/// The measured costs behind the per-block strategy: what a block costs on
-/// the filter path (fetching the filter and hashing every watched script),
-/// per watched script; what it costs on the block path (fetching, checking
-/// and routing the block).
+/// The measured costs behind the per-block strategy. Fetches overlap (the
+/// pipeline keeps many in flight), so what limits throughput is CPU, and for
+/// a remote source the link: the filter path costs decoding and hashing
+/// every watched script; the block path costs checking and routing every
+/// block, and moving every block over the link.
 #[derive(Debug, Clone, Copy, Default)]
 struct CostModel {
+    /// CPU per block of decoding and matching a filter.
     filter: Ema,
-    /// Watched scripts when `filter` was last measured.
+    /// Watched scripts when `filter` was last measured (it grows with them).
     filter_scripts: usize,
-    block: Ema,
-    /// Routing a block that touches no wallet (what the block path adds
-    /// for every block).
+    /// Wall time of a block request.
+    block_fetch: Ema,
+    /// CPU per block of checking a block against its header.
+    block_check: Ema,
+    /// CPU of routing a block that touches no wallet.
     route: Ema,
 }
+
+/// A block request answered faster than this comes from a source in the
+/// process or next door, where moving a whole block costs next to nothing;
+/// a slower one crosses a network, and the filter path stays (fetching
+/// every block would move ~100× the bytes of its filter).
+const LOCAL_BLOCK_FETCH_NS: f64 = 200_000.0;
 
 pub(crate) struct Engine {
     pub(crate) store: Store,
@@ -422,22 +432,25 @@ impl Engine {
     }
 
     /// Switches between the filter and the block path when the measured
-    /// costs cross (with some hysteresis), and says so in the log.
+    /// costs cross (by half again either way, so that noise does not flip
+    /// it), and says so in the log. The block path is only taken from a
+    /// source that answers a block request at once.
     fn choose_path(&mut self) {
-        if self.config.strategy != Strategy::Auto || self.cost.block.samples < 8 {
+        let cost = &self.cost;
+        if self.config.strategy != Strategy::Auto
+            || cost.block_check.samples < 8
+            || cost.filter.samples == 0
+        {
             return;
         }
         let scripts = self.books.as_ref().map_or(0, |b| b.watch.len()).max(1);
-        if self.cost.filter.samples == 0 {
-            return;
-        }
         // Filter cost grows with the watchlist; scale the last measurement.
-        let filter =
-            self.cost.filter.value * scripts as f64 / self.cost.filter_scripts.max(1) as f64;
-        let block = self.cost.block.value + self.cost.route.value;
+        let filter = cost.filter.value * scripts as f64 / cost.filter_scripts.max(1) as f64;
+        let block = cost.block_check.value + cost.route.value;
+        let local = cost.block_fetch.value < LOCAL_BLOCK_FETCH_NS;
         let next = match self.path {
-            Path::Filters if block * 1.25 < filter => Path::Blocks,
-            Path::Blocks if block > filter * 1.25 => Path::Filters,
+            Path::Filters if local && block * 1.5 < filter => Path::Blocks,
+            Path::Blocks if !local || block > filter * 1.5 => Path::Filters,
             path => path,
         };
         if next != self.path {
@@ -445,8 +458,9 @@ impl Engine {
                 from = ?self.path,
                 to = ?next,
                 watched_scripts = scripts,
-                filter_ns_per_block = filter as u64,
-                block_ns_per_block = block as u64,
+                filter_cpu_ns_per_block = filter as u64,
+                block_cpu_ns_per_block = block as u64,
+                block_fetch_ns = cost.block_fetch.value as u64,
                 "matching strategy switched"
             );
             Counters::add(&self.out.counters.strategy_switches, 1);
@@ -503,14 +517,15 @@ impl Engine {
                 }
                 *filter_header = Some(f.header);
                 if matches!(books, BooksRef::Main) {
-                    self.cost.filter.add(f.nanos);
+                    self.cost.filter.add(f.match_nanos);
                     self.cost.filter_scripts = scripts;
                 }
             } else {
                 *filter_header = None;
             }
-            if item.block_nanos > 0 && matches!(books, BooksRef::Main) {
-                self.cost.block.add(item.block_nanos);
+            if let (Some(timing), BooksRef::Main) = (item.block_timing, &books) {
+                self.cost.block_fetch.add(timing.fetch_nanos);
+                self.cost.block_check.add(timing.check_nanos);
             }
             let watch = match &books {
                 BooksRef::Main => &self.books.as_ref().expect("loaded").watch,
@@ -523,15 +538,15 @@ impl Engine {
                 f.checked = checked;
             }
             if item.block.is_none() && need {
-                item.block = Some(
-                    fetch_block(
-                        &self.source,
-                        item.height,
-                        item.hash,
-                        Policy::of(&self.config),
-                    )
-                    .await?,
-                );
+                let (block, timing) = fetch_block(
+                    &self.source,
+                    item.height,
+                    item.hash,
+                    Policy::of(&self.config),
+                )
+                .await?;
+                item.block = Some(block);
+                item.block_timing = Some(timing);
             }
             prev_hash = item.hash;
             good.push(item);

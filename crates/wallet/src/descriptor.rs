@@ -235,7 +235,11 @@ impl WalletDescriptors {
 
     /// The script at `index` of a keychain.
     pub fn script_at(&self, keychain: Keychain, index: u32) -> Result<ScriptBuf, DescriptorError> {
-        derive(&self.derivable[usize::from(keychain.as_u8())], keychain, index)
+        derive(
+            &self.derivable[usize::from(keychain.as_u8())],
+            keychain,
+            index,
+        )
     }
 }
 
