@@ -115,6 +115,21 @@ pub(crate) struct Snapshot {
     pub(crate) idle: bool,
 }
 
+/// How a pipeline starts fetch tasks: the last source, policy and snapshot
+/// it was given.
+struct Spawner {
+    source: Arc<dyn ChainSource>,
+    policy: Policy,
+    snapshot: Snapshot,
+    prefetch: usize,
+}
+
+/// Finished fetches kept waiting for their turn, per running one: blocks
+/// are consumed in order, and a block whose fetch is slow (its filter
+/// matched, so its block is on the way) must not stop the tasks behind it
+/// from starting, or the cores idle while it arrives.
+const FINISHED_PER_RUNNING: usize = 4;
+
 /// The blocks after `next_header - 1` that a scan has headers for, and
 /// the tasks fetching their filters and blocks.
 pub(crate) struct Pipeline {
@@ -125,6 +140,9 @@ pub(crate) struct Pipeline {
     headers: VecDeque<(u32, BlockHash)>,
     inflight: VecDeque<JoinHandle<Result<Fetched, Flow>>>,
     ready: VecDeque<Fetched>,
+    spawner: Option<Spawner>,
+    /// Signalled by every fetch task as it finishes.
+    finished: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Pipeline {
@@ -147,6 +165,8 @@ impl Pipeline {
             headers: VecDeque::new(),
             inflight: VecDeque::new(),
             ready: VecDeque::new(),
+            spawner: None,
+            finished: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -216,25 +236,49 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Starts fetch tasks until `prefetch` are in flight.
+    /// Starts fetch tasks until `prefetch` are running (and no more than
+    /// [`FINISHED_PER_RUNNING`] times that wait to be taken), matching
+    /// against `snapshot` from now on.
     pub(crate) fn spawn(
         &mut self,
         source: &Arc<dyn ChainSource>,
         config: &ManagerConfig,
         snapshot: &Snapshot,
     ) {
-        while self.inflight.len() < config.prefetch {
+        self.spawner = Some(Spawner {
+            source: Arc::clone(source),
+            policy: Policy::of(config),
+            snapshot: snapshot.clone(),
+            prefetch: config.prefetch.max(1),
+        });
+        self.fill();
+    }
+
+    fn fill(&mut self) {
+        let Some(spawner) = &self.spawner else {
+            return;
+        };
+        let mut running = self.inflight.iter().filter(|t| !t.is_finished()).count();
+        while running < spawner.prefetch
+            && self.inflight.len() < spawner.prefetch * FINISHED_PER_RUNNING
+        {
             let Some((height, hash)) = self.headers.pop_front() else {
                 break;
             };
             let task = fetch(
-                Arc::clone(source),
+                Arc::clone(&spawner.source),
                 height,
                 hash,
-                snapshot.clone(),
-                Policy::of(config),
+                spawner.snapshot.clone(),
+                spawner.policy,
             );
-            self.inflight.push_back(tokio::spawn(task));
+            let finished = Arc::clone(&self.finished);
+            self.inflight.push_back(tokio::spawn(async move {
+                let result = task.await;
+                finished.notify_one();
+                result
+            }));
+            running += 1;
         }
     }
 
@@ -246,13 +290,29 @@ impl Pipeline {
         if let Some(item) = self.ready.pop_front() {
             return Some(Ok(item));
         }
-        let task = self.inflight.front_mut()?;
-        let joined = match stop {
-            Some(stop) => tokio::select! {
-                joined = task => joined,
-                _ = wait_true(stop) => return Some(Err(Flow::Stop)),
-            },
-            None => task.await,
+        let mut stop = stop;
+        let finished = Arc::clone(&self.finished);
+        let joined = loop {
+            // While the next block in order is on its way, start tasks in
+            // place of those that finished behind it.
+            let joined = {
+                let task = self.inflight.front_mut()?;
+                match stop.as_deref_mut() {
+                    Some(stop) => tokio::select! {
+                        joined = task => Some(joined),
+                        _ = finished.notified() => None,
+                        _ = wait_true(stop) => return Some(Err(Flow::Stop)),
+                    },
+                    None => tokio::select! {
+                        joined = task => Some(joined),
+                        _ = finished.notified() => None,
+                    },
+                }
+            };
+            match joined {
+                Some(joined) => break joined,
+                None => self.fill(),
+            }
         };
         self.inflight.pop_front();
         Some(match joined {
