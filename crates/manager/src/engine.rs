@@ -151,6 +151,38 @@ impl Engine {
         self.tip.expect("started engine has a tip")
     }
 
+    /// Whether `hash` is the source's best-chain block at `height`.
+    async fn on_best_chain(&self, height: u32, hash: BlockHash) -> Result<bool, ManagerError> {
+        match timed(Policy::of(&self.config), || self.source.block_hash(height)).await {
+            Ok(found) => Ok(found == hash),
+            Err(SourceError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The highest of `blocks` (given highest first) still on the source's
+    /// best chain: a fork point.
+    async fn highest_on_chain(
+        &self,
+        blocks: impl Iterator<Item = (u32, BlockHash)>,
+    ) -> Result<Option<(u32, BlockHash)>, ManagerError> {
+        for (height, hash) in blocks {
+            if self.on_best_chain(height, hash).await? {
+                return Ok(Some((height, hash)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Follows a reorg if the loop's tip has left the source's best chain.
+    async fn follow_reorg_below_tip(&mut self) -> Result<(), ManagerError> {
+        let tip = self.tip_or_err();
+        if !self.on_best_chain(tip.height, tip.hash).await? {
+            self.handle_reorg().await?;
+        }
+        Ok(())
+    }
+
     /// The active wallets, loaded again from the database if a failed
     /// write left them unknown.
     async fn books(&mut self) -> Result<&mut Books, ManagerError> {
@@ -202,16 +234,7 @@ impl Engine {
             }
         }
         self.publish_tip();
-        let tip = self.tip_or_err();
-        match timed(Policy::of(&self.config), || {
-            self.source.block_hash(tip.height)
-        })
-        .await
-        {
-            Ok(hash) if hash == tip.hash => {}
-            Ok(_) | Err(SourceError::NotFound(_)) => self.handle_reorg().await?,
-            Err(e) => return Err(e.into()),
-        }
+        self.follow_reorg_below_tip().await?;
         self.started = true;
         self.resume_imports().await
     }
@@ -228,16 +251,9 @@ impl Engine {
                 continue;
             };
             let id = row.wallet_id;
-            let on_chain = match row.importing_hash {
-                None => None,
-                Some(hash) => {
-                    let hash = BlockHash::from_byte_array(hash);
-                    match timed(Policy::of(&self.config), || self.source.block_hash(after)).await {
-                        Ok(found) => Some(found == hash).filter(|same| *same).map(|_| hash),
-                        Err(SourceError::NotFound(_)) => None,
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+            let on_chain = match row.importing_hash.map(BlockHash::from_byte_array) {
+                Some(hash) if self.on_best_chain(after, hash).await? => Some(hash),
+                _ => None,
             };
             let (after, after_hash) = match (on_chain, row.importing_hash) {
                 (Some(hash), _) => (after, Some(hash)),
@@ -559,18 +575,10 @@ impl Engine {
     /// transaction. The loop then connects the new branch.
     pub(crate) async fn handle_reorg(&mut self) -> Result<(), ManagerError> {
         self.pipe = None;
-        let mut fork = None;
-        for (&height, &hash) in self.recent.iter().rev() {
-            match timed(Policy::of(&self.config), || self.source.block_hash(height)).await {
-                Ok(found) if found == hash => {
-                    fork = Some((height, hash));
-                    break;
-                }
-                Ok(_) | Err(SourceError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let Some((fork_height, fork_hash)) = fork else {
+        let recent: Vec<(u32, BlockHash)> =
+            self.recent.iter().rev().map(|(h, b)| (*h, *b)).collect();
+        let Some((fork_height, fork_hash)) = self.highest_on_chain(recent.into_iter()).await?
+        else {
             return Err(ManagerError::ReorgTooDeep {
                 kept: self.recent.len(),
                 lowest: self.recent.keys().next().copied().unwrap_or(0),
@@ -804,19 +812,7 @@ impl Engine {
                 Err(Flow::Reorg | Flow::Reset) => {
                     // The chain changed under the import: go back to the
                     // last block it scanned that is still on it.
-                    let mut fork = None;
-                    for &(height, hash) in scanned.iter().rev() {
-                        match timed(Policy::of(&self.config), || self.source.block_hash(height))
-                            .await
-                        {
-                            Ok(found) if found == hash => {
-                                fork = Some((height, hash));
-                                break;
-                            }
-                            Ok(_) | Err(SourceError::NotFound(_)) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
+                    let fork = self.highest_on_chain(scanned.iter().rev().copied()).await?;
                     let (height, hash) = match fork {
                         Some(fork) => fork,
                         None => {
@@ -838,16 +834,7 @@ impl Engine {
                         scanned.push_back((height, hash));
                     }
                     // The loop's own tip may have gone with the reorg.
-                    let tip = self.tip_or_err();
-                    match timed(Policy::of(&self.config), || {
-                        self.source.block_hash(tip.height)
-                    })
-                    .await
-                    {
-                        Ok(found) if found == tip.hash => {}
-                        Ok(_) | Err(SourceError::NotFound(_)) => self.handle_reorg().await?,
-                        Err(e) => return Err(e.into()),
-                    }
+                    self.follow_reorg_below_tip().await?;
                 }
                 Err(Flow::Stop) => return Err(ManagerError::Stopped),
                 Err(Flow::Fail(e)) => {
