@@ -448,7 +448,7 @@ impl Engine {
     }
 
     /// Switches between the filter and the block path when the measured
-    /// costs cross (by half again either way, so that noise does not flip
+    /// costs cross (by a quarter either way, so that noise does not flip
     /// it), and says so in the log. The block path is only taken from a
     /// source that answers a block request at once.
     fn choose_path(&mut self) {
@@ -465,8 +465,8 @@ impl Engine {
         let block = cost.block_check.value + cost.route.value;
         let local = cost.block_fetch.value < LOCAL_BLOCK_FETCH_NS;
         let next = match self.path {
-            Path::Filters if local && block * 1.5 < filter => Path::Blocks,
-            Path::Blocks if !local || block > filter * 1.5 => Path::Filters,
+            Path::Filters if local && block * 1.25 < filter => Path::Blocks,
+            Path::Blocks if !local || block > filter * 1.25 => Path::Filters,
             path => path,
         };
         if next != self.path {
