@@ -151,6 +151,12 @@ impl Engine {
         self.tip.expect("started engine has a tip")
     }
 
+    /// Whether the source's best tip is `tip`.
+    pub(crate) async fn source_tip_is(&self, tip: Option<BlockId>) -> Result<bool, ManagerError> {
+        let best = timed(Policy::of(&self.config), || self.source.tip()).await?;
+        Ok(Some(best) == tip)
+    }
+
     /// Whether `hash` is the source's best-chain block at `height`.
     async fn on_best_chain(&self, height: u32, hash: BlockHash) -> Result<bool, ManagerError> {
         match timed(Policy::of(&self.config), || self.source.block_hash(height)).await {

@@ -207,12 +207,19 @@ impl Manager {
     /// The first [`ManagerError`] of a step.
     pub async fn sync(&self) -> Result<u32, ManagerError> {
         let (_keep, mut stop) = watch::channel(false);
+        // A block that arrives while a step finds the tip shows up as the
+        // source's tip moving: look again, a few times, before returning.
+        let mut looks = 0;
         loop {
             let mut engine = self.shared.engine.lock().await;
             match engine.step(&mut stop).await? {
-                StepOutcome::Progress => {}
+                StepOutcome::Progress => looks = 0,
                 StepOutcome::AtTip | StepOutcome::Stopped => {
-                    return Ok(engine.tip().map_or(0, |t| t.height));
+                    let tip = engine.tip();
+                    looks += 1;
+                    if looks >= 3 || engine.source_tip_is(tip).await? {
+                        return Ok(tip.map_or(0, |t| t.height));
+                    }
                 }
             }
         }
