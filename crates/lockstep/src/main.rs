@@ -92,14 +92,12 @@ struct Scenario {
 }
 
 impl Scenario {
-    fn script(&self, wallet: u32, keychain: Keychain, index: u32) -> ScriptBuf {
-        test_descriptors(self.seed, wallet)
-            .script_at(keychain, index)
-            .expect("test descriptors derive")
+    fn script(&self, wallet: u32, keychain: Keychain, index: u32) -> anyhow::Result<ScriptBuf> {
+        Ok(test_descriptors(self.seed, wallet).script_at(keychain, index)?)
     }
 
     /// A script inside the wallet's lookahead window, and moves the window.
-    fn next_script(&mut self, wallet: u32, keychain: Keychain) -> ScriptBuf {
+    fn next_script(&mut self, wallet: u32, keychain: Keychain) -> anyhow::Result<ScriptBuf> {
         let (_, lookahead, next) = self.wallets[wallet as usize];
         let k = keychain as usize;
         let index = next[k] + self.rng.gen_range(0..lookahead.min(4));
@@ -123,7 +121,7 @@ impl Scenario {
                     } else {
                         Keychain::Internal
                     };
-                    let script = self.next_script(wallet, keychain);
+                    let script = self.next_script(wallet, keychain)?;
                     let amount = Amount::from_sat(self.rng.gen_range(10_000..5_000_000));
                     let op = self.chain.pay(script, amount)?;
                     self.paid.push((wallet, op));
@@ -142,11 +140,11 @@ impl Scenario {
                         let outputs = vec![
                             TxOut {
                                 value: Amount::from_sat(half),
-                                script_pubkey: self.next_script(to, Keychain::External),
+                                script_pubkey: self.next_script(to, Keychain::External)?,
                             },
                             TxOut {
                                 value: Amount::from_sat(out.value.to_sat() - half - 1_000),
-                                script_pubkey: self.next_script(from, Keychain::Internal),
+                                script_pubkey: self.next_script(from, Keychain::Internal)?,
                             },
                         ];
                         let txid = self.chain.spend(op, outputs, None)?;
@@ -271,7 +269,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     // A payment past a wallet's gap limit, found by a targeted import.
     let gap_wallet = 0;
     let gap_index = scenario.wallets[gap_wallet as usize].2[0] + 200;
-    let gap_script = scenario.script(gap_wallet, Keychain::External, gap_index);
+    let gap_script = scenario.script(gap_wallet, Keychain::External, gap_index)?;
     let gap_height = chain.height() + 1;
     let gap_amount = Amount::from_sat(4_242_000);
     chain.pay(gap_script, gap_amount)?;

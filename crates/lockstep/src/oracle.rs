@@ -97,34 +97,27 @@ pub fn check_wallet(
         .into_iter()
         .map(|c| (c.txid, c.vout, c.value, c.height, c.spent))
         .collect();
-    let mut expected: BTreeSet<CoinKey> = BTreeSet::new();
-    for coin in &truth.unspent {
-        if coin.height <= height {
-            let op = coin.outpoint;
-            expected.insert((
-                op.txid.to_byte_array(),
-                op.vout,
+    // Every coin created by `height`, spent if its spender is too.
+    let unspent = truth.unspent.iter().map(|coin| (coin, None));
+    let spent = truth
+        .spent
+        .iter()
+        .map(|s| (&s.coin, Some((s.spent_by, s.spent_height))));
+    let expected: BTreeSet<CoinKey> = unspent
+        .chain(spent)
+        .filter(|(coin, _)| coin.height <= height)
+        .map(|(coin, spender)| {
+            (
+                coin.outpoint.txid.to_byte_array(),
+                coin.outpoint.vout,
                 coin.txout.value.to_sat(),
                 coin.height,
-                None,
-            ));
-        }
-    }
-    for spent in &truth.spent {
-        let coin = &spent.coin;
-        if coin.height <= height {
-            let op = coin.outpoint;
-            let spender = (spent.spent_height <= height)
-                .then(|| (spent.spent_by.to_byte_array(), spent.spent_height));
-            expected.insert((
-                op.txid.to_byte_array(),
-                op.vout,
-                coin.txout.value.to_sat(),
-                coin.height,
-                spender,
-            ));
-        }
-    }
+                spender
+                    .filter(|(_, at)| *at <= height)
+                    .map(|(by, at)| (by.to_byte_array(), at)),
+            )
+        })
+        .collect();
     type TxKey = ([u8; 32], u32, u64, u64);
     let our_txs: BTreeSet<TxKey> = tx
         .wallet_txs(id)?

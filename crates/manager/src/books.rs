@@ -168,6 +168,13 @@ impl Books {
         Ok(books)
     }
 
+    /// Books of one wallet (an import's).
+    pub(crate) fn of_wallet(tx: &ReadTx<'_>, wallet: Wallet) -> Result<Books, ManagerError> {
+        let mut books = Books::empty();
+        books.add_wallet(tx, wallet)?;
+        Ok(books)
+    }
+
     /// Adds a wallet: all its derived scripts and its unspent coins.
     pub(crate) fn add_wallet(
         &mut self,

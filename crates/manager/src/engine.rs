@@ -11,7 +11,7 @@ use bitcoin::hashes::Hash as _;
 use bitcoin::{BlockHash, ScriptBuf};
 use lockstep_chain::{BlockId, ChainSource, SourceError};
 use lockstep_store::{Store, WalletId, WalletRow};
-use lockstep_wallet::{Keychain, Wallet, WalletParams};
+use lockstep_wallet::{IngestSummary, Keychain, Wallet, WalletParams};
 use tokio::sync::{broadcast, watch};
 
 use crate::books::Books;
@@ -52,6 +52,19 @@ impl Outputs {
         // No subscriber is not an error.
         let _ = self.events.send(event);
     }
+
+    /// What one block did to each wallet it touched.
+    fn publish_activity(&self, height: u32, activity: &[(WalletId, IngestSummary)]) {
+        for (wallet, summary) in activity {
+            self.publish(Event::WalletActivity {
+                wallet: *wallet,
+                height,
+                txids: summary.txids.clone(),
+                received: summary.received,
+                sent: summary.sent,
+            });
+        }
+    }
 }
 
 /// A running average of one path's cost per block, in nanoseconds.
@@ -88,6 +101,26 @@ struct CostModel {
     route: Ema,
 }
 
+impl CostModel {
+    /// The path the next blocks should take, from `path`, with `scripts`
+    /// watched: the block path is taken only from a local source and when
+    /// it is a quarter cheaper, and left the same way.
+    fn next_path(&self, path: Path, scripts: usize) -> Path {
+        if self.block_check.samples < 8 || self.filter.samples == 0 {
+            return path;
+        }
+        // Filter cost grows with the watchlist; scale the last measurement.
+        let filter = self.filter.value * scripts.max(1) as f64 / self.filter_scripts.max(1) as f64;
+        let block = self.block_check.value + self.route.value;
+        let local = self.block_fetch.value < LOCAL_BLOCK_FETCH_NS;
+        match path {
+            Path::Filters if local && block * 1.25 < filter => Path::Blocks,
+            Path::Blocks if !local || block > filter * 1.25 => Path::Filters,
+            path => path,
+        }
+    }
+}
+
 /// A block request answered faster than this comes from a source in the
 /// process or next door, where moving a whole block costs next to nothing;
 /// a slower one crosses a network, and the filter path stays (fetching
@@ -119,10 +152,7 @@ impl Engine {
         config: ManagerConfig,
         out: Arc<Outputs>,
     ) -> Engine {
-        let path = match config.strategy {
-            Strategy::Blocks => Path::Blocks,
-            Strategy::Auto | Strategy::Filters => Path::Filters,
-        };
+        let path = initial_path(config.strategy);
         Engine {
             store,
             source,
@@ -192,11 +222,17 @@ impl Engine {
     /// The active wallets, loaded again from the database if a failed
     /// write left them unknown.
     async fn books(&mut self) -> Result<&mut Books, ManagerError> {
-        if self.books.is_none() {
-            let books = self.store.read(Books::load_active).await?;
-            self.books = Some(books);
+        let books = self.take_books().await?;
+        Ok(self.books.insert(books))
+    }
+
+    /// The active wallets, taken out to move into a write transaction; put
+    /// back what comes back (or nothing: they are read again when needed).
+    async fn take_books(&mut self) -> Result<Books, ManagerError> {
+        match self.books.take() {
+            Some(books) => Ok(books),
+            None => self.store.read(Books::load_active).await,
         }
-        Ok(self.books.as_mut().expect("just loaded"))
     }
 
     /// Loads the tip and the wallets, checks the tip is still on the
@@ -352,26 +388,26 @@ impl Engine {
                 .send_replace(Status::Synced { height: tip.height });
             return Ok(StepOutcome::AtTip);
         }
-        let path = self.path;
-        let books = self.books().await?;
-        let snapshot = snapshot(books, path);
-        pipe.spawn(&self.source, &self.config, &snapshot);
-        let (items, fetch_failure) =
-            collect(pipe, &self.source, &self.config, &snapshot, Some(stop)).await;
+        let books = self.take_books().await?;
         let mut filter_header = self.tip_filter_header;
-        let (items, check_failure) = self
-            .prepare(items, tip.hash, &mut filter_header, BooksRef::Main)
+        let (items, failure) = self
+            .next_batch(
+                pipe,
+                &books,
+                self.path,
+                true,
+                tip.hash,
+                &mut filter_header,
+                Some(stop),
+            )
             .await;
-        // What came before a failure is committed; the failure is reported
-        // after.
-        let failure = check_failure.or(fetch_failure);
         if items.is_empty() {
+            self.books = Some(books);
             return match failure {
                 Some(failure) => Err(failure),
                 None => Ok(StepOutcome::Progress),
             };
         }
-        let books = self.books.take().expect("loaded above");
         let hook = self.hook.clone();
         let mode = Mode::Loop {
             keep: self.config.recent_hashes,
@@ -423,15 +459,7 @@ impl Engine {
                 hash: block.hash,
                 wallets: block.activity.iter().map(|(id, _)| *id).collect(),
             });
-            for (wallet, summary) in block.activity {
-                self.out.publish(Event::WalletActivity {
-                    wallet,
-                    height: block.height,
-                    txids: summary.txids,
-                    received: summary.received,
-                    sent: summary.sent,
-                });
-            }
+            self.out.publish_activity(block.height, &block.activity);
         }
         let height = self.tip_or_err().height;
         let status = if pipe.pending() == 0 && pipe.at_source_tip() {
@@ -458,31 +486,17 @@ impl Engine {
     /// it), and says so in the log. The block path is only taken from a
     /// source that answers a block request at once.
     fn choose_path(&mut self) {
-        let cost = &self.cost;
-        if self.config.strategy != Strategy::Auto
-            || cost.block_check.samples < 8
-            || cost.filter.samples == 0
-        {
+        if self.config.strategy != Strategy::Auto {
             return;
         }
-        let scripts = self.books.as_ref().map_or(0, |b| b.watch.len()).max(1);
-        // Filter cost grows with the watchlist; scale the last measurement.
-        let filter = cost.filter.value * scripts as f64 / cost.filter_scripts.max(1) as f64;
-        let block = cost.block_check.value + cost.route.value;
-        let local = cost.block_fetch.value < LOCAL_BLOCK_FETCH_NS;
-        let next = match self.path {
-            Path::Filters if local && block * 1.25 < filter => Path::Blocks,
-            Path::Blocks if !local || block > filter * 1.25 => Path::Filters,
-            path => path,
-        };
+        let scripts = self.books.as_ref().map_or(0, |b| b.watch.len());
+        let next = self.cost.next_path(self.path, scripts);
         if next != self.path {
             tracing::info!(
                 from = ?self.path,
                 to = ?next,
                 watched_scripts = scripts,
-                filter_cpu_ns_per_block = filter as u64,
-                block_cpu_ns_per_block = block as u64,
-                block_fetch_ns = cost.block_fetch.value as u64,
+                cost = ?self.cost,
                 "matching strategy switched"
             );
             Counters::add(&self.out.counters.strategy_switches, 1);
@@ -490,36 +504,48 @@ impl Engine {
         }
     }
 
-    /// Checks each fetched block's filter against the filter-header chain,
-    /// matches it again for scripts added since it was matched, and fetches
-    /// the blocks those new matches need. Feeds the cost model.
-    async fn prepare(
+    /// The next batch of a scan of `books`: starts fetch tasks, takes up to
+    /// a batch of fetched blocks in order, and prepares them. Blocks before
+    /// a failure are returned with it: they are still committed, and the
+    /// failure reported after. Only the loop's own scan (`main`) feeds the
+    /// strategy's cost model.
+    #[allow(clippy::too_many_arguments)]
+    async fn next_batch(
         &mut self,
-        mut items: Vec<Fetched>,
+        pipe: &mut Pipeline,
+        books: &Books,
+        path: Path,
+        main: bool,
         prev_hash: BlockHash,
         filter_header: &mut Option<FilterHeader>,
-        books: BooksRef<'_>,
+        stop: Option<&mut watch::Receiver<bool>>,
     ) -> (Vec<Fetched>, Option<Flow>) {
+        let snapshot = snapshot(books, path);
+        pipe.spawn(&self.source, &self.config, &snapshot);
+        let (mut items, fetch_failure) =
+            collect(pipe, &self.source, &self.config, &snapshot, stop).await;
         let mut good = Vec::with_capacity(items.len());
-        let failure = self
-            .prepare_each(&mut items, &mut good, prev_hash, filter_header, books)
+        let check_failure = self
+            .prepare(&mut items, &mut good, prev_hash, filter_header, books, main)
             .await
             .err();
-        (good, failure)
+        (good, check_failure.or(fetch_failure))
     }
 
-    async fn prepare_each(
+    /// Checks each fetched block's filter against the filter-header chain,
+    /// matches it again for scripts added since it was matched, and fetches
+    /// the blocks those new matches need, moving each block that passes to
+    /// `good`.
+    async fn prepare(
         &mut self,
         items: &mut Vec<Fetched>,
         good: &mut Vec<Fetched>,
         mut prev_hash: BlockHash,
         filter_header: &mut Option<FilterHeader>,
-        books: BooksRef<'_>,
+        books: &Books,
+        main: bool,
     ) -> Result<(), Flow> {
-        let scripts = match &books {
-            BooksRef::Main => self.books.as_ref().map_or(0, |b| b.watch.len()),
-            BooksRef::Import(b) => b.watch.len(),
-        };
+        let watch = &books.watch;
         for mut item in items.drain(..) {
             if let Some(f) = &item.filter {
                 let previous = match *filter_header {
@@ -538,21 +564,17 @@ impl Engine {
                     }));
                 }
                 *filter_header = Some(f.header);
-                if matches!(books, BooksRef::Main) {
+                if main {
                     self.cost.filter.add(f.match_nanos);
-                    self.cost.filter_scripts = scripts;
+                    self.cost.filter_scripts = watch.len();
                 }
             } else {
                 *filter_header = None;
             }
-            if let (Some(timing), BooksRef::Main) = (item.block_timing, &books) {
+            if let (Some(timing), true) = (item.block_timing, main) {
                 self.cost.block_fetch.add(timing.fetch_nanos);
                 self.cost.block_check.add(timing.check_nanos);
             }
-            let watch = match &books {
-                BooksRef::Main => &self.books.as_ref().expect("loaded").watch,
-                BooksRef::Import(b) => &b.watch,
-            };
             let need = item.needs_block(watch);
             let checked = watch.len();
             if let Some(f) = &mut item.filter {
@@ -597,8 +619,7 @@ impl Engine {
             .map(|(h, hash)| (*h, *hash))
             .collect();
         tracing::info!(fork = fork_height, depth = disconnected.len(), "reorg");
-        self.books().await?;
-        let mut books = self.books.take().expect("loaded");
+        let mut books = self.take_books().await?;
         let hook = self.hook.clone();
         let raw_fork = fork_hash.to_byte_array();
         let result = self
@@ -666,11 +687,7 @@ impl Engine {
         if joins_now {
             let joined = self
                 .store
-                .read(move |tx| {
-                    let mut books = Books::empty();
-                    books.add_wallet(tx, wallet)?;
-                    Ok::<_, ManagerError>(books)
-                })
+                .read(move |tx| Books::of_wallet(tx, wallet))
                 .await?;
             self.books().await?.merge(joined);
             Counters::add(&self.out.counters.imports, 1);
@@ -759,17 +776,18 @@ impl Engine {
         let mut books = self
             .store
             .read(move |tx| {
-                let mut books = Books::empty();
-                match scripts {
-                    None => books.add_wallet(tx, wallet)?,
+                let mut books = match scripts {
+                    None => Books::of_wallet(tx, wallet)?,
                     Some(scripts) => {
+                        let mut books = Books::empty();
                         for (keychain, index, script) in &scripts {
                             books.watch.add(script, (id, *keychain, *index));
                         }
                         books.load_coins(tx, id)?;
                         books.wallets.insert(id, wallet);
+                        books
                     }
-                }
+                };
                 books.watch.compact_all();
                 Ok::<_, ManagerError>(books)
             })
@@ -904,10 +922,8 @@ impl Engine {
         after_hash: &mut BlockHash,
         scanned: &mut VecDeque<(u32, BlockHash)>,
     ) -> Result<(), Flow> {
-        let path = match self.config.strategy {
-            Strategy::Blocks => Path::Blocks,
-            Strategy::Auto | Strategy::Filters => Path::Filters,
-        };
+        // The newcomer's watchlist is small: the filter path unless forced.
+        let path = initial_path(self.config.strategy);
         let mut filter_header = None;
         loop {
             pipe.top_up_headers(&self.source, &self.config).await?;
@@ -918,19 +934,17 @@ impl Engine {
                 }
                 return Ok(());
             }
-            let snap = snapshot(books, path);
-            pipe.spawn(&self.source, &self.config, &snap);
-            let (items, fetch_failure) =
-                collect(pipe, &self.source, &self.config, &snap, None).await;
-            let (items, check_failure) = self
-                .prepare(
-                    items,
+            let (items, failure) = self
+                .next_batch(
+                    pipe,
+                    books,
+                    path,
+                    false,
                     *after_hash,
                     &mut filter_header,
-                    BooksRef::Import(books),
+                    None,
                 )
                 .await;
-            let failure = check_failure.or(fetch_failure);
             if items.is_empty() {
                 match failure {
                     Some(failure) => return Err(failure),
@@ -949,11 +963,7 @@ impl Engine {
                     // read it again from what was committed.
                     *books = self
                         .store
-                        .read(move |tx| {
-                            let mut books = Books::empty();
-                            books.add_wallet(tx, Wallet::load(tx, id)?)?;
-                            Ok::<_, ManagerError>(books)
-                        })
+                        .read(move |tx| Books::of_wallet(tx, Wallet::load(tx, id)?))
                         .await?;
                     return Err(Flow::Fail(e));
                 }
@@ -967,15 +977,7 @@ impl Engine {
                 *after_hash = block.hash;
                 scanned.push_back((block.height, block.hash));
                 filter_header = block.filter_header;
-                for (wallet, summary) in &block.activity {
-                    self.out.publish(Event::WalletActivity {
-                        wallet: *wallet,
-                        height: block.height,
-                        txids: summary.txids.clone(),
-                        received: summary.received,
-                        sent: summary.sent,
-                    });
-                }
+                self.out.publish_activity(block.height, &block.activity);
             }
             while scanned.len() > self.config.recent_hashes as usize + 1 {
                 scanned.pop_front();
@@ -992,10 +994,12 @@ impl Engine {
     }
 }
 
-/// Which books [`Engine::prepare`] matches against.
-enum BooksRef<'a> {
-    Main,
-    Import(&'a Books),
+/// The path a scan starts on: filters, unless blocks are forced.
+fn initial_path(strategy: Strategy) -> Path {
+    match strategy {
+        Strategy::Blocks => Path::Blocks,
+        Strategy::Auto | Strategy::Filters => Path::Filters,
+    }
 }
 
 /// What prefetch tasks started now match against.
@@ -1065,5 +1069,52 @@ impl Books {
         }
         self.wallets.extend(other.wallets);
         self.watch.compact();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cost model measured `samples` times at these per-block costs.
+    fn measured(
+        filter_ns: u64,
+        scripts: usize,
+        block_fetch_ns: u64,
+        block_check_ns: u64,
+    ) -> CostModel {
+        let mut cost = CostModel::default();
+        for _ in 0..10 {
+            cost.filter.add(filter_ns);
+            cost.block_fetch.add(block_fetch_ns);
+            cost.block_check.add(block_check_ns);
+            cost.route.add(0);
+        }
+        cost.filter_scripts = scripts;
+        cost
+    }
+
+    #[test]
+    fn the_block_path_is_taken_past_the_crossover_from_a_local_source_only() {
+        // Matching 100,000 scripts costs 900 µs; checking a block 400 µs.
+        let local = measured(900_000, 100_000, 5_000, 400_000);
+        assert_eq!(local.next_path(Path::Filters, 100_000), Path::Blocks);
+        // A small watchlist: the filter path stays.
+        assert_eq!(local.next_path(Path::Filters, 10_000), Path::Filters);
+        // Within a quarter of each other: no switch either way.
+        assert_eq!(local.next_path(Path::Filters, 50_000), Path::Filters);
+        assert_eq!(local.next_path(Path::Blocks, 50_000), Path::Blocks);
+        // The watchlist shrank far enough: back to filters.
+        assert_eq!(local.next_path(Path::Blocks, 20_000), Path::Filters);
+        // A remote source (a block takes 5 ms to arrive): never blocks,
+        // and back to filters at once.
+        let remote = measured(900_000, 100_000, 5_000_000, 400_000);
+        assert_eq!(remote.next_path(Path::Filters, 1_000_000), Path::Filters);
+        assert_eq!(remote.next_path(Path::Blocks, 1_000_000), Path::Filters);
+        // Too few measurements: stay.
+        assert_eq!(
+            CostModel::default().next_path(Path::Filters, 1_000_000),
+            Path::Filters
+        );
     }
 }

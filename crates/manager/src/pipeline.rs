@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bitcoin::bip158::{FilterHash, FilterHeader};
@@ -143,6 +144,8 @@ pub(crate) struct Pipeline {
     spawner: Option<Spawner>,
     /// Signalled by every fetch task as it finishes.
     finished: Arc<tokio::sync::Notify>,
+    /// Fetch tasks not yet finished (each decrements it as it ends).
+    running: Arc<AtomicUsize>,
 }
 
 impl Drop for Pipeline {
@@ -167,6 +170,7 @@ impl Pipeline {
             ready: VecDeque::new(),
             spawner: None,
             finished: Arc::new(tokio::sync::Notify::new()),
+            running: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -258,8 +262,7 @@ impl Pipeline {
         let Some(spawner) = &self.spawner else {
             return;
         };
-        let mut running = self.inflight.iter().filter(|t| !t.is_finished()).count();
-        while running < spawner.prefetch
+        while self.running.load(Ordering::Acquire) < spawner.prefetch
             && self.inflight.len() < spawner.prefetch * FINISHED_PER_RUNNING
         {
             let Some((height, hash)) = self.headers.pop_front() else {
@@ -272,13 +275,14 @@ impl Pipeline {
                 spawner.snapshot.clone(),
                 spawner.policy,
             );
-            let finished = Arc::clone(&self.finished);
+            let (finished, running) = (Arc::clone(&self.finished), Arc::clone(&self.running));
+            running.fetch_add(1, Ordering::AcqRel);
             self.inflight.push_back(tokio::spawn(async move {
                 let result = task.await;
+                running.fetch_sub(1, Ordering::AcqRel);
                 finished.notify_one();
                 result
             }));
-            running += 1;
         }
     }
 
