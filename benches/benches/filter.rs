@@ -17,7 +17,7 @@ use lockstep_filter::{
 fn script(i: u64, salt: u64) -> ScriptBuf {
     let mut x = (i ^ salt.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt;
     let mut bytes = Vec::with_capacity(34);
-    let (prefix, len) = if i % 2 == 0 {
+    let (prefix, len) = if i.is_multiple_of(2) {
         ([0x00, 0x14], 20)
     } else {
         ([0x51, 0x20], 32)

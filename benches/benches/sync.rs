@@ -287,6 +287,28 @@ struct Fresh {
     _dir: tempfile::TempDir,
 }
 
+/// Profiling only the measured windows: with `LOCKSTEP_PERF_CTL` naming
+/// the control FIFO of `perf record --delay=-1 --control fifo:PATH`, each
+/// measured `sync()` (and floor run) is bracketed by `enable`/`disable`;
+/// `LOCKSTEP_PERF_ROW=sync` or `floor` keeps only one of the two.
+fn perf_control(row: &str, command: &str) {
+    if std::env::var("LOCKSTEP_PERF_ROW").is_ok_and(|only| only != row) {
+        return;
+    }
+    use std::io::Write as _;
+    static FIFO: OnceLock<Option<std::sync::Mutex<std::fs::File>>> = OnceLock::new();
+    let fifo = FIFO.get_or_init(|| {
+        let path = std::env::var_os("LOCKSTEP_PERF_CTL")?;
+        let file = std::fs::OpenOptions::new().write(true).open(path).ok()?;
+        Some(std::sync::Mutex::new(file))
+    });
+    if let Some(file) = fifo
+        && let Ok(mut file) = file.lock()
+    {
+        let _ = writeln!(file, "{command}");
+    }
+}
+
 fn fresh(chain: &SimChain, link: Link) -> Res<Fresh> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(&dir.path().join("lockstep.db"), StoreOptions::default())?;
@@ -304,9 +326,11 @@ impl Fresh {
     /// `sync()` to the tip, measured; checks it connected every block.
     async fn timed_sync(&self, tip: u32) -> Res<Measured> {
         let (m0, s0) = (self.metered.meter(), self.manager.stats());
+        perf_control("sync", "enable");
         let start = Instant::now();
         let height = self.manager.sync().await?;
         let wall = start.elapsed();
+        perf_control("sync", "disable");
         let (m1, s1) = (self.metered.meter(), self.manager.stats());
         if height != tip {
             return Err(format!("sync() stopped at {height}, the source's tip is {tip}").into());
@@ -500,6 +524,7 @@ async fn floor_run(chain: &SimChain, link: Link, lists: Arc<Vec<Watchlist<u32>>>
     let mut inflight: VecDeque<JoinHandle<Res<u64>>> = VecDeque::new();
     let mut next = 0;
     let mut acc = 0u64;
+    perf_control("floor", "enable");
     loop {
         while inflight.len() < config.prefetch && next < hashes.len() {
             let (source, lists, hash) = (Arc::clone(&source), Arc::clone(&lists), hashes[next]);
@@ -520,6 +545,7 @@ async fn floor_run(chain: &SimChain, link: Link, lists: Arc<Vec<Watchlist<u32>>>
     }
     black_box(acc);
     let wall = start.elapsed();
+    perf_control("floor", "disable");
     let s = Stats::default();
     Ok(Measured::of(wall, m0, metered.meter(), s, s))
 }
@@ -696,7 +722,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

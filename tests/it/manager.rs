@@ -503,7 +503,7 @@ impl ChainSource for Flaky {
     }
     async fn filter(&self, hash: BlockHash) -> Result<Vec<u8>, SourceError> {
         self.roll()?;
-        if self.calls.load(Ordering::Relaxed) % 97 == 0 {
+        if self.calls.load(Ordering::Relaxed).is_multiple_of(97) {
             // Hangs past the manager's request timeout.
             tokio::time::sleep(Duration::from_millis(300)).await;
         }

@@ -26,5 +26,5 @@ mod tests;
 pub use block::scan_block;
 pub use gcs::{BasicFilter, DecodeFilterError, M, P};
 pub use matcher::{hash_floor, matches, matches_parallel};
-pub use siphash::{for_each_siphash24, siphash24, siphash24_x4};
+pub use siphash::{LANES, for_each_block, push_message, siphash24, words_per_message};
 pub use watchlist::{ScriptId, Watchlist};

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::gcs::BasicFilter;
-use crate::siphash::for_each_siphash24;
+use crate::siphash::{LANES, for_each_block, for_each_probe_hit};
 use crate::watchlist::{Group, ScriptId, Watchlist};
 
 /// Scripts per parallel task: large enough that splitting costs nothing
@@ -55,7 +55,8 @@ pub fn matches_parallel<O: Copy + Eq + Sync>(
         })
 }
 
-/// Scripts `start..end` of one length group.
+/// Scripts `start..end` of one length group (`start` a multiple of
+/// [`LANES`]).
 #[inline]
 fn match_group(
     filter: &BasicFilter,
@@ -64,29 +65,61 @@ fn match_group(
     end: usize,
     out: &mut Vec<ScriptId>,
 ) {
+    debug_assert_eq!(start % LANES, 0);
     let (k0, k1) = filter.keys();
-    let ids = &group.ids[start..end];
-    for_each_siphash24(
+    let blocks = start / LANES..end.div_ceil(LANES);
+    let probe = filter.probe();
+    for_each_probe_hit(
         k0,
         k1,
-        &group.bytes[start * group.len..end * group.len],
-        group.len,
-        |i, hash| {
-            if filter.contains_value(filter.map_hash(hash)) {
-                out.push(ids[i]);
-            }
-        },
+        &group.words,
+        group.per_message(),
+        blocks,
+        &probe,
+        |b, lanes, mapped| confirm_hits(filter, group, end, b, mapped, lanes, out),
     );
 }
 
+/// The lanes of block `b` that passed the bitmap test: one in ~32 per
+/// script, so kept out of the hashing loop.
+#[inline(never)]
+fn confirm_hits(
+    filter: &BasicFilter,
+    group: &Group,
+    end: usize,
+    b: usize,
+    mapped: &[u64; LANES],
+    mut hits: u32,
+    out: &mut Vec<ScriptId>,
+) {
+    while hits != 0 {
+        let lane = hits.trailing_zeros() as usize;
+        hits &= hits - 1;
+        let i = b * LANES + lane;
+        if i < end && filter.contains_value(mapped[lane]) {
+            out.push(group.ids[i]);
+        }
+    }
+}
+
 /// The floor of filter matching: hashing every watched script with the
-/// block's keys and nothing else. Benchmarks compare [`matches`] with it.
+/// block's keys and nothing else (the same kernel and layout as
+/// [`matches`]). Benchmarks compare [`matches`] with it.
 pub fn hash_floor<O: Copy + Eq>(k0: u64, k1: u64, watchlist: &Watchlist<O>) -> u64 {
     let mut acc = 0u64;
     for group in &watchlist.groups {
-        for_each_siphash24(k0, k1, &group.bytes, group.len, |_, hash| {
-            acc = acc.wrapping_add(hash)
-        });
+        for_each_block(
+            k0,
+            k1,
+            &group.words,
+            group.per_message(),
+            0..group.blocks(),
+            |_, hashes| {
+                for h in hashes {
+                    acc = acc.wrapping_add(*h);
+                }
+            },
+        );
     }
     acc
 }

@@ -282,6 +282,68 @@ fn bad_filters_give_their_typed_errors() {
     }
 }
 
+/// The lane-wise mapping equals `map_hash` exactly, and the bitmap probe
+/// never misses a value the filter holds, on both paths (a range below
+/// 2^32, up to N = 5,471, and above it).
+#[test]
+fn bitmap_probe_finds_every_value_on_both_range_paths() {
+    let hash = BlockHash::from_byte_array([7; 32]);
+    for n in [1u64, 100, 5_471, 6_000] {
+        let elements: Vec<Vec<u8>> = (0..n).map(|i| i.to_le_bytes().to_vec()).collect();
+        let filter = BasicFilter::decode(&hash, &reference_filter(&hash, &elements)).unwrap();
+        let range = filter.len() as u64 * M;
+        assert_eq!(range > u64::from(u32::MAX), n == 6_000);
+        // Hashes at the edges of the 32-bit halves, where carries happen.
+        let edges = [
+            0,
+            1,
+            u64::MAX,
+            u64::MAX - 1,
+            0xffff_ffff,
+            1 << 32,
+            (1 << 32) - 1,
+            1 << 63,
+        ];
+        // A hash that maps onto value v: ceil(v · 2^64 / range).
+        let preimage = |v: u64| ((u128::from(v) << 64).div_ceil(u128::from(range))) as u64;
+        let mut hashes: Vec<u64> = filter.values().iter().map(|&v| preimage(v)).collect();
+        let members = hashes.len();
+        hashes.extend(edges);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..4_000 {
+            x = x.wrapping_mul(0x5851_f42d_4c95_7f2d).wrapping_add(1);
+            hashes.push(x);
+        }
+        for (b, block) in hashes.chunks(LANES).enumerate() {
+            let mut lanes = [0u64; LANES];
+            lanes[..block.len()].copy_from_slice(block);
+            let probe = filter.probe();
+            let hits = probe.hits(&lanes);
+            let mapped = probe.map_lanes(&lanes);
+            for (lane, &h) in block.iter().enumerate() {
+                let value = filter.map_hash(h);
+                assert_eq!(mapped[lane], value, "n {n}, hash {h}");
+                let hit = hits & (1 << lane) != 0;
+                assert_eq!(hit, filter.bitmap_has(value), "n {n}, hash {h}");
+                if b * LANES + lane < members {
+                    assert!(hit && filter.contains_value(value), "n {n}: member missed");
+                }
+            }
+        }
+        // Through the kernels (AVX-512's own probe where the CPU has it):
+        // every element of the filter matches, others almost never.
+        let list = Watchlist::from_scripts(elements.iter().map(|e| (e.as_slice(), ())));
+        assert_eq!(matches(&filter, &list).len(), elements.len(), "n {n}");
+        let others: Vec<Vec<u8>> = (n..n + 20_000).map(|i| i.to_le_bytes().to_vec()).collect();
+        let list = Watchlist::from_scripts(others.iter().map(|e| (e.as_slice(), ())));
+        let false_positives = matches(&filter, &list).len();
+        assert!(
+            false_positives < 5,
+            "n {n}: {false_positives} false positives"
+        );
+    }
+}
+
 #[test]
 fn an_empty_filter_matches_nothing() {
     let filter = BasicFilter::decode(&BlockHash::all_zeros(), &[0]).unwrap();

@@ -1,9 +1,10 @@
 //! The aggregate watchlist: every registered wallet's scripts, each mapped
 //! to the owners (wallet, keychain, index) that watch it.
 //!
-//! Scripts are stored back to back in one arena per script length, so that
-//! matching streams through memory and hashes scripts of one length four at
-//! a time; a hash map from script to id serves routing and the full-block
+//! Scripts are stored in one arena per script length, back to back and
+//! again pre-cut into SipHash words in the transposed layout the hashing
+//! kernel loads a vector at a time, so that matching streams through
+//! memory; a hash map from script to id serves routing and the full-block
 //! matcher.
 
 use std::collections::HashMap;
@@ -12,12 +13,26 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ScriptId(pub u32);
 
-/// Scripts of one length, back to back.
+/// Scripts of one length, back to back, and as SipHash words.
 #[derive(Debug, Clone)]
 pub(crate) struct Group {
     pub(crate) len: usize,
     pub(crate) bytes: Vec<u8>,
+    /// The scripts in [`crate::siphash::push_message`]'s layout.
+    pub(crate) words: Vec<u64>,
     pub(crate) ids: Vec<ScriptId>,
+}
+
+impl Group {
+    /// SipHash words per script.
+    pub(crate) fn per_message(&self) -> usize {
+        crate::siphash::words_per_message(self.len)
+    }
+
+    /// Blocks of [`crate::siphash::LANES`] scripts (the last maybe partial).
+    pub(crate) fn blocks(&self) -> usize {
+        self.ids.len().div_ceil(crate::siphash::LANES)
+    }
 }
 
 /// Every watched script and who watches it. `O` is the owner: the manager
@@ -81,6 +96,7 @@ impl<O: Copy + Eq> Watchlist<O> {
                 self.groups.push(Group {
                     len: script.len(),
                     bytes: Vec::new(),
+                    words: Vec::new(),
                     ids: Vec::new(),
                 });
                 self.groups.len() - 1
@@ -89,6 +105,7 @@ impl<O: Copy + Eq> Watchlist<O> {
         let g = &mut self.groups[group];
         self.place.push((group as u32, g.ids.len() as u32));
         g.bytes.extend_from_slice(script);
+        crate::siphash::push_message(&mut g.words, g.len, g.ids.len(), script);
         g.ids.push(id);
         self.owner.push(owner);
         self.index.insert(script.into(), id);

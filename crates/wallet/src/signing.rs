@@ -50,17 +50,17 @@ impl Wallet {
             psbt.update_input_with_descriptor(i, &definite)
                 .map_err(|e| WalletError::Sign(e.to_string()))?;
         }
-        if let Some(change) = &selection.change {
-            if let Some((Keychain::Internal, index)) = self.script_index(&change.script_pubkey) {
-                let definite = self
-                    .descriptors()
-                    .descriptor(Keychain::Internal)
-                    .at_derivation_index(index)
-                    .map_err(|e| WalletError::Sign(e.to_string()))?;
-                let at = psbt.outputs.len() - 1;
-                psbt.update_output_with_descriptor(at, &definite)
-                    .map_err(|e| WalletError::Sign(e.to_string()))?;
-            }
+        if let Some(change) = &selection.change
+            && let Some((Keychain::Internal, index)) = self.script_index(&change.script_pubkey)
+        {
+            let definite = self
+                .descriptors()
+                .descriptor(Keychain::Internal)
+                .at_derivation_index(index)
+                .map_err(|e| WalletError::Sign(e.to_string()))?;
+            let at = psbt.outputs.len() - 1;
+            psbt.update_output_with_descriptor(at, &definite)
+                .map_err(|e| WalletError::Sign(e.to_string()))?;
         }
         Ok(psbt)
     }

@@ -502,10 +502,11 @@ impl SimChain {
         params: SimParams,
         height: u32,
     ) -> Result<SimChain, SimError> {
-        if let Ok(chain) = SimChain::load(path) {
-            if chain.params() == params && chain.height() == height {
-                return Ok(chain);
-            }
+        if let Ok(chain) = SimChain::load(path)
+            && chain.params() == params
+            && chain.height() == height
+        {
+            return Ok(chain);
         }
         let chain = SimChain::generate(params, height)?;
         if let Some(dir) = path.parent() {

@@ -575,15 +575,15 @@ impl State {
                     continue;
                 }
                 let key = self.ownership(tx, txid, vout, height);
-                if i == 0 {
-                    if let Some(key) = key {
-                        let coin = PoolCoin {
-                            outpoint,
-                            txout: txout.clone(),
-                            key,
-                        };
-                        self.immature.push_back((height, coin));
-                    }
+                if i == 0
+                    && let Some(key) = key
+                {
+                    let coin = PoolCoin {
+                        outpoint,
+                        txout: txout.clone(),
+                        key,
+                    };
+                    self.immature.push_back((height, coin));
                 }
                 self.utxos.insert(
                     outpoint,
@@ -689,17 +689,17 @@ impl State {
                 }
                 let outpoint = OutPoint::new(txid, vout as u32);
                 let key = self.ownership(tx, txid, vout as u32, height);
-                if i == 0 {
-                    if let Some(key) = key {
-                        self.immature.push_back((
-                            height,
-                            PoolCoin {
-                                outpoint,
-                                txout: out.clone(),
-                                key,
-                            },
-                        ));
-                    }
+                if i == 0
+                    && let Some(key) = key
+                {
+                    self.immature.push_back((
+                        height,
+                        PoolCoin {
+                            outpoint,
+                            txout: out.clone(),
+                            key,
+                        },
+                    ));
                 }
                 self.utxos.insert(
                     outpoint,
