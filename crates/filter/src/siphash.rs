@@ -52,11 +52,11 @@ pub fn push_message(words: &mut Vec<u64>, len: usize, index: usize, message: &[u
         words.resize((block + 1) * per * LANES, 0);
     }
     let base = block * per * LANES + lane;
-    let mut chunks = message.chunks_exact(8);
-    for (w, chunk) in (&mut chunks).enumerate() {
-        words[base + w * LANES] = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+    let (chunks, tail) = message.as_chunks::<8>();
+    for (w, chunk) in chunks.iter().enumerate() {
+        words[base + w * LANES] = u64::from_le_bytes(*chunk);
     }
-    words[base + (per - 1) * LANES] = last_word(chunks.remainder(), len);
+    words[base + (per - 1) * LANES] = last_word(tail, len);
 }
 
 /// A decoded filter's bitmap, as the kernels test hashes against it: a
@@ -233,8 +233,7 @@ mod avx512 {
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512vl")]
-    fn load(words: &[u64]) -> __m512i {
-        let words: &[u64; LANES] = words.try_into().expect("LANES words");
+    fn load(words: &[u64; LANES]) -> __m512i {
         // SAFETY: `words` is 64 readable bytes; the load is unaligned.
         #[allow(unsafe_code, reason = "an unaligned vector load of a whole array")]
         unsafe {
@@ -265,7 +264,12 @@ mod avx512 {
             _mm512_set1_epi64((k1 ^ C3) as i64),
         ];
         let (mut x, mut y) = (init, init);
-        for (mx, my) in first.chunks_exact(LANES).zip(second.chunks_exact(LANES)) {
+        for (mx, my) in first
+            .as_chunks::<LANES>()
+            .0
+            .iter()
+            .zip(second.as_chunks().0)
+        {
             let (mx, my) = (load(mx), load(my));
             x[3] = _mm512_xor_si512(x[3], mx);
             y[3] = _mm512_xor_si512(y[3], my);
@@ -430,8 +434,7 @@ fn hash_block(k0: u64, k1: u64, block: &[u64]) -> [u64; LANES] {
         [k0 ^ C2; LANES],
         [k1 ^ C3; LANES],
     ];
-    for m in block.chunks_exact(LANES) {
-        let m: &[u64; LANES] = m.try_into().expect("LANES words");
+    for m in block.as_chunks::<LANES>().0 {
         compress_lanes(&mut v, m);
     }
     for x in &mut v[2] {
