@@ -97,6 +97,63 @@ fn one_core(c: &mut Criterion) {
     group.finish();
 }
 
+/// `count` filters of 1,500 elements (the sync chain's mean), each under
+/// its own block hash: what the chain loop meets, a fresh key and bitmap
+/// per block, where [`one_core`] repeats one filter.
+fn fresh_filters(count: u64) -> Vec<(BlockHash, Vec<u8>)> {
+    (0..count)
+        .map(|f| {
+            let mut bytes = [0u8; 32];
+            bytes[..8].copy_from_slice(&(f + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+            let hash = BlockHash::from_byte_array(bytes);
+            let (k0, k1) = (u64::from_le_bytes(bytes[0..8].try_into().unwrap()), 0);
+            let mut out = Vec::new();
+            let mut writer = GcsFilterWriter::new(&mut out, k0, k1, M, P as u8);
+            for i in 0..1_500 {
+                writer.add_element(script(i, 10 + f).as_bytes());
+            }
+            writer.finish().unwrap();
+            (hash, out)
+        })
+        .collect()
+}
+
+fn many_blocks(c: &mut Criterion) {
+    let filters = fresh_filters(32);
+    let mut group = c.benchmark_group("filter match, 32 blocks of 1500 elements, one core");
+    group.sample_size(20);
+    for q in [10_000u64, 100_000] {
+        let (_, list) = watchlist(q);
+        group.throughput(Throughput::Elements(q * filters.len() as u64));
+        group.bench_with_input(BenchmarkId::new("ours (decode + match)", q), &q, |b, _| {
+            b.iter(|| {
+                for (hash, raw) in &filters {
+                    let filter = BasicFilter::decode(hash, black_box(raw)).unwrap();
+                    black_box(matches(&filter, &list));
+                }
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("decode only", q), &q, |b, _| {
+            b.iter(|| {
+                for (hash, raw) in &filters {
+                    black_box(BasicFilter::decode(hash, black_box(raw)).unwrap());
+                }
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("floor (SipHash only)", q), &q, |b, _| {
+            b.iter(|| {
+                for (hash, _) in &filters {
+                    let key = hash.to_byte_array();
+                    let k0 = u64::from_le_bytes(key[0..8].try_into().unwrap());
+                    let k1 = u64::from_le_bytes(key[8..16].try_into().unwrap());
+                    black_box(hash_floor(k0, k1, black_box(&list)));
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 fn two_cores(c: &mut Criterion) {
     let raw = filter_3000();
     let hash = block_hash();
@@ -174,5 +231,5 @@ fn full_block(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, one_core, two_cores, full_block);
+criterion_group!(benches, one_core, many_blocks, two_cores, full_block);
 criterion_main!(benches);

@@ -385,12 +385,28 @@ fn probe_avx512(
     probe: &Probe<'_>,
     mut hit: impl FnMut(usize, u32, &[u64; LANES]),
 ) {
-    avx512::pairs(k0, k1, words, per_message, blocks, |b, h| {
-        let (lanes, mapped) = avx512::probe_hits(h, probe);
-        if lanes != 0 {
-            hit(b, lanes, &avx512::store(mapped));
+    // Hits are collected without a branch on them (a slot is written for
+    // every block and kept only when it has a hit), then handed out per
+    // chunk: a branch on the gather's result mispredicts on every hit and
+    // throws away the hashing already under way behind it.
+    const CHUNK: usize = 64;
+    let mut found = [(0usize, 0u32, [0u64; LANES]); CHUNK];
+    let mut start = blocks.start;
+    while start < blocks.end {
+        let end = blocks.end.min(start + CHUNK);
+        let mut n = 0;
+        avx512::pairs(k0, k1, words, per_message, start..end, |b, h| {
+            let (lanes, mapped) = avx512::probe_hits(h, probe);
+            if let Some(slot) = found.get_mut(n) {
+                *slot = (b, lanes, avx512::store(mapped));
+            }
+            n += usize::from(lanes != 0);
+        });
+        for (b, lanes, mapped) in &found[..n.min(CHUNK)] {
+            hit(*b, *lanes, mapped);
         }
-    })
+        start = end;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
