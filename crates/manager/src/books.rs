@@ -41,8 +41,9 @@ pub(crate) struct AggregateWatch {
     base_len: usize,
     /// Every (script, owner) ever added, in order.
     log: Vec<(ScriptBuf, Owner)>,
-    /// Owners of the scripts in `log[base_len..]`, for routing.
-    tail: HashMap<ScriptBuf, Vec<Owner>>,
+    /// Owners of the scripts in `log[base_len..]`, for routing (with the
+    /// base's hasher: see `lockstep_filter::Watchlist`'s index).
+    tail: HashMap<ScriptBuf, Vec<Owner>, foldhash::fast::RandomState>,
     /// `(start, scripts)`: the scripts of `log[start..]` up to the next
     /// epoch's start, for the last [`EPOCHS`] bases; the last epoch starts
     /// at `base_len` and grows with the tail.
@@ -61,7 +62,7 @@ impl AggregateWatch {
             base: Arc::new(Watchlist::new()),
             base_len: 0,
             log: Vec::new(),
-            tail: HashMap::new(),
+            tail: HashMap::default(),
             epochs: VecDeque::from([(0, Watchlist::new())]),
         }
     }
