@@ -22,6 +22,10 @@ pub const P: u32 = 19;
 /// BIP158 basic filter parameter M: the inverse false-positive rate.
 pub const M: u64 = 784_931;
 
+/// From how many watched scripts [`BasicFilter::decode_for`] builds the
+/// denser bitmap.
+pub const DENSE_FROM: usize = 32_768;
+
 /// The fewest bits one element can take: a single `0` ending its unary
 /// quotient, then P remainder bits.
 const MIN_BITS_PER_ELEMENT: u64 = 1 + P as u64;
@@ -92,6 +96,21 @@ impl BasicFilter {
     /// Decodes the raw filter (CompactSize count, then the Golomb-Rice set)
     /// of the block `block_hash`.
     pub fn decode(block_hash: &BlockHash, bytes: &[u8]) -> Result<BasicFilter, DecodeFilterError> {
+        Self::decode_for(block_hash, bytes, 0)
+    }
+
+    /// As [`Self::decode`], with the bitmap sized for matching `watched`
+    /// scripts: each script that hits the bitmap by chance costs a look at
+    /// its word's values, so past [`DENSE_FROM`] scripts the bitmap gets
+    /// twice the bits (128 per element: 32 KiB for 1,500 elements), which
+    /// costs the decoder more than it saves below that. Criterion, 32
+    /// fresh 1,500-element filters, 100k scripts: 9.34 -> 8.61 ms; 10k:
+    /// 1.067 -> 1.096 ms.
+    pub fn decode_for(
+        block_hash: &BlockHash,
+        bytes: &[u8],
+        watched: usize,
+    ) -> Result<BasicFilter, DecodeFilterError> {
         let (n, header) = read_compact_size(bytes)?;
         let body = &bytes[header..];
         let max = body.len() as u64 * 8 / MIN_BITS_PER_ELEMENT;
@@ -125,7 +144,10 @@ impl BasicFilter {
         // a false bitmap hit (1 in ~64) a look at its word's few values.
         // 16 KiB for a typical 1,500-element filter stays in the L1 cache
         // (32 bits per element measured 9% slower at 10,000 scripts).
-        let bits_wanted = (n.max(1) * 64).next_power_of_two().clamp(64, 1 << 24);
+        let per_element = if watched >= DENSE_FROM { 128 } else { 64 };
+        let bits_wanted = (n.max(1) * per_element)
+            .next_power_of_two()
+            .clamp(64, 1 << 24);
         let range_bits = 64 - range.leading_zeros();
         let shift = range_bits.saturating_sub(bits_wanted.trailing_zeros());
         let words = ((range.max(1) - 1) >> shift >> 6) as usize + 1;

@@ -24,7 +24,7 @@ mod watchlist;
 mod tests;
 
 pub use block::scan_block;
-pub use gcs::{BasicFilter, DecodeFilterError, M, P};
+pub use gcs::{BasicFilter, DENSE_FROM, DecodeFilterError, M, P};
 pub use matcher::{hash_floor, matches, matches_parallel};
 pub use siphash::{LANES, for_each_block, push_message, siphash24, words_per_message};
 pub use watchlist::{ScriptId, Watchlist};

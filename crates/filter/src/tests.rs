@@ -288,9 +288,19 @@ fn bad_filters_give_their_typed_errors() {
 #[test]
 fn bitmap_probe_finds_every_value_on_both_range_paths() {
     let hash = BlockHash::from_byte_array([7; 32]);
-    for n in [1u64, 100, 5_471, 6_000] {
+    // Both bitmap densities (`decode` and `decode_for` a large watchlist).
+    for (n, watched) in [1u64, 100, 5_471, 6_000]
+        .into_iter()
+        .flat_map(|n| [(n, 0), (n, crate::DENSE_FROM)])
+    {
         let elements: Vec<Vec<u8>> = (0..n).map(|i| i.to_le_bytes().to_vec()).collect();
-        let filter = BasicFilter::decode(&hash, &reference_filter(&hash, &elements)).unwrap();
+        let raw = reference_filter(&hash, &elements);
+        let filter = BasicFilter::decode_for(&hash, &raw, watched).unwrap();
+        let sparse = BasicFilter::decode(&hash, &raw).unwrap();
+        assert_eq!(filter.values(), sparse.values());
+        if watched > 0 && n > 1 {
+            assert!(filter.probe().bitmap.len() > sparse.probe().bitmap.len());
+        }
         let range = filter.len() as u64 * M;
         assert_eq!(range > u64::from(u32::MAX), n == 6_000);
         // Hashes at the edges of the 32-bit halves, where carries happen.

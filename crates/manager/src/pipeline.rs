@@ -466,10 +466,12 @@ async fn fetch(
         let start = Instant::now();
         let filter_hash = FilterHash::hash(&raw);
         let decoded =
-            BasicFilter::decode(&hash, &raw).map_err(|source| ManagerError::BadFilter {
-                height,
-                hash,
-                source,
+            BasicFilter::decode_for(&hash, &raw, snapshot.base.len()).map_err(|source| {
+                ManagerError::BadFilter {
+                    height,
+                    hash,
+                    source,
+                }
             })?;
         // On this task's thread: blocks are matched in parallel across
         // tasks already, and handing the work to rayon would park a tokio
