@@ -122,23 +122,6 @@ impl BasicFilter {
             });
         }
         let range = n * M;
-        let mut values = Vec::with_capacity(n as usize);
-        let mut reader = BitReader::new(body);
-        let mut last = 0u64;
-        for index in 0..n {
-            let truncated = DecodeFilterError::Truncated { decoded: index, n };
-            let quotient = reader.read_unary().ok_or(truncated.clone())?;
-            let remainder = reader.read_bits(P).ok_or(truncated)?;
-            last = (quotient << P | remainder)
-                .checked_add(last)
-                .filter(|v| *v < range)
-                .ok_or(DecodeFilterError::ValueOutOfRange { index })?;
-            values.push(last);
-        }
-        let excess = reader.unread_whole_bytes();
-        if excess > 0 {
-            return Err(DecodeFilterError::ExcessData { bytes: excess });
-        }
 
         // About 64 bitmap bits per element: a miss costs one bit test, and
         // a false bitmap hit (1 in ~64) a look at its word's few values.
@@ -153,12 +136,43 @@ impl BasicFilter {
         let words = ((range.max(1) - 1) >> shift >> 6) as usize + 1;
         let mut bitmap = vec![0u64; words];
         // rank[w]: values in bitmap words before w. Values are ascending,
-        // so those of word w are values[rank[w]..rank[w + 1]].
+        // so those of word w are values[rank[w]..rank[w + 1]]. Counted per
+        // word while decoding, summed after.
         let mut rank = vec![0u32; words + 1];
-        for v in &values {
-            let bucket = v >> shift;
-            bitmap[(bucket >> 6) as usize] |= 1 << (bucket & 63);
-            rank[(bucket >> 6) as usize + 1] += 1;
+
+        let mut values = Vec::with_capacity(n as usize);
+        let mut reader = BitReader::new(body);
+        let mut last = 0u64;
+        for index in 0..n {
+            // Almost every element (a quotient of a few ones, a zero, P
+            // bits) lies within one refill: read it from the buffer at
+            // once; the rest goes bit run by bit run.
+            reader.refill();
+            let ones = (!reader.buf).leading_zeros();
+            let delta = if ones + 1 + P <= reader.n_bits {
+                let after = reader.buf << (ones + 1);
+                reader.consume(ones + 1);
+                reader.consume(P);
+                u64::from(ones) << P | after >> (64 - P)
+            } else {
+                let truncated = DecodeFilterError::Truncated { decoded: index, n };
+                let quotient = reader.read_unary().ok_or(truncated.clone())?;
+                let remainder = reader.read_bits(P).ok_or(truncated)?;
+                quotient << P | remainder
+            };
+            last = delta
+                .checked_add(last)
+                .filter(|v| *v < range)
+                .ok_or(DecodeFilterError::ValueOutOfRange { index })?;
+            values.push(last);
+            // `last < range`, so its bucket's word is in the bitmap.
+            let word = (last >> shift >> 6) as usize;
+            bitmap[word] |= 1 << ((last >> shift) & 63);
+            rank[word + 1] += 1;
+        }
+        let excess = reader.unread_whole_bytes();
+        if excess > 0 {
+            return Err(DecodeFilterError::ExcessData { bytes: excess });
         }
         for w in 0..words {
             rank[w + 1] += rank[w];

@@ -282,6 +282,72 @@ fn bad_filters_give_their_typed_errors() {
     }
 }
 
+/// A basic filter's bytes for exactly `values` (ascending): CompactSize N,
+/// then each gap as a Golomb-Rice code (quotient in unary, P bits).
+fn encode_values(values: &[u64]) -> Vec<u8> {
+    let mut bits: Vec<bool> = Vec::new();
+    let mut last = 0;
+    for &v in values {
+        let delta = v - last;
+        last = v;
+        bits.extend(std::iter::repeat_n(true, (delta >> P) as usize));
+        bits.push(false);
+        bits.extend((0..P).rev().map(|b| delta >> b & 1 == 1));
+    }
+    let mut out = Vec::new();
+    bitcoin::consensus::Encodable::consensus_encode(
+        &bitcoin::VarInt(values.len() as u64),
+        &mut out,
+    )
+    .unwrap();
+    out.extend(bits.chunks(8).map(|byte| {
+        byte.iter()
+            .enumerate()
+            .fold(0u8, |acc, (i, &bit)| acc | u8::from(bit) << (7 - i))
+    }));
+    out
+}
+
+/// Quotients around and far past what one refill of the reader holds
+/// (its fast path takes up to 44 ones) decode exactly, as do short ones.
+#[test]
+fn long_and_short_quotients_decode_exactly() {
+    let hash = BlockHash::all_zeros();
+    let n = 2_000u64;
+    let mut values = Vec::new();
+    let mut v = 0u64;
+    for i in 0..n {
+        let quotient = if i % 50 == 0 { 38 + (i / 50) % 12 } else { 0 };
+        v += quotient << P | (i * 7_919) % (1 << P);
+        values.push(v);
+    }
+    assert!(v < n * M);
+    // And one filter whose first gap is a run of ~300 ones.
+    let top: Vec<u64> = (200 * M - 200..200 * M).collect();
+    for values in [values, top] {
+        let raw = encode_values(&values);
+        let filter = BasicFilter::decode(&hash, &raw).unwrap();
+        assert_eq!(filter.values(), values.as_slice());
+        let dense = BasicFilter::decode_for(&hash, &raw, crate::DENSE_FROM).unwrap();
+        assert_eq!(dense.values(), values.as_slice());
+        for &value in &values {
+            assert!(filter.contains_value(value) && dense.contains_value(value));
+        }
+        // Cut inside the stream: an error, never a short answer (too few
+        // bytes for the count, or the stream ending early).
+        for cut in [raw.len() - 1, raw.len() / 2, 3] {
+            assert!(matches!(
+                BasicFilter::decode(&hash, &raw[..cut]),
+                Err(DecodeFilterError::Truncated { .. } | DecodeFilterError::CountTooLarge { .. })
+            ));
+        }
+        assert!(matches!(
+            BasicFilter::decode(&hash, &raw[..raw.len() - 1]),
+            Err(DecodeFilterError::Truncated { .. })
+        ));
+    }
+}
+
 /// The lane-wise mapping equals `map_hash` exactly, and the bitmap probe
 /// never misses a value the filter holds, on both paths (a range below
 /// 2^32, up to N = 5,471, and above it).
