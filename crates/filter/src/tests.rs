@@ -318,7 +318,7 @@ fn long_and_short_quotients_decode_exactly() {
     let mut v = 0u64;
     for i in 0..n {
         let quotient = if i % 50 == 0 { 38 + (i / 50) % 12 } else { 0 };
-        v += quotient << P | (i * 7_919) % (1 << P);
+        v += (quotient << P) | ((i * 7_919) % (1 << P));
         values.push(v);
     }
     assert!(v < n * M);
