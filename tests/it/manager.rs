@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
 use bitcoin::{Amount, Block, BlockHash, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
+use lockstep::chain::metered::Metered;
 use lockstep::chain::{
     BlockId, BroadcastError, ChainSource, ReorgTxs, SimChain, SimParams, SourceError,
 };
@@ -251,6 +252,46 @@ fn hundred_wallets_equal_the_oracle() {
             stats.commits < stats.blocks_connected,
             "catch-up commits batches: {stats:?}"
         );
+    });
+}
+
+/// N wallets cost the requests of one: each block's filter is asked for
+/// once whatever the number of wallets, and filter headers come in one
+/// request per batch of block headers (BIP157 `getcfheaders`), not one per
+/// block.
+#[test]
+fn many_wallets_cost_the_requests_of_one() {
+    runtime().block_on(async {
+        let chain =
+            SimChain::generate(SimParams::unsigned(12).with_load(3..=8, 1..=2), MATURE + 60)
+                .unwrap();
+        let header_batch = 25;
+        let config = ManagerConfig {
+            header_batch,
+            ..config()
+        };
+        let mut meters = Vec::new();
+        for wallets in [1, 12] {
+            let metered = Metered::new(Arc::new(chain.clone()));
+            let mut w =
+                World::with_source(chain.clone(), Arc::new(metered.clone()), config.clone(), 12);
+            for i in 0..wallets {
+                w.add(i, 1, 10).await;
+            }
+            w.sync().await;
+            meters.push(metered.meter());
+        }
+        let (one, many) = (meters[0], meters[1]);
+        let blocks = u64::from(chain.height());
+        assert_eq!(many.filters, one.filters, "{one:?} {many:?}");
+        assert_eq!(many.filters, blocks, "one filter request per block");
+        // Per batch: the headers and their filter headers. Then at most a
+        // few more: the filter header the scan starts from, the empty
+        // answer at the tip.
+        let batches = blocks.div_ceil(u64::from(header_batch));
+        assert!(many.headers <= 2 * batches + 3, "{many:?}");
+        assert!(many.headers >= 2 * batches, "{many:?}");
+        assert_eq!(many.headers, one.headers, "{one:?} {many:?}");
     });
 }
 
@@ -512,6 +553,10 @@ impl ChainSource for Flaky {
     async fn filter_header(&self, hash: BlockHash) -> Result<FilterHeader, SourceError> {
         self.roll()?;
         self.inner.filter_header(hash).await
+    }
+    async fn filter_headers(&self, blocks: &[BlockId]) -> Result<Vec<FilterHeader>, SourceError> {
+        self.roll()?;
+        self.inner.filter_headers(blocks).await
     }
     async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError> {
         self.roll()?;

@@ -185,6 +185,13 @@ impl ChainSource for Metered {
         Ok(header)
     }
 
+    async fn filter_headers(&self, blocks: &[BlockId]) -> Result<Vec<FilterHeader>, SourceError> {
+        let headers = self.inner.filter_headers(blocks).await?;
+        self.account(Some(&self.counters.headers), 32 * headers.len())
+            .await;
+        Ok(headers)
+    }
+
     async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError> {
         let block = self.inner.block(hash).await?;
         self.account(Some(&self.counters.blocks), block.total_size())

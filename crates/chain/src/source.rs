@@ -46,6 +46,25 @@ pub trait ChainSource: Send + Sync + 'static {
     /// and to every filter before it.
     async fn filter_header(&self, hash: BlockHash) -> Result<FilterHeader, SourceError>;
 
+    /// The basic filter headers of `blocks`, one per block in their order,
+    /// in one request where the source can. `blocks` are consecutive blocks
+    /// of one chain, lowest first (the caller has their headers): that is
+    /// what BIP157 peers answer in one `cfheaders` message (`getcfheaders`
+    /// from the first height to the last hash, up to 2,000) and Core's REST
+    /// interface in one `blockfilterheaders/basic/<count>/<first hash>`.
+    /// A block not on the source's best chain gives
+    /// [`SourceError::NotFound`].
+    ///
+    /// The default asks [`filter_header`](Self::filter_header) once per
+    /// block.
+    async fn filter_headers(&self, blocks: &[BlockId]) -> Result<Vec<FilterHeader>, SourceError> {
+        let mut out = Vec::with_capacity(blocks.len());
+        for block in blocks {
+            out.push(self.filter_header(block.hash).await?);
+        }
+        Ok(out)
+    }
+
     /// The block itself.
     async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError>;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bitcoin::bip158::{FilterHash, FilterHeader};
 use bitcoin::hashes::Hash as _;
 use bitcoin::{Block, BlockHash};
-use lockstep_chain::{ChainSource, SourceError};
+use lockstep_chain::{BlockId, ChainSource, Missing, SourceError};
 use lockstep_filter::{BasicFilter, Watchlist, matches};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -138,7 +138,12 @@ pub(crate) struct Pipeline {
     last_hash: BlockHash,
     stop_at: Option<u32>,
     at_source_tip: bool,
-    headers: VecDeque<(u32, BlockHash)>,
+    /// Blocks with a header and no fetch task yet, with their filter
+    /// header when it came in the same batch.
+    headers: VecDeque<(u32, BlockHash, Option<FilterHeader>)>,
+    /// Whether header batches bring the blocks' filter headers along: on
+    /// the filter path, one request per batch instead of one per block.
+    with_filter_headers: bool,
     inflight: VecDeque<JoinHandle<Result<Fetched, Flow>>>,
     ready: VecDeque<Fetched>,
     spawner: Option<Spawner>,
@@ -166,6 +171,7 @@ impl Pipeline {
             stop_at,
             at_source_tip: false,
             headers: VecDeque::new(),
+            with_filter_headers: true,
             inflight: VecDeque::new(),
             ready: VecDeque::new(),
             spawner: None,
@@ -201,7 +207,9 @@ impl Pipeline {
         }
     }
 
-    /// Asks for more headers when fewer than `prefetch` are waiting.
+    /// Asks for more headers when fewer than `prefetch` are waiting, and,
+    /// on the filter path, for those blocks' filter headers in one more
+    /// request.
     pub(crate) async fn top_up_headers(
         &mut self,
         source: &Arc<dyn ChainSource>,
@@ -227,15 +235,51 @@ impl Pipeline {
             Err(SourceError::NotFound(_)) => Vec::new(),
             Err(e) => return Err(e.into()),
         };
-        self.at_source_tip = headers.len() < count as usize;
+        let at_source_tip = headers.len() < count as usize;
+        let mut blocks = Vec::with_capacity(headers.len());
+        let mut last_hash = self.last_hash;
+        let mut reorg = false;
         for header in headers {
-            if header.prev_blockhash != self.last_hash {
-                return Err(Flow::Reorg);
+            if header.prev_blockhash != last_hash {
+                reorg = true;
+                break;
             }
-            let hash = header.block_hash();
-            self.headers.push_back((self.next_header, hash));
-            self.last_hash = hash;
+            last_hash = header.block_hash();
+            blocks.push(BlockId {
+                height: self.next_header + blocks.len() as u32,
+                hash: last_hash,
+            });
+        }
+        let filter_headers = if self.with_filter_headers && !blocks.is_empty() {
+            match timed(Policy::of(config), || source.filter_headers(&blocks)).await {
+                Ok(got) if got.len() == blocks.len() => got.into_iter().map(Some).collect(),
+                Ok(got) => {
+                    return Err(Flow::Fail(ManagerError::Source(SourceError::Invalid {
+                        what: Missing::FilterHeader(blocks[0].hash),
+                        reason: format!("{} filter headers for {} blocks", got.len(), blocks.len()),
+                    })));
+                }
+                // Still failing after its retries: each block's task asks
+                // for its own filter header instead, with its own retries,
+                // so one failure does not cost the whole batch.
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, "filter headers: one request per block");
+                    vec![None; blocks.len()]
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            vec![None; blocks.len()]
+        };
+        self.at_source_tip = at_source_tip;
+        for (block, filter_header) in blocks.into_iter().zip(filter_headers) {
+            self.headers
+                .push_back((block.height, block.hash, filter_header));
+            self.last_hash = block.hash;
             self.next_header += 1;
+        }
+        if reorg {
+            return Err(Flow::Reorg);
         }
         Ok(())
     }
@@ -249,6 +293,7 @@ impl Pipeline {
         config: &ManagerConfig,
         snapshot: &Snapshot,
     ) {
+        self.with_filter_headers = snapshot.path == Path::Filters && !snapshot.idle;
         self.spawner = Some(Spawner {
             source: Arc::clone(source),
             policy: Policy::of(config),
@@ -265,13 +310,14 @@ impl Pipeline {
         while self.running.load(Ordering::Acquire) < spawner.prefetch
             && self.inflight.len() < spawner.prefetch * FINISHED_PER_RUNNING
         {
-            let Some((height, hash)) = self.headers.pop_front() else {
+            let Some((height, hash, filter_header)) = self.headers.pop_front() else {
                 break;
             };
             let task = fetch(
                 Arc::clone(&spawner.source),
                 height,
                 hash,
+                filter_header,
                 spawner.snapshot.clone(),
                 spawner.policy,
             );
@@ -438,12 +484,14 @@ pub(crate) fn merkle_root_matches(block: &Block) -> bool {
     encoded && root.is_some_and(|root| root == block.header.merkle_root.to_raw_hash())
 }
 
-/// One prefetch task: the filter and its header, decoded and matched; the
-/// block too on a match or on the block path.
+/// One prefetch task: the filter (and its header, unless it came with the
+/// headers), decoded and matched; the block too on a match or on the block
+/// path.
 async fn fetch(
     source: Arc<dyn ChainSource>,
     height: u32,
     hash: BlockHash,
+    filter_header: Option<FilterHeader>,
     snapshot: Snapshot,
     policy: Policy,
 ) -> Result<Fetched, Flow> {
@@ -458,11 +506,16 @@ async fn fetch(
         return Ok(fetched);
     }
     if snapshot.path == Path::Filters {
-        let (raw, header) = tokio::join!(
-            timed(policy, || source.filter(hash)),
-            timed(policy, || source.filter_header(hash))
-        );
-        let (raw, header) = (raw?, header?);
+        let (raw, header) = match filter_header {
+            Some(header) => (timed(policy, || source.filter(hash)).await?, header),
+            None => {
+                let (raw, header) = tokio::join!(
+                    timed(policy, || source.filter(hash)),
+                    timed(policy, || source.filter_header(hash))
+                );
+                (raw?, header?)
+            }
+        };
         let start = Instant::now();
         let filter_hash = FilterHash::hash(&raw);
         let decoded =

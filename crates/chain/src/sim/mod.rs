@@ -570,6 +570,19 @@ impl ChainSource for SimChain {
         Ok(state.blocks[*height as usize].filter_header)
     }
 
+    async fn filter_headers(&self, blocks: &[BlockId]) -> Result<Vec<FilterHeader>, SourceError> {
+        let state = self.read();
+        blocks
+            .iter()
+            .map(|block| match state.by_hash.get(&block.hash) {
+                Some(&height) if height == block.height => {
+                    Ok(state.blocks[height as usize].filter_header)
+                }
+                _ => Err(SourceError::NotFound(Missing::FilterHeader(block.hash))),
+            })
+            .collect()
+    }
+
     async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError> {
         let state = self.read();
         let height = state

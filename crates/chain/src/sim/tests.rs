@@ -444,6 +444,25 @@ fn broadcast_through_the_trait_object() {
             source.filter_header(tip.hash).await.unwrap(),
             chain.filter_header_at(tip.height).unwrap()
         );
+        // A batch of filter headers equals them one by one; a block off
+        // the chain (or at another height) is not found.
+        let blocks: Vec<BlockId> = (40..60)
+            .map(|height| BlockId {
+                height,
+                hash: chain.hash_at(height).unwrap(),
+            })
+            .collect();
+        let batch = source.filter_headers(&blocks).await.unwrap();
+        assert_eq!(batch.len(), blocks.len());
+        for (block, header) in blocks.iter().zip(&batch) {
+            assert_eq!(*header, source.filter_header(block.hash).await.unwrap());
+        }
+        let mut shifted = blocks.clone();
+        shifted[3].height += 1;
+        assert!(matches!(
+            source.filter_headers(&shifted).await,
+            Err(SourceError::NotFound(Missing::FilterHeader(_)))
+        ));
         let missing = source.block_hash(1_000).await.unwrap_err();
         assert_eq!(missing.kind(), SourceErrorKind::NotFound);
         assert!(matches!(
