@@ -15,6 +15,7 @@ use bitcoin::{Amount, Block, BlockHash, OutPoint, ScriptBuf, Transaction, TxOut,
 use lockstep::chain::metered::Metered;
 use lockstep::chain::{
     BlockId, BroadcastError, ChainSource, ReorgTxs, SimChain, SimParams, SourceError,
+    SourceErrorKind,
 };
 use lockstep::manager::{
     Event, Manager, ManagerConfig, ManagerError, NewWallet, ScriptImport, Status,
@@ -649,6 +650,34 @@ fn a_flaky_source_is_retried_until_synced() {
     });
 }
 
+/// A batch of filter headers that does not answer every block asked is a
+/// typed error, and nothing of that batch is committed.
+#[test]
+fn a_short_batch_of_filter_headers_is_a_typed_error() {
+    runtime().block_on(async {
+        let chain =
+            SimChain::generate(SimParams::unsigned(9).with_load(3..=8, 1..=2), MATURE + 5).unwrap();
+        let liar = Arc::new(Liar::new(chain.clone()));
+        let mut w = World::with_source(chain, liar.clone(), config(), 9);
+        let id = w.add(0, 1, 10).await;
+        w.sync().await;
+        let before = w.chain.tip();
+        w.pay(id, Keychain::External, 0, Amount::from_sat(50_000));
+        w.chain.mine(4).unwrap();
+        liar.short_batches.store(true, Ordering::SeqCst);
+        let err = w.manager.sync().await.unwrap_err();
+        assert!(
+            matches!(&err, ManagerError::Source(e) if e.kind() == SourceErrorKind::Invalid),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), lockstep::manager::ErrorKind::Invalid);
+        assert_eq!(*w.manager.tip().borrow(), Some(before));
+        liar.short_batches.store(false, Ordering::SeqCst);
+        w.sync().await;
+        w.check_all();
+    });
+}
+
 /// How [`Liar`] lies about one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lie {
@@ -671,6 +700,8 @@ struct Liar {
     /// Filter requests left before the reorg (0: none armed).
     reorg_in: AtomicU64,
     reorged: AtomicBool,
+    /// Answer batches of filter headers one short.
+    short_batches: AtomicBool,
 }
 
 impl Liar {
@@ -680,6 +711,7 @@ impl Liar {
             lie: std::sync::Mutex::new(None),
             reorg_in: AtomicU64::new(0),
             reorged: AtomicBool::new(false),
+            short_batches: AtomicBool::new(false),
         }
     }
 
@@ -729,6 +761,16 @@ impl ChainSource for Liar {
             Some(Lie::WrongFilterHeader) => FilterHeader::all_zeros(),
             _ => header,
         })
+    }
+    async fn filter_headers(&self, blocks: &[BlockId]) -> Result<Vec<FilterHeader>, SourceError> {
+        let mut headers = Vec::with_capacity(blocks.len());
+        for block in blocks {
+            headers.push(self.filter_header(block.hash).await?);
+        }
+        if self.short_batches.load(Ordering::SeqCst) {
+            headers.pop();
+        }
+        Ok(headers)
     }
     async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError> {
         let block = self.inner.block(hash).await?;

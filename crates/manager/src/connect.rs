@@ -98,7 +98,7 @@ pub(crate) fn connect_batch(
         outcome.connected.push(Connected {
             height: item.height,
             hash: item.hash,
-            filter_header: item.filter.as_ref().map(|f| f.header),
+            filter_header: item.filter_header,
             activity,
             routed,
             route_nanos,

@@ -526,7 +526,15 @@ impl Engine {
             collect(pipe, &self.source, &self.config, &snapshot, stop).await;
         let mut good = Vec::with_capacity(items.len());
         let check_failure = self
-            .prepare(&mut items, &mut good, prev_hash, filter_header, books, main)
+            .prepare(
+                pipe,
+                &mut items,
+                &mut good,
+                prev_hash,
+                filter_header,
+                books,
+                main,
+            )
             .await
             .err();
         (good, check_failure.or(fetch_failure))
@@ -536,8 +544,10 @@ impl Engine {
     /// matches it again for scripts added since it was matched, and fetches
     /// the blocks those new matches need, moving each block that passes to
     /// `good`.
+    #[allow(clippy::too_many_arguments)]
     async fn prepare(
         &mut self,
+        pipe: &mut Pipeline,
         items: &mut Vec<Fetched>,
         good: &mut Vec<Fetched>,
         mut prev_hash: BlockHash,
@@ -557,13 +567,24 @@ impl Engine {
                         .await?
                     }
                 };
-                if f.filter_hash.filter_header(&previous) != f.header {
+                let header = pipe
+                    .filter_header(
+                        &self.source,
+                        &self.config,
+                        BlockId {
+                            height: item.height,
+                            hash: item.hash,
+                        },
+                    )
+                    .await?;
+                if f.filter_hash.filter_header(&previous) != header {
                     return Err(Flow::Fail(ManagerError::FilterHeaderMismatch {
                         height: item.height,
                         hash: item.hash,
                     }));
                 }
-                *filter_header = Some(f.header);
+                item.filter_header = Some(header);
+                *filter_header = Some(header);
                 if main {
                     self.cost.filter.add(f.match_nanos);
                     self.cost.filter_scripts = watch.len();

@@ -62,8 +62,6 @@ pub(crate) enum Path {
 pub(crate) struct FetchedFilter {
     pub(crate) decoded: BasicFilter,
     pub(crate) filter_hash: FilterHash,
-    /// The source's filter header for this block.
-    pub(crate) header: FilterHeader,
     /// How many watch-log entries the match covered.
     pub(crate) checked: usize,
     pub(crate) matched: bool,
@@ -78,6 +76,9 @@ pub(crate) struct Fetched {
     pub(crate) hash: BlockHash,
     /// `None` on the block path, or when nothing was watched at all.
     pub(crate) filter: Option<FetchedFilter>,
+    /// The source's filter header for this block, once its filter was
+    /// checked against it.
+    pub(crate) filter_header: Option<FilterHeader>,
     pub(crate) block: Option<Arc<Block>>,
     /// What fetching the block cost, when it was fetched.
     pub(crate) block_timing: Option<BlockTiming>,
@@ -116,6 +117,22 @@ pub(crate) struct Snapshot {
     pub(crate) idle: bool,
 }
 
+/// The filter headers of one batch of headers.
+struct FilterHeaderBatch {
+    /// The height of `blocks[0]`.
+    first: u32,
+    blocks: Vec<BlockId>,
+    state: FilterHeaders,
+}
+
+enum FilterHeaders {
+    /// On their way.
+    Asked(JoinHandle<Result<Vec<FilterHeader>, SourceError>>),
+    Got(Vec<FilterHeader>),
+    /// Asked twice and failed: each block asks alone.
+    Failed,
+}
+
 /// How a pipeline starts fetch tasks: the last source, policy and snapshot
 /// it was given.
 struct Spawner {
@@ -138,12 +155,11 @@ pub(crate) struct Pipeline {
     last_hash: BlockHash,
     stop_at: Option<u32>,
     at_source_tip: bool,
-    /// Blocks with a header and no fetch task yet, with their filter
-    /// header when it came in the same batch.
-    headers: VecDeque<(u32, BlockHash, Option<FilterHeader>)>,
-    /// Whether header batches bring the blocks' filter headers along: on
-    /// the filter path, one request per batch instead of one per block.
-    with_filter_headers: bool,
+    headers: VecDeque<(u32, BlockHash)>,
+    /// Per batch of headers, the request for their filter headers, oldest
+    /// first: one request per batch instead of one per block, running
+    /// while the filters are fetched and matched.
+    filter_headers: VecDeque<FilterHeaderBatch>,
     inflight: VecDeque<JoinHandle<Result<Fetched, Flow>>>,
     ready: VecDeque<Fetched>,
     spawner: Option<Spawner>,
@@ -158,6 +174,11 @@ impl Drop for Pipeline {
         for task in &self.inflight {
             task.abort();
         }
+        for batch in &self.filter_headers {
+            if let FilterHeaders::Asked(task) = &batch.state {
+                task.abort();
+            }
+        }
     }
 }
 
@@ -171,7 +192,7 @@ impl Pipeline {
             stop_at,
             at_source_tip: false,
             headers: VecDeque::new(),
-            with_filter_headers: true,
+            filter_headers: VecDeque::new(),
             inflight: VecDeque::new(),
             ready: VecDeque::new(),
             spawner: None,
@@ -207,8 +228,74 @@ impl Pipeline {
         }
     }
 
-    /// Asks for more headers when fewer than `prefetch` are waiting, and,
-    /// on the filter path, for those blocks' filter headers in one more
+    /// The source's filter header for `block`, one of this pipeline's: from
+    /// the request made with its header (waited for if still on its way;
+    /// asked again, once, if it failed), or asked alone if none covers it.
+    pub(crate) async fn filter_header(
+        &mut self,
+        source: &Arc<dyn ChainSource>,
+        config: &ManagerConfig,
+        block: BlockId,
+    ) -> Result<FilterHeader, Flow> {
+        while self
+            .filter_headers
+            .front()
+            .is_some_and(|b| b.first + b.blocks.len() as u32 <= block.height)
+        {
+            if let Some(FilterHeaderBatch {
+                state: FilterHeaders::Asked(task),
+                ..
+            }) = self.filter_headers.pop_front()
+            {
+                task.abort();
+            }
+        }
+        let policy = Policy::of(config);
+        let Some(batch) = self
+            .filter_headers
+            .front_mut()
+            .filter(|b| b.first <= block.height)
+        else {
+            return Ok(timed(policy, || source.filter_header(block.hash)).await?);
+        };
+        let at = (block.height - batch.first) as usize;
+        if batch.blocks[at] != block {
+            // Not the block this pipeline fetched at that height.
+            return Err(Flow::Reset);
+        }
+        if let FilterHeaders::Asked(task) = &mut batch.state {
+            let answer = match task.await {
+                Ok(Err(e)) if e.is_retryable() => {
+                    timed(policy, || source.filter_headers(&batch.blocks)).await
+                }
+                Ok(answer) => answer,
+                Err(e) => Err(SourceError::Unavailable {
+                    reason: format!("filter header task failed: {e}"),
+                }),
+            };
+            // Whatever the answer, this request is over.
+            batch.state = FilterHeaders::Failed;
+            let headers = answer?;
+            if headers.len() != batch.blocks.len() {
+                return Err(Flow::Fail(ManagerError::Source(SourceError::Invalid {
+                    what: Missing::FilterHeader(batch.blocks[0].hash),
+                    reason: format!(
+                        "{} filter headers for {} blocks",
+                        headers.len(),
+                        batch.blocks.len()
+                    ),
+                })));
+            }
+            batch.state = FilterHeaders::Got(headers);
+        }
+        match &batch.state {
+            FilterHeaders::Got(headers) => Ok(headers[at]),
+            _ => Ok(timed(policy, || source.filter_header(block.hash)).await?),
+        }
+    }
+
+    /// Asks for more headers when fewer than `prefetch` are waiting, then
+    /// (in a task of its own) for those blocks' filter headers in one more
     /// request.
     pub(crate) async fn top_up_headers(
         &mut self,
@@ -250,31 +337,21 @@ impl Pipeline {
                 hash: last_hash,
             });
         }
-        let filter_headers = if self.with_filter_headers && !blocks.is_empty() {
-            match timed(Policy::of(config), || source.filter_headers(&blocks)).await {
-                Ok(got) if got.len() == blocks.len() => got.into_iter().map(Some).collect(),
-                Ok(got) => {
-                    return Err(Flow::Fail(ManagerError::Source(SourceError::Invalid {
-                        what: Missing::FilterHeader(blocks[0].hash),
-                        reason: format!("{} filter headers for {} blocks", got.len(), blocks.len()),
-                    })));
-                }
-                // Still failing after its retries: each block's task asks
-                // for its own filter header instead, with its own retries,
-                // so one failure does not cost the whole batch.
-                Err(e) if e.is_retryable() => {
-                    tracing::debug!(error = %e, "filter headers: one request per block");
-                    vec![None; blocks.len()]
-                }
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            vec![None; blocks.len()]
-        };
         self.at_source_tip = at_source_tip;
-        for (block, filter_header) in blocks.into_iter().zip(filter_headers) {
-            self.headers
-                .push_back((block.height, block.hash, filter_header));
+        if let Some(first) = blocks.first() {
+            let first = first.height;
+            let (source, policy) = (Arc::clone(source), Policy::of(config));
+            let asked = blocks.clone();
+            self.filter_headers.push_back(FilterHeaderBatch {
+                first,
+                blocks: blocks.clone(),
+                state: FilterHeaders::Asked(tokio::spawn(async move {
+                    timed(policy, || source.filter_headers(&asked)).await
+                })),
+            });
+        }
+        for block in blocks {
+            self.headers.push_back((block.height, block.hash));
             self.last_hash = block.hash;
             self.next_header += 1;
         }
@@ -293,7 +370,6 @@ impl Pipeline {
         config: &ManagerConfig,
         snapshot: &Snapshot,
     ) {
-        self.with_filter_headers = snapshot.path == Path::Filters && !snapshot.idle;
         self.spawner = Some(Spawner {
             source: Arc::clone(source),
             policy: Policy::of(config),
@@ -310,14 +386,13 @@ impl Pipeline {
         while self.running.load(Ordering::Acquire) < spawner.prefetch
             && self.inflight.len() < spawner.prefetch * FINISHED_PER_RUNNING
         {
-            let Some((height, hash, filter_header)) = self.headers.pop_front() else {
+            let Some((height, hash)) = self.headers.pop_front() else {
                 break;
             };
             let task = fetch(
                 Arc::clone(&spawner.source),
                 height,
                 hash,
-                filter_header,
                 spawner.snapshot.clone(),
                 spawner.policy,
             );
@@ -484,14 +559,12 @@ pub(crate) fn merkle_root_matches(block: &Block) -> bool {
     encoded && root.is_some_and(|root| root == block.header.merkle_root.to_raw_hash())
 }
 
-/// One prefetch task: the filter (and its header, unless it came with the
-/// headers), decoded and matched; the block too on a match or on the block
-/// path.
+/// One prefetch task: the filter, decoded and matched; the block too on a
+/// match or on the block path.
 async fn fetch(
     source: Arc<dyn ChainSource>,
     height: u32,
     hash: BlockHash,
-    filter_header: Option<FilterHeader>,
     snapshot: Snapshot,
     policy: Policy,
 ) -> Result<Fetched, Flow> {
@@ -499,6 +572,7 @@ async fn fetch(
         height,
         hash,
         filter: None,
+        filter_header: None,
         block: None,
         block_timing: None,
     };
@@ -506,16 +580,7 @@ async fn fetch(
         return Ok(fetched);
     }
     if snapshot.path == Path::Filters {
-        let (raw, header) = match filter_header {
-            Some(header) => (timed(policy, || source.filter(hash)).await?, header),
-            None => {
-                let (raw, header) = tokio::join!(
-                    timed(policy, || source.filter(hash)),
-                    timed(policy, || source.filter_header(hash))
-                );
-                (raw?, header?)
-            }
-        };
+        let raw = timed(policy, || source.filter(hash)).await?;
         let start = Instant::now();
         let filter_hash = FilterHash::hash(&raw);
         let decoded =
@@ -533,7 +598,6 @@ async fn fetch(
         fetched.filter = Some(FetchedFilter {
             decoded,
             filter_hash,
-            header,
             checked: snapshot.checked,
             matched,
             match_nanos: start.elapsed().as_nanos() as u64,
