@@ -650,17 +650,27 @@ fn a_flaky_source_is_retried_until_synced() {
     });
 }
 
+/// A world whose source is a [`Liar`] (telling the truth for now), with one
+/// wallet, synced.
+async fn liar_world(seed: u64) -> (World, Arc<Liar>, WalletId) {
+    let chain = SimChain::generate(
+        SimParams::unsigned(seed).with_load(3..=8, 1..=2),
+        MATURE + 5,
+    )
+    .unwrap();
+    let liar = Arc::new(Liar::new(chain.clone()));
+    let mut w = World::with_source(chain, liar.clone(), config(), seed);
+    let id = w.add(0, 1, 10).await;
+    w.sync().await;
+    (w, liar, id)
+}
+
 /// A batch of filter headers that does not answer every block asked is a
 /// typed error, and nothing of that batch is committed.
 #[test]
 fn a_short_batch_of_filter_headers_is_a_typed_error() {
     runtime().block_on(async {
-        let chain =
-            SimChain::generate(SimParams::unsigned(9).with_load(3..=8, 1..=2), MATURE + 5).unwrap();
-        let liar = Arc::new(Liar::new(chain.clone()));
-        let mut w = World::with_source(chain, liar.clone(), config(), 9);
-        let id = w.add(0, 1, 10).await;
-        w.sync().await;
+        let (mut w, liar, id) = liar_world(9).await;
         let before = w.chain.tip();
         w.pay(id, Keychain::External, 0, Amount::from_sat(50_000));
         w.chain.mine(4).unwrap();
@@ -794,12 +804,7 @@ use bitcoin::hashes::Hash as _;
 #[test]
 fn a_lying_source_gets_a_typed_error_and_nothing_is_committed() {
     runtime().block_on(async {
-        let chain =
-            SimChain::generate(SimParams::unsigned(8).with_load(3..=8, 1..=2), MATURE + 5).unwrap();
-        let liar = Arc::new(Liar::new(chain.clone()));
-        let mut w = World::with_source(chain, liar.clone(), config(), 8);
-        let id = w.add(0, 1, 10).await;
-        w.sync().await;
+        let (mut w, liar, id) = liar_world(8).await;
         for (round, lie) in [
             Lie::FlippedFilterByte,
             Lie::TruncatedFilter,
