@@ -567,16 +567,21 @@ impl Engine {
                         .await?
                     }
                 };
-                let header = pipe
-                    .filter_header(
-                        &self.source,
-                        &self.config,
-                        BlockId {
-                            height: item.height,
-                            hash: item.hash,
-                        },
-                    )
-                    .await?;
+                // Checked before if the item was put back after a batch.
+                let header = match item.filter_header {
+                    Some(header) => header,
+                    None => {
+                        pipe.filter_header(
+                            &self.source,
+                            &self.config,
+                            BlockId {
+                                height: item.height,
+                                hash: item.hash,
+                            },
+                        )
+                        .await?
+                    }
+                };
                 if f.filter_hash.filter_header(&previous) != header {
                     return Err(Flow::Fail(ManagerError::FilterHeaderMismatch {
                         height: item.height,
@@ -591,6 +596,7 @@ impl Engine {
                 }
             } else {
                 *filter_header = None;
+                pipe.forget_filter_headers(item.height);
             }
             if let (Some(timing), true) = (item.block_timing, main) {
                 self.cost.block_fetch.add(timing.fetch_nanos);

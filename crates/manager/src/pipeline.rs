@@ -126,6 +126,9 @@ struct FilterHeaderBatch {
 }
 
 enum FilterHeaders {
+    /// Not asked for yet (the scan was on the block path): asked when
+    /// first needed.
+    NotAsked,
     /// On their way.
     Asked(JoinHandle<Result<Vec<FilterHeader>, SourceError>>),
     Got(Vec<FilterHeader>),
@@ -156,10 +159,13 @@ pub(crate) struct Pipeline {
     stop_at: Option<u32>,
     at_source_tip: bool,
     headers: VecDeque<(u32, BlockHash)>,
-    /// Per batch of headers, the request for their filter headers, oldest
-    /// first: one request per batch instead of one per block, running
-    /// while the filters are fetched and matched.
+    /// Per batch of headers not yet behind the scan, the request for their
+    /// filter headers, oldest first: one request per batch instead of one
+    /// per block, running while the filters are fetched and matched.
     filter_headers: VecDeque<FilterHeaderBatch>,
+    /// Whether a new batch asks for its filter headers at once (the
+    /// filter path) or when first needed.
+    ask_filter_headers: bool,
     inflight: VecDeque<JoinHandle<Result<Fetched, Flow>>>,
     ready: VecDeque<Fetched>,
     spawner: Option<Spawner>,
@@ -174,11 +180,7 @@ impl Drop for Pipeline {
         for task in &self.inflight {
             task.abort();
         }
-        for batch in &self.filter_headers {
-            if let FilterHeaders::Asked(task) = &batch.state {
-                task.abort();
-            }
-        }
+        self.forget_filter_headers(u32::MAX);
     }
 }
 
@@ -193,6 +195,7 @@ impl Pipeline {
             at_source_tip: false,
             headers: VecDeque::new(),
             filter_headers: VecDeque::new(),
+            ask_filter_headers: true,
             inflight: VecDeque::new(),
             ready: VecDeque::new(),
             spawner: None,
@@ -237,19 +240,7 @@ impl Pipeline {
         config: &ManagerConfig,
         block: BlockId,
     ) -> Result<FilterHeader, Flow> {
-        while self
-            .filter_headers
-            .front()
-            .is_some_and(|b| b.first + b.blocks.len() as u32 <= block.height)
-        {
-            if let Some(FilterHeaderBatch {
-                state: FilterHeaders::Asked(task),
-                ..
-            }) = self.filter_headers.pop_front()
-            {
-                task.abort();
-            }
-        }
+        self.forget_filter_headers(block.height);
         let policy = Policy::of(config);
         let Some(batch) = self
             .filter_headers
@@ -263,8 +254,11 @@ impl Pipeline {
             // Not the block this pipeline fetched at that height.
             return Err(Flow::Reset);
         }
-        if let FilterHeaders::Asked(task) = &mut batch.state {
-            let answer = match task.await {
+        let answer = match &mut batch.state {
+            FilterHeaders::NotAsked => {
+                Some(timed(policy, || source.filter_headers(&batch.blocks)).await)
+            }
+            FilterHeaders::Asked(task) => Some(match task.await {
                 Ok(Err(e)) if e.is_retryable() => {
                     timed(policy, || source.filter_headers(&batch.blocks)).await
                 }
@@ -272,7 +266,10 @@ impl Pipeline {
                 Err(e) => Err(SourceError::Unavailable {
                     reason: format!("filter header task failed: {e}"),
                 }),
-            };
+            }),
+            FilterHeaders::Got(_) | FilterHeaders::Failed => None,
+        };
+        if let Some(answer) = answer {
             // Whatever the answer, this request is over.
             batch.state = FilterHeaders::Failed;
             let headers = answer?;
@@ -294,9 +291,27 @@ impl Pipeline {
         }
     }
 
+    /// Drops the filter-header batches wholly below `height`: the scan has
+    /// passed them.
+    pub(crate) fn forget_filter_headers(&mut self, height: u32) {
+        while self
+            .filter_headers
+            .front()
+            .is_some_and(|b| b.first.saturating_add(b.blocks.len() as u32) <= height)
+        {
+            if let Some(FilterHeaderBatch {
+                state: FilterHeaders::Asked(task),
+                ..
+            }) = self.filter_headers.pop_front()
+            {
+                task.abort();
+            }
+        }
+    }
+
     /// Asks for more headers when fewer than `prefetch` are waiting, then
-    /// (in a task of its own) for those blocks' filter headers in one more
-    /// request.
+    /// (on the filter path, in a task of its own) for those blocks' filter
+    /// headers in one more request.
     pub(crate) async fn top_up_headers(
         &mut self,
         source: &Arc<dyn ChainSource>,
@@ -339,15 +354,19 @@ impl Pipeline {
         }
         self.at_source_tip = at_source_tip;
         if let Some(first) = blocks.first() {
-            let first = first.height;
-            let (source, policy) = (Arc::clone(source), Policy::of(config));
-            let asked = blocks.clone();
-            self.filter_headers.push_back(FilterHeaderBatch {
-                first,
-                blocks: blocks.clone(),
-                state: FilterHeaders::Asked(tokio::spawn(async move {
+            let state = if self.ask_filter_headers {
+                let (source, policy) = (Arc::clone(source), Policy::of(config));
+                let asked = blocks.clone();
+                FilterHeaders::Asked(tokio::spawn(async move {
                     timed(policy, || source.filter_headers(&asked)).await
-                })),
+                }))
+            } else {
+                FilterHeaders::NotAsked
+            };
+            self.filter_headers.push_back(FilterHeaderBatch {
+                first: first.height,
+                blocks: blocks.clone(),
+                state,
             });
         }
         for block in blocks {
@@ -370,6 +389,7 @@ impl Pipeline {
         config: &ManagerConfig,
         snapshot: &Snapshot,
     ) {
+        self.ask_filter_headers = snapshot.path == Path::Filters && !snapshot.idle;
         self.spawner = Some(Spawner {
             source: Arc::clone(source),
             policy: Policy::of(config),
@@ -648,6 +668,51 @@ mod tests {
                 script_pubkey: ScriptBuf::from_bytes(vec![0x00, 0x14, n, 1, 2, 3]),
             }],
         }
+    }
+
+    /// On the block path a batch's filter headers are not asked for; when
+    /// needed at last (the path switched) the whole batch is one request;
+    /// and batches behind the scan are dropped, so a long block-path scan
+    /// holds none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn filter_headers_are_asked_per_batch_when_needed_and_forgotten_behind() {
+        use lockstep_chain::metered::Metered;
+        use lockstep_chain::{SimChain, SimParams};
+
+        let chain = SimChain::generate(SimParams::unsigned(3), 130).unwrap();
+        let metered = Metered::new(Arc::new(chain.clone()));
+        let source: Arc<dyn ChainSource> = Arc::new(metered.clone());
+        let config = ManagerConfig {
+            header_batch: 50,
+            prefetch: 200,
+            ..ManagerConfig::default()
+        };
+        let mut pipe = Pipeline::new(0, chain.hash_at(0).unwrap(), None);
+        pipe.ask_filter_headers = false;
+        pipe.top_up_headers(&source, &config).await.unwrap();
+        pipe.top_up_headers(&source, &config).await.unwrap();
+        assert_eq!(pipe.filter_headers.len(), 2);
+        assert_eq!(metered.meter().headers, 2, "block headers only");
+        for height in 1..=50 {
+            let block = BlockId {
+                height,
+                hash: chain.hash_at(height).unwrap(),
+            };
+            let header = pipe.filter_header(&source, &config, block).await.unwrap();
+            assert_eq!(Some(header), chain.filter_header_at(height));
+        }
+        assert_eq!(metered.meter().headers, 3, "one request for 50");
+        // A block the pipeline did not fetch at that height: start again.
+        let stranger = BlockId {
+            height: 60,
+            hash: chain.hash_at(61).unwrap(),
+        };
+        assert!(matches!(
+            pipe.filter_header(&source, &config, stranger).await,
+            Err(Flow::Reset)
+        ));
+        pipe.forget_filter_headers(101);
+        assert!(pipe.filter_headers.is_empty());
     }
 
     #[test]
