@@ -539,11 +539,11 @@ pub(crate) async fn fetch_block(
             reason: "its header does not hash to the block asked for",
         }));
     }
-    if !merkle_root_matches(&block) {
+    if let Err(reason) = check_merkle_root(&block) {
         return Err(Flow::Fail(ManagerError::BadBlock {
             height,
             hash,
-            reason: "its transactions do not match its header's merkle root",
+            reason,
         }));
     }
     let timing = BlockTiming {
@@ -553,30 +553,61 @@ pub(crate) async fn fetch_block(
     Ok((block, timing))
 }
 
-/// Whether `block`'s transactions hash to its header's merkle root (as
-/// `Block::check_merkle_root`, which feeds each transaction to the SHA-256
-/// engine field by field: with the copies that makes, a tenth of a
-/// 100-wallet sync). Each transaction is serialised without its witness
-/// into one reused buffer and hashed in one call.
-pub(crate) fn merkle_root_matches(block: &Block) -> bool {
+/// Checks that `block`'s transactions hash to its header's merkle root, and
+/// that no two sibling nodes of the tree are equal: a block whose last
+/// transactions are repeated has the same root as the real one (CVE-2012-
+/// 2459), so a source could pass off such a copy; Core refuses it as
+/// mutated, and so does this (`Block::check_merkle_root` does not).
+///
+/// Each transaction is serialised without its witness into one reused
+/// buffer and hashed in one call: `Block::check_merkle_root` feeds the
+/// SHA-256 engine field by field, and with the copies that makes it was a
+/// tenth of a 100-wallet sync.
+pub(crate) fn check_merkle_root(block: &Block) -> Result<(), &'static str> {
     use bitcoin::consensus::Encodable as _;
     use bitcoin::hashes::sha256d;
 
+    const MISMATCH: &str = "its transactions do not match its header's merkle root";
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut encoded = true;
-    let txids = block.txdata.iter().map(|tx| {
+    let mut level = Vec::with_capacity(block.txdata.len() + 1);
+    for tx in &block.txdata {
         buf.clear();
         // The txid's serialisation: no marker, flag or witness (`TxIn`
-        // encodes none of them).
-        encoded &= tx.version.consensus_encode(&mut buf).is_ok()
+        // encodes none of them). Writing to a Vec cannot fail; were it to,
+        // the block is refused.
+        let encoded = tx.version.consensus_encode(&mut buf).is_ok()
             && tx.input.consensus_encode(&mut buf).is_ok()
             && tx.output.consensus_encode(&mut buf).is_ok()
             && tx.lock_time.consensus_encode(&mut buf).is_ok();
-        sha256d::Hash::hash(&buf)
-    });
-    let root = bitcoin::merkle_tree::calculate_root(txids);
-    // Writing to a Vec cannot fail; were it to, the block is refused.
-    encoded && root.is_some_and(|root| root == block.header.merkle_root.to_raw_hash())
+        if !encoded {
+            return Err(MISMATCH);
+        }
+        level.push(sha256d::Hash::hash(&buf).to_byte_array());
+    }
+    if level.is_empty() {
+        return Err("it has no transactions");
+    }
+    let mut mutated = false;
+    let mut pair = [0u8; 64];
+    while level.len() > 1 {
+        mutated |= level.chunks_exact(2).any(|p| p[0] == p[1]);
+        if level.len() % 2 == 1 {
+            level.push(level[level.len() - 1]);
+        }
+        for i in 0..level.len() / 2 {
+            pair[..32].copy_from_slice(&level[2 * i]);
+            pair[32..].copy_from_slice(&level[2 * i + 1]);
+            level[i] = sha256d::Hash::hash(&pair).to_byte_array();
+        }
+        level.truncate(level.len() / 2);
+    }
+    if level[0] != block.header.merkle_root.to_byte_array() {
+        return Err(MISMATCH);
+    }
+    if mutated {
+        return Err("it repeats transactions: its merkle tree is mutated (CVE-2012-2459)");
+    }
+    Ok(())
 }
 
 /// One prefetch task: the filter, decoded and matched; the block too on a
@@ -717,6 +748,7 @@ mod tests {
 
     #[test]
     fn merkle_check_agrees_with_rust_bitcoin_and_refuses_any_change() {
+        let merkle_root_matches = |block: &Block| check_merkle_root(block).is_ok();
         // Witness transactions (whose txid leaves the witness out), legacy
         // ones, one alone, and an odd count (the last is paired with itself).
         for txdata in [
@@ -746,5 +778,30 @@ mod tests {
             !merkle_root_matches(&block_of(Vec::new())),
             "no transactions"
         );
+    }
+
+    /// A block whose last transactions are repeated keeps its merkle root
+    /// (rust-bitcoin's check passes it); the check refuses it as mutated.
+    #[test]
+    fn a_block_repeating_its_last_transactions_is_refused() {
+        for (count, repeat) in [(3, 1), (5, 1), (6, 2), (2, 0)] {
+            let txdata: Vec<_> = (0..count).map(|n| tx(n, n % 2 == 1)).collect();
+            let block = block_of(txdata);
+            assert_eq!(check_merkle_root(&block), Ok(()), "{count} transactions");
+            let mut mutated = block.clone();
+            let tail = block.txdata[block.txdata.len() - repeat.max(1)..].to_vec();
+            if repeat == 0 {
+                // Two equal transactions side by side at the bottom.
+                mutated.txdata[1] = mutated.txdata[0].clone();
+                mutated.header.merkle_root = mutated
+                    .compute_merkle_root()
+                    .unwrap_or(TxMerkleNode::all_zeros());
+            } else {
+                mutated.txdata.extend(tail);
+                assert!(mutated.check_merkle_root(), "same root, {count}+{repeat}");
+            }
+            let err = check_merkle_root(&mutated).unwrap_err();
+            assert!(err.contains("mutated"), "{count}+{repeat}: {err}");
+        }
     }
 }
