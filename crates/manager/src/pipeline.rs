@@ -119,10 +119,20 @@ pub(crate) struct Snapshot {
 
 /// The filter headers of one batch of headers.
 struct FilterHeaderBatch {
-    /// The height of `blocks[0]`.
-    first: u32,
-    blocks: Vec<BlockId>,
+    /// Never empty; shared with the task asking for them.
+    blocks: Arc<[BlockId]>,
     state: FilterHeaders,
+}
+
+impl FilterHeaderBatch {
+    fn first(&self) -> u32 {
+        self.blocks[0].height
+    }
+
+    /// The height after the batch's last block.
+    fn end(&self) -> u32 {
+        self.first().saturating_add(self.blocks.len() as u32)
+    }
 }
 
 enum FilterHeaders {
@@ -245,11 +255,11 @@ impl Pipeline {
         let Some(batch) = self
             .filter_headers
             .front_mut()
-            .filter(|b| b.first <= block.height)
+            .filter(|b| b.first() <= block.height)
         else {
             return Ok(timed(policy, || source.filter_header(block.hash)).await?);
         };
-        let at = (block.height - batch.first) as usize;
+        let at = (block.height - batch.first()) as usize;
         if batch.blocks[at] != block {
             // Not the block this pipeline fetched at that height.
             return Err(Flow::Reset);
@@ -297,7 +307,7 @@ impl Pipeline {
         while self
             .filter_headers
             .front()
-            .is_some_and(|b| b.first.saturating_add(b.blocks.len() as u32) <= height)
+            .is_some_and(|b| b.end() <= height)
         {
             if let Some(FilterHeaderBatch {
                 state: FilterHeaders::Asked(task),
@@ -353,26 +363,24 @@ impl Pipeline {
             });
         }
         self.at_source_tip = at_source_tip;
-        if let Some(first) = blocks.first() {
+        for block in &blocks {
+            self.headers.push_back((block.height, block.hash));
+            self.last_hash = block.hash;
+            self.next_header += 1;
+        }
+        if !blocks.is_empty() {
+            let blocks: Arc<[BlockId]> = blocks.into();
             let state = if self.ask_filter_headers {
                 let (source, policy) = (Arc::clone(source), Policy::of(config));
-                let asked = blocks.clone();
+                let asked = Arc::clone(&blocks);
                 FilterHeaders::Asked(tokio::spawn(async move {
                     timed(policy, || source.filter_headers(&asked)).await
                 }))
             } else {
                 FilterHeaders::NotAsked
             };
-            self.filter_headers.push_back(FilterHeaderBatch {
-                first: first.height,
-                blocks: blocks.clone(),
-                state,
-            });
-        }
-        for block in blocks {
-            self.headers.push_back((block.height, block.hash));
-            self.last_hash = block.hash;
-            self.next_header += 1;
+            self.filter_headers
+                .push_back(FilterHeaderBatch { blocks, state });
         }
         if reorg {
             return Err(Flow::Reorg);
