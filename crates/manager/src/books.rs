@@ -247,6 +247,54 @@ impl Books {
         Ok(())
     }
 
+    /// Takes a wallet out (an import of it started elsewhere): its coins
+    /// leave the outpoint map; its scripts stay watched (the log is
+    /// append-only) but route to nobody until it joins again.
+    pub(crate) fn remove_wallet(&mut self, id: WalletId) {
+        self.wallets.remove(&id);
+        self.outpoints.retain(|_, owners| {
+            owners.retain(|o| *o != id);
+            !owners.is_empty()
+        });
+    }
+
+    /// Brings the books up to the database's wallet set if it changed
+    /// since `seen` (the registry version last read): a wallet another
+    /// process registered as active joins now, a wallet whose import
+    /// started elsewhere leaves. Returns whether any wallet is waiting to
+    /// be imported. Inside a write transaction, which SQLite serialises with
+    /// every other writer, this means the loop never commits past a wallet
+    /// it does not know.
+    pub(crate) fn follow_registry(
+        &mut self,
+        tx: &ReadTx<'_>,
+        seen: &mut Option<u64>,
+    ) -> Result<bool, ManagerError> {
+        let version = tx.registry_version()?;
+        if *seen == Some(version) {
+            return Ok(false);
+        }
+        let mut waiting = false;
+        for row in tx.wallets()? {
+            let id = row.wallet_id;
+            match (row.importing_height, self.wallets.contains_key(&id)) {
+                (None, false) => {
+                    tracing::info!(wallet = %id, name = %row.name, "a wallet registered elsewhere joins the loop");
+                    self.add_wallet(tx, Wallet::load(tx, id)?)?;
+                }
+                (Some(_), true) => {
+                    tracing::info!(wallet = %id, "an import of this wallet was started elsewhere");
+                    self.remove_wallet(id);
+                    waiting = true;
+                }
+                (Some(_), false) => waiting = true,
+                (None, true) => {}
+            }
+        }
+        *seen = Some(version);
+        Ok(waiting)
+    }
+
     /// Reads every wallet's unspent coins again (after a reorg undid some).
     pub(crate) fn reload_coins(&mut self, tx: &ReadTx<'_>) -> Result<(), ManagerError> {
         self.outpoints.clear();

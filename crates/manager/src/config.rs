@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use bitcoin::Network;
+
 /// How the loop decides, block by block, between matching the block's
 /// filter and fetching the block itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,7 +19,9 @@ pub enum Strategy {
     Blocks,
 }
 
-/// Tuning of the chain loop. [`Default`] suits a local source.
+/// Tuning of the chain loop. [`Default`] suits a local source on regtest
+/// (the embedded simulated chain); set [`network`](Self::network) for any
+/// other chain.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
     /// Blocks committed per database transaction while catching up (at the
@@ -49,8 +53,13 @@ pub struct ManagerConfig {
     /// Filters or blocks, per block.
     pub strategy: Strategy,
     /// Where a loop with an empty database starts (the block at this
-    /// height is taken as already processed).
+    /// height is taken as already processed, and trusted as the source
+    /// gives it: the proof-of-work checks start after it).
     pub start_height: u32,
+    /// The chain's network: its difficulty rules check every header, the
+    /// source's genesis block must be its genesis, and every wallet's
+    /// descriptors must be for it.
+    pub network: Network,
 }
 
 impl Default for ManagerConfig {
@@ -67,6 +76,7 @@ impl Default for ManagerConfig {
             poll_interval: Duration::from_millis(200),
             strategy: Strategy::Auto,
             start_height: 0,
+            network: Network::Regtest,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bitcoin::bip158::FilterHeader;
 use bitcoin::hashes::Hash as _;
+use bitcoin::pow::CompactTarget;
 use bitcoin::{Block, BlockHash, OutPoint, ScriptBuf};
 use lockstep_store::{WalletId, WriteTx};
 use lockstep_wallet::IngestSummary;
@@ -17,10 +18,13 @@ use crate::{BlockHook, ManagerError};
 /// Whose scan a batch advances.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Mode {
-    /// The chain loop: the tip, the recent hashes and the block hook move.
+    /// The chain loop: the tip, the recent hashes and the block hook move,
+    /// and the wallet set is checked against the database first.
     Loop {
         /// Block hashes kept below the tip.
         keep: u32,
+        /// The registry version the loop last read.
+        seen: Option<u64>,
     },
     /// A wallet's import: only its progress moves.
     Import(WalletId),
@@ -31,6 +35,7 @@ pub(crate) enum Mode {
 pub(crate) struct Connected {
     pub(crate) height: u32,
     pub(crate) hash: BlockHash,
+    pub(crate) bits: CompactTarget,
     pub(crate) filter_header: Option<FilterHeader>,
     /// Per touched wallet, what the block did to it.
     pub(crate) activity: Vec<(WalletId, IngestSummary)>,
@@ -50,6 +55,10 @@ pub(crate) struct Outcome {
     pub(crate) filters: u64,
     pub(crate) blocks: u64,
     pub(crate) false_positives: u64,
+    /// The registry version read inside the transaction (the loop's).
+    pub(crate) registry: Option<u64>,
+    /// A wallet is marked importing and the loop is not importing it.
+    pub(crate) imports_waiting: bool,
 }
 
 /// Connects `items` in order, in the caller's transaction.
@@ -61,6 +70,11 @@ pub(crate) fn connect_batch(
     hook: Option<Arc<dyn BlockHook>>,
 ) -> Result<(Books, Outcome), ManagerError> {
     let mut outcome = Outcome::default();
+    if let Mode::Loop { seen, .. } = mode {
+        let mut seen = seen;
+        outcome.imports_waiting = books.follow_registry(tx, &mut seen)?;
+        outcome.registry = seen;
+    }
     let last_height = items.last().map_or(0, |i| i.height);
     let mut items = items.into_iter();
     while let Some(item) = items.next() {
@@ -84,11 +98,15 @@ pub(crate) fn connect_batch(
             }
         }
         let route_nanos = start.elapsed().as_nanos() as u64;
-        if let Mode::Loop { keep } = mode {
+        if let Mode::Loop { keep, .. } = mode {
             // Only the last `keep` hashes are kept: a long catch-up batch
             // writes just those.
             if item.height + keep >= last_height {
-                tx.put_block_hash(item.height, &item.hash.to_byte_array())?;
+                tx.put_block(
+                    item.height,
+                    &item.hash.to_byte_array(),
+                    item.bits.to_consensus(),
+                )?;
             }
             if let Some(hook) = &hook {
                 hook.block_connected(tx, item.height, &item.hash)
@@ -98,6 +116,7 @@ pub(crate) fn connect_batch(
         outcome.connected.push(Connected {
             height: item.height,
             hash: item.hash,
+            bits: item.bits,
             filter_header: item.filter_header,
             activity,
             routed,
@@ -107,7 +126,7 @@ pub(crate) fn connect_batch(
     if let Some(last) = outcome.connected.last() {
         let hash = last.hash.to_byte_array();
         match mode {
-            Mode::Loop { keep } => {
+            Mode::Loop { keep, .. } => {
                 tx.set_tip(last.height, &hash)?;
                 tx.prune_block_hashes_below(last.height.saturating_sub(keep))?;
             }

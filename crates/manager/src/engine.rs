@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use bitcoin::bip158::FilterHeader;
 use bitcoin::hashes::Hash as _;
+use bitcoin::pow::{CompactTarget, Work};
 use bitcoin::{BlockHash, ScriptBuf};
-use lockstep_chain::{BlockId, ChainSource, SourceError};
-use lockstep_store::{Store, WalletId, WalletRow};
+use lockstep_chain::{BlockId, ChainSource, Missing, SourceError};
+use lockstep_store::{LoopClaim, Store, WalletId, WalletRow, WriteTx};
 use lockstep_wallet::{IngestSummary, Keychain, Wallet, WalletParams};
 use tokio::sync::{broadcast, watch};
 
@@ -18,7 +19,10 @@ use crate::books::Books;
 use crate::config::Strategy;
 use crate::connect::{Mode, Outcome, connect_batch};
 use crate::events::Counters;
-use crate::pipeline::{Fetched, Flow, Path, Pipeline, Policy, Snapshot, fetch_block, timed};
+use crate::pipeline::{
+    Fetched, Flow, Path, Pipeline, Policy, Snapshot, fetch_block, timed, wait_true,
+};
+use crate::pow::{HeaderChain, Link, no_work, work_of};
 use crate::{BlockHook, Event, ManagerConfig, ManagerError, NewWallet, ScriptImport, Status};
 
 /// The loop's committed tip.
@@ -138,11 +142,27 @@ pub(crate) struct Engine {
     tip: Option<Tip>,
     /// The filter header of the tip, when known.
     tip_filter_header: Option<FilterHeader>,
-    recent: BTreeMap<u32, BlockHash>,
+    /// The recent blocks: hash, and difficulty target where known.
+    recent: BTreeMap<u32, (BlockHash, Option<CompactTarget>)>,
     pipe: Option<Pipeline>,
     started: bool,
     cost: CostModel,
     path: Path,
+    /// The manager's stop flag: requests in flight end at once, imports
+    /// at their next block boundary.
+    stop: watch::Receiver<bool>,
+    /// The right to run the loop on this database; `None` until taken (a
+    /// manager that cannot take it only registers wallets).
+    claim: Option<LoopClaim>,
+    /// The registry version the books last followed.
+    registry_seen: Option<u64>,
+    /// Some wallet is marked importing and no import of it runs: finished
+    /// before the loop goes on (after a hiccup, a restart, a stop, or a
+    /// registration by another process).
+    pending_imports: bool,
+    /// Scans started again in a row because something was not found on
+    /// the source's best chain; bounded, then the error goes up.
+    resets: u32,
 }
 
 impl Engine {
@@ -151,6 +171,7 @@ impl Engine {
         source: Arc<dyn ChainSource>,
         config: ManagerConfig,
         out: Arc<Outputs>,
+        stop: watch::Receiver<bool>,
     ) -> Engine {
         let path = initial_path(config.strategy);
         Engine {
@@ -167,7 +188,121 @@ impl Engine {
             started: false,
             cost: CostModel::default(),
             path,
+            stop,
+            claim: None,
+            registry_seen: None,
+            pending_imports: false,
+            resets: 0,
         }
+    }
+
+    /// How this engine's requests are made.
+    pub(crate) fn policy(&self) -> Policy {
+        Policy::of(&self.config, &self.stop)
+    }
+
+    /// Whether the manager was asked to stop.
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Waits `wait`, or less if the manager is asked to stop.
+    async fn pause(&self, wait: std::time::Duration) {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = wait_true(&mut stop) => {}
+        }
+    }
+
+    /// Takes the right to run the loop on this database, or says who has it.
+    fn claim_loop(&mut self) -> Result<(), ManagerError> {
+        if self.claim.is_none() {
+            self.claim = Some(
+                self.store
+                    .try_claim_loop()?
+                    .ok_or(ManagerError::LoopElsewhere)?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The headers below `after + 1` that the difficulty rules read (none
+    /// on regtest), fetched from the source and checked to chain to
+    /// `after_hash`, which the caller trusts.
+    async fn header_chain(
+        &self,
+        after: u32,
+        after_hash: BlockHash,
+    ) -> Result<HeaderChain, ManagerError> {
+        let mut chain = HeaderChain::new(self.config.network);
+        let history = chain.history();
+        if history == 0 {
+            return Ok(chain);
+        }
+        let from = (after + 1).saturating_sub(history);
+        let count = after - from + 1;
+        let headers = timed(&self.policy(), || self.source.headers(from, count)).await?;
+        let chains = headers.len() == count as usize
+            && headers.windows(2).all(|w| w[1].prev_blockhash == w[0].block_hash())
+            && headers.last().is_some_and(|h| h.block_hash() == after_hash);
+        if !chains {
+            return Err(ManagerError::Source(SourceError::NotFound(Missing::Header(
+                after_hash,
+            ))));
+        }
+        chain.seed(
+            headers
+                .iter()
+                .enumerate()
+                .map(|(i, h)| Link::of(from + i as u32, h)),
+        );
+        Ok(chain)
+    }
+
+    /// Whether the source's best chain, from the fork below the loop's tip
+    /// to `best`, has more work than the loop's own blocks above the fork.
+    /// Every header of the source's branch is checked for proof of work on
+    /// the way; a branch that changes while it is read is "not more".
+    async fn source_has_more_work(
+        &self,
+        fork: u32,
+        fork_hash: BlockHash,
+        best: BlockId,
+    ) -> Result<bool, ManagerError> {
+        let ours = self
+            .recent
+            .range(fork + 1..)
+            .fold(no_work(), |work, (_, (_, bits))| work + work_of(*bits));
+        let mut theirs: Work = no_work();
+        let mut pow = self.header_chain(fork, fork_hash).await?;
+        let (mut next, mut prev) = (fork + 1, fork_hash);
+        while next <= best.height && theirs <= ours {
+            let count = (best.height - next + 1).min(self.config.header_batch.max(1));
+            let headers = match timed(&self.policy(), || self.source.headers(next, count)).await {
+                Ok(headers) => headers,
+                Err(SourceError::NotFound(_)) => break,
+                Err(e) => return Err(e.into()),
+            };
+            if headers.is_empty() {
+                break;
+            }
+            for header in headers {
+                if header.prev_blockhash != prev {
+                    return Ok(false);
+                }
+                let hash = header.block_hash();
+                pow.connect(next, &header, hash)
+                    .map_err(|reason| ManagerError::BadHeader {
+                        height: next,
+                        hash,
+                        reason,
+                    })?;
+                theirs = theirs + header.work();
+                (next, prev) = (next + 1, hash);
+            }
+        }
+        Ok(theirs > ours)
     }
 
     pub(crate) fn tip(&self) -> Option<BlockId> {
@@ -183,13 +318,13 @@ impl Engine {
 
     /// Whether the source's best tip is `tip`.
     pub(crate) async fn source_tip_is(&self, tip: Option<BlockId>) -> Result<bool, ManagerError> {
-        let best = timed(Policy::of(&self.config), || self.source.tip()).await?;
+        let best = timed(&self.policy(), || self.source.tip()).await?;
         Ok(Some(best) == tip)
     }
 
     /// Whether `hash` is the source's best-chain block at `height`.
     async fn on_best_chain(&self, height: u32, hash: BlockHash) -> Result<bool, ManagerError> {
-        match timed(Policy::of(&self.config), || self.source.block_hash(height)).await {
+        match timed(&self.policy(), || self.source.block_hash(height)).await {
             Ok(found) => Ok(found == hash),
             Err(SourceError::NotFound(_)) => Ok(false),
             Err(e) => Err(e.into()),
@@ -210,12 +345,32 @@ impl Engine {
         Ok(None)
     }
 
-    /// Follows a reorg if the loop's tip has left the source's best chain.
+    /// Follows a reorg if the loop's tip has left the source's best chain
+    /// for a branch with more work.
     async fn follow_reorg_below_tip(&mut self) -> Result<(), ManagerError> {
         let tip = self.tip_or_err();
         if !self.on_best_chain(tip.height, tip.hash).await? {
             self.handle_reorg().await?;
         }
+        Ok(())
+    }
+
+    /// Follows the database's wallet set outside a write (at the tip, or
+    /// when a registration finds its wallet already there).
+    async fn follow_registry(&mut self) -> Result<(), ManagerError> {
+        let books = self.take_books().await?;
+        let seen = self.registry_seen;
+        let (books, seen, waiting) = self
+            .store
+            .read(move |tx| {
+                let (mut books, mut seen) = (books, seen);
+                let waiting = books.follow_registry(tx, &mut seen)?;
+                Ok::<_, ManagerError>((books, seen, waiting))
+            })
+            .await?;
+        self.books = Some(books);
+        self.registry_seen = seen;
+        self.pending_imports |= waiting;
         Ok(())
     }
 
@@ -235,23 +390,50 @@ impl Engine {
         }
     }
 
-    /// Loads the tip and the wallets, checks the tip is still on the
-    /// source's best chain (a reorg while the process was down), and
-    /// finishes any import a crash interrupted. Runs once.
+    /// Takes the right to run the loop, checks the source is on the
+    /// configured network, loads the tip and the wallets, checks the tip is
+    /// still on the source's best chain (a reorg while the process was
+    /// down); then, and after any hiccup, finishes every import that is
+    /// waiting (a crash, a failure, a stop or another process left it).
     pub(crate) async fn ensure_started(&mut self) -> Result<(), ManagerError> {
-        if self.started {
-            return Ok(());
+        if !self.started {
+            self.start().await?;
         }
+        if self.pending_imports {
+            self.resume_imports().await?;
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self) -> Result<(), ManagerError> {
+        self.claim_loop()?;
         self.out.status.send_replace(Status::Connecting);
+        let genesis = timed(&self.policy(), || self.source.block_hash(0)).await?;
+        let expected = bitcoin::blockdata::constants::genesis_block(self.config.network);
+        if genesis != expected.block_hash() {
+            return Err(ManagerError::SourceNetwork {
+                expected: self.config.network,
+                genesis,
+            });
+        }
+        self.books = None;
         self.books().await?;
         let keep = self.config.recent_hashes as usize + 1;
-        let (tip, recent) = self
+        let (tip, recent, registry) = self
             .store
-            .read(move |tx| Ok::<_, ManagerError>((tx.tip()?, tx.recent_block_hashes(keep)?)))
+            .read(move |tx| {
+                Ok::<_, ManagerError>((tx.tip()?, tx.recent_blocks(keep)?, tx.registry_version()?))
+            })
             .await?;
+        // The books were read before the version: a change in between is
+        // followed again at the next commit, which does no harm.
+        self.registry_seen = Some(registry);
         self.recent = recent
             .into_iter()
-            .map(|(h, hash)| (h, BlockHash::from_byte_array(hash)))
+            .map(|(h, hash, bits)| {
+                let bits = bits.map(CompactTarget::from_consensus);
+                (h, (BlockHash::from_byte_array(hash), bits))
+            })
             .collect();
         match tip {
             Some((height, hash)) => {
@@ -262,37 +444,56 @@ impl Engine {
             }
             None => {
                 let height = self.config.start_height;
-                let hash =
-                    timed(Policy::of(&self.config), || self.source.block_hash(height)).await?;
+                let hash = timed(&self.policy(), || self.source.block_hash(height)).await?;
+                let bits = timed(&self.policy(), || self.source.header(hash)).await?.bits;
                 let raw = hash.to_byte_array();
                 self.store
                     .write(move |tx| {
                         tx.set_tip(height, &raw)?;
-                        tx.put_block_hash(height, &raw)
+                        tx.put_block(height, &raw, bits.to_consensus())
                     })
                     .await?;
                 self.tip = Some(Tip { height, hash });
-                self.recent.insert(height, hash);
+                self.recent.insert(height, (hash, Some(bits)));
             }
         }
+        self.tip_filter_header = None;
+        self.pipe = None;
         self.publish_tip();
         self.follow_reorg_below_tip().await?;
         self.started = true;
-        self.resume_imports().await
+        self.pending_imports = true;
+        Ok(())
     }
 
     fn publish_tip(&self) {
         self.out.tip.send_replace(self.tip());
     }
 
-    /// Finishes every import the database says is in progress.
+    /// Finishes every import the database says is in progress (each
+    /// import that fails marks them pending again).
     async fn resume_imports(&mut self) -> Result<(), ManagerError> {
+        self.pending_imports = false;
+        let resumed = self.resume_each_import().await;
+        if resumed.is_err() {
+            self.pending_imports = true;
+        }
+        resumed
+    }
+
+    async fn resume_each_import(&mut self) -> Result<(), ManagerError> {
         let rows: Vec<WalletRow> = self.store.read(|tx| tx.wallets()).await?;
         for row in rows {
             let Some(after) = row.importing_height else {
                 continue;
             };
             let id = row.wallet_id;
+            if let Some(books) = &mut self.books
+                && books.wallets.contains_key(&id)
+            {
+                // Its import was started elsewhere: the loop stops serving it.
+                books.remove_wallet(id);
+            }
             let on_chain = match row.importing_hash.map(BlockHash::from_byte_array) {
                 Some(hash) if self.on_best_chain(after, hash).await? => Some(hash),
                 _ => None,
@@ -322,24 +523,49 @@ impl Engine {
     }
 
     /// One step of the loop: connect one batch of blocks, or follow a reorg,
-    /// or find the loop at the source's tip.
-    pub(crate) async fn step(
-        &mut self,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<StepOutcome, ManagerError> {
+    /// or find the loop at the source's tip. Once the manager is asked to
+    /// stop, whatever a request ended by the stop returned is `Stopped`.
+    pub(crate) async fn step(&mut self) -> Result<StepOutcome, ManagerError> {
+        if self.stopping() {
+            return Ok(StepOutcome::Stopped);
+        }
+        let result = self.step_once().await;
+        if self.stopping() {
+            self.pipe = None;
+            return Ok(StepOutcome::Stopped);
+        }
+        result
+    }
+
+    async fn step_once(&mut self) -> Result<StepOutcome, ManagerError> {
         self.ensure_started().await?;
-        match self.advance(stop).await {
+        match self.advance().await {
             Ok(outcome) => Ok(outcome),
             Err(Flow::Reorg) => {
                 let tip = self.tip_or_err();
-                if self.pipe.as_ref().is_some_and(|p| p.is_fresh(tip.height)) {
-                    self.handle_reorg().await?;
-                }
+                let fresh = self.pipe.as_ref().is_some_and(|p| p.is_fresh(tip.height));
                 self.pipe = None;
+                if fresh && !self.handle_reorg().await? {
+                    // A branch with no more work than the loop's: wait.
+                    return Ok(StepOutcome::AtTip);
+                }
                 Ok(StepOutcome::Progress)
             }
-            Err(Flow::Reset) => {
+            Err(Flow::Reset(missing)) => {
                 self.pipe = None;
+                self.resets += 1;
+                if self.resets > self.config.request_retries.max(1) {
+                    // Not a reorg: the source keeps missing something of
+                    // its own best chain (a filter index behind its block
+                    // index). Offline, with backoff, naming what is missing.
+                    self.resets = 0;
+                    return Err(ManagerError::Source(missing.unwrap_or_else(|| {
+                        SourceError::Unavailable {
+                            reason: "the source's chain keeps changing under the scan".to_owned(),
+                        }
+                    })));
+                }
+                self.pause(self.config.initial_backoff * self.resets).await;
                 Ok(StepOutcome::Progress)
             }
             Err(Flow::Stop) => {
@@ -353,43 +579,60 @@ impl Engine {
         }
     }
 
-    async fn advance(&mut self, stop: &mut watch::Receiver<bool>) -> Result<StepOutcome, Flow> {
+    async fn advance(&mut self) -> Result<StepOutcome, Flow> {
         let tip = self.tip_or_err();
         let mut pipe = match self.pipe.take() {
             Some(pipe) => pipe,
-            None => Pipeline::new(tip.height, tip.hash, None),
+            None => {
+                let pow = match self.header_chain(tip.height, tip.hash).await {
+                    Ok(pow) => pow,
+                    Err(ManagerError::Source(SourceError::NotFound(_))) => return Err(Flow::Reorg),
+                    Err(e) => return Err(Flow::Fail(e)),
+                };
+                Pipeline::new(tip.height, tip.hash, None, pow)
+            }
         };
-        let result = self.advance_with(&mut pipe, stop).await;
+        let result = self.advance_with(&mut pipe).await;
         self.pipe = Some(pipe);
         result
     }
 
-    async fn advance_with(
-        &mut self,
-        pipe: &mut Pipeline,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<StepOutcome, Flow> {
+    async fn advance_with(&mut self, pipe: &mut Pipeline) -> Result<StepOutcome, Flow> {
         let tip = self.tip_or_err();
-        pipe.top_up_headers(&self.source, &self.config).await?;
+        pipe.top_up_headers(&self.source, &self.config, &self.stop)
+            .await?;
         if pipe.pending() == 0 {
-            // At the source's tip, as far as headers go: is our tip still
-            // its best block?
-            let best = timed(Policy::of(&self.config), || self.source.tip()).await?;
-            if best.hash != tip.hash && best.height <= tip.height {
-                return Err(Flow::Reorg);
+            // At the source's tip, as far as headers go. Pick up wallets
+            // other processes registered meanwhile.
+            self.follow_registry().await?;
+            if self.pending_imports {
+                return Ok(StepOutcome::Progress);
             }
-            if best.hash != tip.hash {
+            let best = timed(&self.policy(), || self.source.tip()).await?;
+            if best.hash == tip.hash {
+                self.out
+                    .status
+                    .send_replace(Status::Synced { height: tip.height });
+                return Ok(StepOutcome::AtTip);
+            }
+            if best.height > tip.height {
                 // A new block arrived after the header request: take it
                 // at the next poll.
                 return Ok(StepOutcome::AtTip);
             }
-            self.out
-                .status
-                .send_replace(Status::Synced { height: tip.height });
-            return Ok(StepOutcome::AtTip);
+            let lowest = self.recent.keys().next().copied().unwrap_or(tip.height);
+            let ours = self.recent.get(&best.height).map(|(hash, _)| *hash);
+            if ours == Some(best.hash) || best.height < lowest {
+                // The source lags behind the loop on the loop's own chain
+                // (a node restarting, an index catching up): wait for it.
+                return Ok(StepOutcome::AtTip);
+            }
+            // Another branch: followed only if it has more work.
+            return Err(Flow::Reorg);
         }
         let books = self.take_books().await?;
         let mut filter_header = self.tip_filter_header;
+        let stop = self.stop.clone();
         let (items, failure) = self
             .next_batch(
                 pipe,
@@ -398,7 +641,7 @@ impl Engine {
                 true,
                 tip.hash,
                 &mut filter_header,
-                Some(stop),
+                &stop,
             )
             .await;
         if items.is_empty() {
@@ -411,6 +654,7 @@ impl Engine {
         let hook = self.hook.clone();
         let mode = Mode::Loop {
             keep: self.config.recent_hashes,
+            seen: self.registry_seen,
         };
         let result = self
             .store
@@ -435,9 +679,15 @@ impl Engine {
         Counters::add(&c.commits, 1);
         Counters::add(&c.blocks_connected, outcome.connected.len() as u64);
         self.count(&outcome);
+        self.registry_seen = outcome.registry;
+        self.pending_imports |= outcome.imports_waiting;
+        if !outcome.connected.is_empty() {
+            self.resets = 0;
+        }
         pipe.unread(std::mem::take(&mut outcome.rest));
         for block in &outcome.connected {
-            self.recent.insert(block.height, block.hash);
+            self.recent
+                .insert(block.height, (block.hash, Some(block.bits)));
             self.tip = Some(Tip {
                 height: block.height,
                 hash: block.hash,
@@ -518,10 +768,10 @@ impl Engine {
         main: bool,
         prev_hash: BlockHash,
         filter_header: &mut Option<FilterHeader>,
-        stop: Option<&mut watch::Receiver<bool>>,
+        stop: &watch::Receiver<bool>,
     ) -> (Vec<Fetched>, Option<Flow>) {
         let snapshot = snapshot(books, path);
-        pipe.spawn(&self.source, &self.config, &snapshot);
+        pipe.spawn(&self.source, &self.config, stop, &snapshot);
         let (mut items, fetch_failure) =
             collect(pipe, &self.source, &self.config, &snapshot, stop).await;
         let mut good = Vec::with_capacity(items.len());
@@ -561,10 +811,7 @@ impl Engine {
                 let previous = match *filter_header {
                     Some(header) => header,
                     None => {
-                        timed(Policy::of(&self.config), || {
-                            self.source.filter_header(prev_hash)
-                        })
-                        .await?
+                        timed(&self.policy(), || self.source.filter_header(prev_hash)).await?
                     }
                 };
                 // Checked before if the item was put back after a batch.
@@ -574,6 +821,7 @@ impl Engine {
                         pipe.filter_header(
                             &self.source,
                             &self.config,
+                            &self.stop,
                             BlockId {
                                 height: item.height,
                                 hash: item.hash,
@@ -609,13 +857,8 @@ impl Engine {
                 f.checked = checked;
             }
             if item.block.is_none() && need {
-                let (block, timing) = fetch_block(
-                    &self.source,
-                    item.height,
-                    item.hash,
-                    Policy::of(&self.config),
-                )
-                .await?;
+                let (block, timing) =
+                    fetch_block(&self.source, item.height, item.hash, &self.policy()).await?;
                 item.block = Some(block);
                 item.block_timing = Some(timing);
             }
@@ -626,24 +869,47 @@ impl Engine {
     }
 
     /// Follows a reorg: finds the highest recorded block still on the
-    /// source's best chain, and disconnects every wallet above it in one
-    /// transaction. The loop then connects the new branch.
-    pub(crate) async fn handle_reorg(&mut self) -> Result<(), ManagerError> {
+    /// source's best chain and, if the source's branch above it has more
+    /// work than the loop's, disconnects every wallet above it in one
+    /// transaction (the loop then connects the new branch). Returns
+    /// whether the loop's tip is on the source's best chain now: `false`
+    /// when the source lags or offers a branch with no more work, which is
+    /// waited for, not followed.
+    pub(crate) async fn handle_reorg(&mut self) -> Result<bool, ManagerError> {
         self.pipe = None;
+        let tip = self.tip_or_err();
+        let best = timed(&self.policy(), || self.source.tip()).await?;
+        let lowest = self.recent.keys().next().copied().unwrap_or(tip.height);
+        if best.height < lowest {
+            tracing::info!(source_tip = best.height, tip = tip.height, "the source lags far behind the loop: waiting");
+            return Ok(false);
+        }
         let recent: Vec<(u32, BlockHash)> =
-            self.recent.iter().rev().map(|(h, b)| (*h, *b)).collect();
+            self.recent.iter().rev().map(|(h, (b, _))| (*h, *b)).collect();
         let Some((fork_height, fork_hash)) = self.highest_on_chain(recent.into_iter()).await?
         else {
             return Err(ManagerError::ReorgTooDeep {
                 kept: self.recent.len(),
-                lowest: self.recent.keys().next().copied().unwrap_or(0),
+                lowest,
             });
         };
+        if fork_height == tip.height {
+            return Ok(true);
+        }
+        if !self.source_has_more_work(fork_height, fork_hash, best).await? {
+            tracing::info!(
+                fork = fork_height,
+                source_tip = best.height,
+                tip = tip.height,
+                "the source's branch has no more work than the loop's: waiting"
+            );
+            return Ok(false);
+        }
         let disconnected: Vec<(u32, BlockHash)> = self
             .recent
             .range(fork_height + 1..)
             .rev()
-            .map(|(h, hash)| (*h, *hash))
+            .map(|(h, (hash, _))| (*h, *hash))
             .collect();
         tracing::info!(fork = fork_height, depth = disconnected.len(), "reorg");
         let mut books = self.take_books().await?;
@@ -680,75 +946,123 @@ impl Engine {
             hash: fork_hash,
         });
         self.tip_filter_header = None;
+        self.resets = 0;
         self.publish_tip();
         for (height, hash) in disconnected {
             self.out.publish(Event::BlockDisconnected { height, hash });
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Registers a wallet. Born above the loop's tip, it joins at once;
-    /// otherwise it is imported (the world stands still meanwhile).
+    /// otherwise it is imported (the world stands still meanwhile). The
+    /// same name with the same descriptors again returns the wallet (and
+    /// finishes its import if a failure interrupted it); another manager's
+    /// loop on the database picks the wallet up instead of this one.
     pub(crate) async fn add_wallet(&mut self, spec: NewWallet) -> Result<WalletId, ManagerError> {
-        self.ensure_started().await?;
-        let tip = self.tip_or_err();
-        let joins_now = spec.birth_height > tip.height;
-        let after = spec.birth_height.saturating_sub(1);
-        let wallet = self
-            .store
-            .write(move |tx| {
-                let params = WalletParams {
-                    name: &spec.name,
-                    birth_height: spec.birth_height,
-                    lookahead: spec.lookahead,
-                    passphrase: spec.passphrase.as_deref(),
-                };
-                let wallet = Wallet::create(tx, &params, spec.descriptors)?;
-                if !joins_now {
-                    tx.set_importing_height(wallet.id(), Some(after))?;
-                }
-                Ok::<_, ManagerError>(wallet)
-            })
-            .await?;
-        let id = wallet.id();
-        if joins_now {
-            let joined = self
-                .store
-                .read(move |tx| Books::of_wallet(tx, wallet))
-                .await?;
-            self.books().await?.merge(joined);
-            Counters::add(&self.out.counters.imports, 1);
-            self.out.publish(Event::WalletImported {
-                wallet: id,
-                height: tip.height,
+        if spec.descriptors.network() != self.config.network {
+            return Err(ManagerError::WrongNetwork {
+                wallet: spec.descriptors.network(),
+                chain: self.config.network,
             });
+        }
+        let owner = match self.claim_loop() {
+            Ok(()) => true,
+            Err(ManagerError::LoopElsewhere) => false,
+            Err(e) => return Err(e),
+        };
+        if owner {
+            self.ensure_started().await?;
+        }
+        let registered = self
+            .store
+            .write(move |tx| register(tx, spec))
+            .await?;
+        let id = registered.wallet.id();
+        if !owner {
+            // The loop that owns the database imports it, or takes it in
+            // at its next commit.
             return Ok(id);
         }
-        self.run_import(wallet, None, after, None).await?;
+        let incomplete = |source: ManagerError| ManagerError::ImportIncomplete {
+            wallet: id,
+            source: Box::new(source),
+        };
+        match (registered.existing, registered.importing_after) {
+            (false, None) => {
+                let tip = self.tip_or_err();
+                let wallet = registered.wallet;
+                let joined = self
+                    .store
+                    .read(move |tx| Books::of_wallet(tx, wallet))
+                    .await?;
+                self.books().await?.merge(joined);
+                Counters::add(&self.out.counters.imports, 1);
+                self.out.publish(Event::WalletImported {
+                    wallet: id,
+                    height: tip.height,
+                });
+            }
+            (false, Some(after)) => self
+                .run_import(registered.wallet, None, after, None)
+                .await
+                .map_err(incomplete)?,
+            (true, None) => {
+                if !self.books().await?.wallets.contains_key(&id) {
+                    self.follow_registry().await?;
+                }
+            }
+            (true, Some(_)) => {
+                self.pending_imports = true;
+                self.resume_imports().await.map_err(incomplete)?;
+            }
+        }
         Ok(id)
     }
 
-    /// Rescans, for some scripts of an active wallet only, from
-    /// `from_height` to the loop's tip.
+    /// Rescans, for some scripts of a wallet only, from `from_height` to
+    /// the loop's tip. A manager that does not run the loop marks the
+    /// wallet importing, and the loop that does picks it up.
     pub(crate) async fn import_scripts(
         &mut self,
         id: WalletId,
         import: ScriptImport,
         from_height: u32,
     ) -> Result<(), ManagerError> {
-        self.ensure_started().await?;
-        let tip = self.tip_or_err();
-        let after = from_height.saturating_sub(1).min(tip.height);
-        let after_hash = timed(Policy::of(&self.config), || self.source.block_hash(after)).await?;
-        let books = self.books().await?;
-        let Some(wallet) = books.wallets.remove(&id) else {
-            return Err(ManagerError::UnknownWallet(id));
+        let owner = match self.claim_loop() {
+            Ok(()) => true,
+            Err(ManagerError::LoopElsewhere) => false,
+            Err(e) => return Err(e),
         };
+        let tip = if owner {
+            self.ensure_started().await?;
+            Some(self.tip_or_err().height)
+        } else {
+            self.store
+                .read(|tx| tx.tip())
+                .await?
+                .map(|(height, _)| height)
+        };
+        let after = from_height.saturating_sub(1).min(tip.unwrap_or(u32::MAX));
+        let after_hash = timed(&self.policy(), || self.source.block_hash(after)).await?;
+        if owner {
+            let books = self.books().await?;
+            if !books.wallets.contains_key(&id) {
+                self.follow_registry().await?;
+            }
+            // The loop stops serving it until its rescan joins.
+            self.books().await?.remove_wallet(id);
+        }
         let raw_after = after_hash.to_byte_array();
         let result = self
             .store
             .write(move |tx| {
-                let mut wallet = wallet;
+                let mut wallet = match Wallet::load(tx, id) {
+                    Err(lockstep_wallet::WalletError::NotFound(_)) => {
+                        return Err(ManagerError::UnknownWallet(id));
+                    }
+                    loaded => loaded?,
+                };
                 let scripts: Vec<(Keychain, u32, ScriptBuf)> = match import {
                     ScriptImport::Range { keychain, end } => {
                         wallet.derive_until(tx, keychain, end)?;
@@ -783,6 +1097,9 @@ impl Engine {
                 return Err(e);
             }
         };
+        if !owner {
+            return Ok(());
+        }
         tracing::info!(wallet = %id, scripts = scripts.len(), from = after + 1, "targeted import");
         self.run_import(wallet, Some(scripts), after, Some(after_hash))
             .await
@@ -790,8 +1107,27 @@ impl Engine {
 
     /// Scans `after + 1 ..= loop tip` for one wallet (all its scripts, or
     /// only `scripts`), in batches that each commit the import's progress;
-    /// then the wallet joins the loop's books at the loop's tip.
+    /// then the wallet joins the loop's books at the loop's tip. If it
+    /// fails or is stopped, the wallet stays marked importing and the
+    /// import is resumed (as a rescan of all the wallet's scripts from
+    /// where it got to) before the loop goes on.
     async fn run_import(
+        &mut self,
+        wallet: Wallet,
+        scripts: Option<Vec<(Keychain, u32, ScriptBuf)>>,
+        after: u32,
+        after_hash: Option<BlockHash>,
+    ) -> Result<(), ManagerError> {
+        let id = wallet.id();
+        let result = self.import_to_tip(wallet, scripts, after, after_hash).await;
+        if let Err(error) = &result {
+            self.pending_imports = true;
+            tracing::warn!(wallet = %id, %error, "import interrupted; it resumes before the loop goes on");
+        }
+        result
+    }
+
+    async fn import_to_tip(
         &mut self,
         wallet: Wallet,
         scripts: Option<Vec<(Keychain, u32, ScriptBuf)>>,
@@ -821,46 +1157,76 @@ impl Engine {
             .await?;
         let mut after_hash = match after_hash {
             Some(hash) => hash,
-            None => timed(Policy::of(&self.config), || self.source.block_hash(after)).await?,
+            None => timed(&self.policy(), || self.source.block_hash(after)).await?,
         };
         // The import's own recent hashes, to find its fork if the chain
         // changes under it.
         let mut scanned: VecDeque<(u32, BlockHash)> = VecDeque::from([(after, after_hash)]);
-        let mut failures = 0u32;
+        let (mut failures, mut resets) = (0u32, 0u32);
         loop {
+            if self.stopping() {
+                return Err(ManagerError::Stopped);
+            }
             let tip = self.tip_or_err();
+            let mut fork_needed = false;
             if after >= tip.height {
-                if after > tip.height || after_hash != tip.hash {
-                    if after == tip.height {
-                        // The loop's tip is not what the import scanned:
-                        // the loop follows the reorg first.
-                        self.handle_reorg().await?;
-                    }
-                    let tip = self.tip_or_err();
-                    if after > tip.height {
-                        self.rewind_import(&mut books, id, tip.height, tip.hash)
-                            .await?;
-                        after = tip.height;
-                        after_hash = tip.hash;
+                if after == tip.height && after_hash == tip.hash {
+                    break;
+                }
+                if after == tip.height && !self.on_best_chain(tip.height, tip.hash).await? {
+                    // The loop's tip left the source's chain: the loop
+                    // follows (if the new branch has more work) first.
+                    if !self.handle_reorg().await? {
+                        return Err(ManagerError::SourceBehind {
+                            reached: after,
+                            tip: tip.height,
+                        });
                     }
                     continue;
                 }
-                break;
+                if after > tip.height {
+                    self.rewind_import(&mut books, id, tip.height, tip.hash)
+                        .await?;
+                    after = tip.height;
+                    after_hash = tip.hash;
+                    continue;
+                }
+                // At the loop's tip on another block: the import's own
+                // blocks left the chain.
+                fork_needed = true;
             }
-            let mut pipe = Pipeline::new(after, after_hash, Some(tip.height));
-            match self
-                .import_batches(
-                    &mut pipe,
-                    &mut books,
-                    id,
-                    &mut after,
-                    &mut after_hash,
-                    &mut scanned,
-                )
-                .await
-            {
+            let scan = if fork_needed {
+                Err(Flow::Reorg)
+            } else {
+                let pow = self.header_chain(after, after_hash).await;
+                match pow {
+                    Ok(pow) => {
+                        let mut pipe = Pipeline::new(after, after_hash, Some(tip.height), pow);
+                        self.import_batches(
+                            &mut pipe,
+                            &mut books,
+                            id,
+                            &mut after,
+                            &mut after_hash,
+                            &mut scanned,
+                        )
+                        .await
+                    }
+                    Err(ManagerError::Source(SourceError::NotFound(_))) => Err(Flow::Reorg),
+                    Err(e) => Err(Flow::Fail(e)),
+                }
+            };
+            match scan {
                 Ok(()) => {}
-                Err(Flow::Reorg | Flow::Reset) => {
+                Err(Flow::Reorg | Flow::Reset(_)) => {
+                    resets += 1;
+                    if resets > self.config.request_retries.max(1) + 1 {
+                        // The source keeps missing what the import needs.
+                        return Err(ManagerError::SourceBehind {
+                            reached: after,
+                            tip: tip.height,
+                        });
+                    }
                     // The chain changed under the import: go back to the
                     // last block it scanned that is still on it.
                     let fork = self.highest_on_chain(scanned.iter().rev().copied()).await?;
@@ -870,8 +1236,7 @@ impl Engine {
                             let height = birth.saturating_sub(1);
                             (
                                 height,
-                                timed(Policy::of(&self.config), || self.source.block_hash(height))
-                                    .await?,
+                                timed(&self.policy(), || self.source.block_hash(height)).await?,
                             )
                         }
                     };
@@ -886,17 +1251,20 @@ impl Engine {
                     }
                     // The loop's own tip may have gone with the reorg.
                     self.follow_reorg_below_tip().await?;
+                    if resets > 1 {
+                        self.pause(self.config.initial_backoff * resets).await;
+                    }
                 }
                 Err(Flow::Stop) => return Err(ManagerError::Stopped),
                 Err(Flow::Fail(e)) => {
                     failures += 1;
+                    if self.stopping() {
+                        return Err(ManagerError::Stopped);
+                    }
                     if e.kind() != crate::ErrorKind::Retryable || failures > 5 {
-                        // The wallet stays marked importing; the loop
-                        // resumes the import before it goes on.
-                        self.started = false;
                         return Err(e);
                     }
-                    tokio::time::sleep(self.config.initial_backoff * failures).await;
+                    self.pause(self.config.initial_backoff * failures).await;
                 }
             }
         }
@@ -952,12 +1320,22 @@ impl Engine {
         // The newcomer's watchlist is small: the filter path unless forced.
         let path = initial_path(self.config.strategy);
         let mut filter_header = None;
+        let stop = self.stop.clone();
         loop {
-            pipe.top_up_headers(&self.source, &self.config).await?;
+            if self.stopping() {
+                return Err(Flow::Stop);
+            }
+            pipe.top_up_headers(&self.source, &self.config, &stop)
+                .await?;
             if pipe.pending() == 0 {
-                if pipe.at_source_tip() && *after < self.tip_or_err().height {
-                    // The source's chain ends below the loop's tip.
-                    return Err(Flow::Reset);
+                let tip = self.tip_or_err().height;
+                if pipe.at_source_tip() && *after < tip {
+                    // The source's chain ends below the loop's tip: it
+                    // lags, or it is on a branch with less work.
+                    return Err(Flow::Fail(ManagerError::SourceBehind {
+                        reached: pipe.known_height(),
+                        tip,
+                    }));
                 }
                 return Ok(());
             }
@@ -969,7 +1347,7 @@ impl Engine {
                     false,
                     *after_hash,
                     &mut filter_header,
-                    None,
+                    &stop,
                 )
                 .await;
             if items.is_empty() {
@@ -1021,6 +1399,57 @@ impl Engine {
     }
 }
 
+/// What [`register`] found or made.
+struct Registered {
+    wallet: Wallet,
+    /// Registered before (a retry, or another process).
+    existing: bool,
+    /// Marked importing from after this height.
+    importing_after: Option<u32>,
+}
+
+/// In one write transaction: the wallet named `spec.name` if it has the
+/// same descriptors (a retried registration), or a new one, marked
+/// importing unless it is born above the loop's committed tip (read here,
+/// so whichever process registers agrees with the loop's commits).
+fn register(tx: &mut WriteTx<'_>, spec: NewWallet) -> Result<Registered, ManagerError> {
+    if let Some(row) = tx.wallet_by_name(&spec.name)? {
+        let wallet = Wallet::load(tx, row.wallet_id)?;
+        let same = wallet.network() == spec.descriptors.network()
+            && Keychain::ALL
+                .into_iter()
+                .all(|k| wallet.descriptors().descriptor(k) == spec.descriptors.descriptor(k));
+        if !same {
+            return Err(ManagerError::WalletNameTaken {
+                name: spec.name,
+                wallet: row.wallet_id,
+            });
+        }
+        return Ok(Registered {
+            wallet,
+            existing: true,
+            importing_after: row.importing_height,
+        });
+    }
+    let joins_now = tx.tip()?.is_some_and(|(tip, _)| spec.birth_height > tip);
+    let after = spec.birth_height.saturating_sub(1);
+    let params = WalletParams {
+        name: &spec.name,
+        birth_height: spec.birth_height,
+        lookahead: spec.lookahead,
+        passphrase: spec.passphrase.as_deref(),
+    };
+    let wallet = Wallet::create(tx, &params, spec.descriptors)?;
+    if !joins_now {
+        tx.set_importing_height(wallet.id(), Some(after))?;
+    }
+    Ok(Registered {
+        wallet,
+        existing: false,
+        importing_after: (!joins_now).then_some(after),
+    })
+}
+
 /// The path a scan starts on: filters, unless blocks are forced.
 fn initial_path(strategy: Strategy) -> Path {
     match strategy {
@@ -1047,11 +1476,12 @@ async fn collect(
     source: &Arc<dyn ChainSource>,
     config: &crate::ManagerConfig,
     snapshot: &Snapshot,
-    mut stop: Option<&mut watch::Receiver<bool>>,
+    stop: &watch::Receiver<bool>,
 ) -> (Vec<Fetched>, Option<Flow>) {
     let mut items = Vec::new();
+    let mut halt = stop.clone();
     while items.len() < config.batch_size.max(1) as usize {
-        match pipe.next(stop.as_deref_mut()).await {
+        match pipe.next(Some(&mut halt)).await {
             None => break,
             Some(Ok(item)) => items.push(item),
             // A stop abandons the batch; any other failure ends it at the
@@ -1060,7 +1490,7 @@ async fn collect(
             Some(Err(e)) => return (items, Some(e)),
         }
         if !pipe.at_source_tip() {
-            match pipe.top_up_headers(source, config).await {
+            match pipe.top_up_headers(source, config, stop).await {
                 Ok(()) => {}
                 // Headers beyond what this batch holds changed: commit the
                 // batch; the next step sees the reorg from its tip.
@@ -1068,7 +1498,7 @@ async fn collect(
                 Err(e) => return (items, Some(e)),
             }
         }
-        pipe.spawn(source, config, snapshot);
+        pipe.spawn(source, config, stop, snapshot);
     }
     (items, None)
 }

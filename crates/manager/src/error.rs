@@ -1,6 +1,6 @@
 //! What can go wrong in the chain loop, and whether retrying helps.
 
-use bitcoin::BlockHash;
+use bitcoin::{BlockHash, Network};
 use lockstep_chain::{SourceError, SourceErrorKind};
 use lockstep_filter::DecodeFilterError;
 use lockstep_store::{ErrorKind as StoreErrorKind, StoreError, WalletId};
@@ -67,6 +67,70 @@ pub enum ManagerError {
         /// What does not match.
         reason: &'static str,
     },
+    /// The source sent a header without the proof of work the network's
+    /// rules require (its hash misses its own target, or its target is not
+    /// the one the difficulty rules give at its height).
+    #[error("header {hash} at height {height} is invalid: {reason}")]
+    BadHeader {
+        /// The header's height.
+        height: u32,
+        /// Its hash.
+        hash: BlockHash,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The source serves another network's chain (its genesis block is not
+    /// the configured network's).
+    #[error("the chain source is not on {expected}: its genesis block is {genesis}")]
+    SourceNetwork {
+        /// The network the manager is configured for.
+        expected: Network,
+        /// The source's block at height 0.
+        genesis: BlockHash,
+    },
+    /// A wallet's descriptors are for another network than the chain's.
+    /// Nothing was written.
+    #[error("the wallet's descriptors are for {wallet}, the chain is {chain}")]
+    WrongNetwork {
+        /// The wallet's network.
+        wallet: Network,
+        /// The chain's.
+        chain: Network,
+    },
+    /// A wallet with this name is registered with other descriptors.
+    /// Nothing was written.
+    #[error("a wallet named {name:?} is already registered (id {wallet}) with other descriptors")]
+    WalletNameTaken {
+        /// The name.
+        name: String,
+        /// The wallet that has it.
+        wallet: WalletId,
+    },
+    /// The wallet is registered (its row committed) but its import did not
+    /// finish; the loop finishes it before it goes on, and registering it
+    /// again (same name, same descriptors) returns it.
+    #[error("wallet {wallet} is registered but its import did not finish: {source}")]
+    ImportIncomplete {
+        /// The registered wallet.
+        wallet: WalletId,
+        /// Why the import stopped.
+        #[source]
+        source: Box<ManagerError>,
+    },
+    /// The source's best chain does not reach the loop's tip (it lags, or
+    /// it is on a branch with less work): waited for, not followed.
+    #[error("the source's chain reaches height {reached}, below the loop's tip {tip}: waiting for it")]
+    SourceBehind {
+        /// How far the source's chain goes, as far as the scan saw.
+        reached: u32,
+        /// The loop's tip.
+        tip: u32,
+    },
+    /// Another manager (in this process or another) runs the chain loop
+    /// on this database. Wallets can still be registered through this one:
+    /// that loop picks them up.
+    #[error("another chain loop runs on this database")]
+    LoopElsewhere,
     /// The source's chain forks below every block hash the loop keeps.
     #[error("reorg deeper than the {kept} recorded block hashes (below height {lowest})")]
     ReorgTooDeep {
@@ -110,10 +174,17 @@ impl ManagerError {
             ManagerError::BadFilter { .. }
             | ManagerError::FilterHeaderMismatch { .. }
             | ManagerError::BadBlock { .. }
+            | ManagerError::BadHeader { .. }
+            | ManagerError::SourceNetwork { .. }
+            | ManagerError::WrongNetwork { .. }
+            | ManagerError::WalletNameTaken { .. }
             | ManagerError::UnknownWallet(_)
             | ManagerError::NotWalletScript { .. } => ErrorKind::Invalid,
+            ManagerError::ImportIncomplete { source, .. } => source.kind(),
             ManagerError::ReorgTooDeep { .. } | ManagerError::Hook(_) => ErrorKind::Fatal,
-            ManagerError::Stopped => ErrorKind::Retryable,
+            ManagerError::Stopped
+            | ManagerError::SourceBehind { .. }
+            | ManagerError::LoopElsewhere => ErrorKind::Retryable,
         }
     }
 }

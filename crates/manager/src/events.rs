@@ -34,6 +34,14 @@ pub enum Status {
     },
     /// Stopped by [`crate::Manager::stop`].
     Stopped,
+    /// Stopped by a fatal error (a corrupt database, a block hook that
+    /// failed, a panic in a write, a reorg deeper than the kept hashes):
+    /// retrying cannot help, so the loop does not. Fix the cause, then
+    /// [`start`](crate::Manager::start) again.
+    Failed {
+        /// The error.
+        error: String,
+    },
 }
 
 /// Something the loop committed. Published after the commit.

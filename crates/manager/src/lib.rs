@@ -40,6 +40,7 @@ mod engine;
 mod error;
 mod events;
 mod pipeline;
+mod pow;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -115,6 +116,9 @@ struct Shared {
     engine: Mutex<Engine>,
     out: Arc<Outputs>,
     running: std::sync::Mutex<Option<Running>>,
+    /// Set by [`Manager::stop`] until everything holding the engine (the
+    /// loop, an import, a `sync`) has let go of it.
+    stop: watch::Sender<bool>,
     store: Store,
     config: ManagerConfig,
 }
@@ -144,12 +148,20 @@ impl Manager {
             status: watch::channel(Status::Connecting).0,
             tip: watch::channel(None).0,
         });
-        let engine = Engine::new(store.clone(), source, config.clone(), Arc::clone(&out));
+        let stop = watch::channel(false).0;
+        let engine = Engine::new(
+            store.clone(),
+            source,
+            config.clone(),
+            Arc::clone(&out),
+            stop.subscribe(),
+        );
         Manager {
             shared: Arc::new(Shared {
                 engine: Mutex::new(engine),
                 out,
                 running: std::sync::Mutex::new(None),
+                stop,
                 store,
                 config,
             }),
@@ -167,6 +179,11 @@ impl Manager {
     }
 
     /// Starts the chain loop (a tokio task). Does nothing if it runs.
+    ///
+    /// One loop runs per database: if another manager (in this process or
+    /// another) runs one, this loop shows Offline with
+    /// [`ManagerError::LoopElsewhere`] and takes over when that one ends.
+    /// A fatal error ends the loop with [`Status::Failed`].
     pub fn start(&self) {
         let mut running = self
             .shared
@@ -177,13 +194,16 @@ impl Manager {
             return;
         }
         let (stop, stop_rx) = watch::channel(false);
+        self.shared.stop.send_replace(false);
         let task = tokio::spawn(run_loop(Arc::clone(&self.shared), stop_rx));
         *running = Some(Running { stop, task });
     }
 
-    /// Stops the chain loop: the batch being fetched is abandoned (nothing
-    /// of it is committed), a batch being committed finishes. Returns once
-    /// the loop has ended.
+    /// Stops the chain loop: the request in flight and the batch being
+    /// fetched are abandoned (nothing of it is committed), a batch being
+    /// committed finishes; an import (the loop's, or one a caller runs)
+    /// ends at its next block boundary and is resumed at the next start.
+    /// Returns once nothing runs, without waiting out timeouts or retries.
     pub async fn stop(&self) {
         let running = self
             .shared
@@ -191,11 +211,22 @@ impl Manager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        self.shared.stop.send_replace(true);
         if let Some(running) = running {
             let _ = running.stop.send(true);
             let _ = running.task.await;
         }
-        self.shared.out.status.send_replace(Status::Stopped);
+        // Whoever else holds the engine (an import, a `sync`) sees the flag
+        // at once; once it has let go, later calls may run again.
+        drop(self.shared.engine.lock().await);
+        self.shared.stop.send_replace(false);
+        self.shared.out.status.send_if_modified(|status| {
+            if matches!(status, Status::Failed { .. }) {
+                return false;
+            }
+            *status = Status::Stopped;
+            true
+        });
     }
 
     /// Runs the loop in the caller's task until it reaches the source's
@@ -206,13 +237,12 @@ impl Manager {
     /// # Errors
     /// The first [`ManagerError`] of a step.
     pub async fn sync(&self) -> Result<u32, ManagerError> {
-        let (_keep, mut stop) = watch::channel(false);
         // A block that arrives while a step finds the tip shows up as the
         // source's tip moving: look again, a few times, before returning.
         let mut looks = 0;
         loop {
             let mut engine = self.shared.engine.lock().await;
-            match engine.step(&mut stop).await? {
+            match engine.step().await? {
                 StepOutcome::Progress => looks = 0,
                 StepOutcome::AtTip | StepOutcome::Stopped => {
                     let tip = engine.tip();
@@ -228,6 +258,12 @@ impl Manager {
     /// Registers a wallet. A wallet born above the loop's tip joins at
     /// once; otherwise this is [`import_wallet`](Self::import_wallet).
     ///
+    /// Safe to retry: the same name with the same descriptors returns the
+    /// registered wallet (finishing its import if one was interrupted).
+    /// If another process runs the loop on this database, the wallet is
+    /// written and that loop imports it (or takes it in) at its next
+    /// commit at the latest; this returns at once.
+    ///
     /// # Errors
     /// As [`import_wallet`](Self::import_wallet).
     pub async fn register(&self, wallet: NewWallet) -> Result<WalletId, ManagerError> {
@@ -241,8 +277,11 @@ impl Manager {
     /// synced-to equal to the loop's; the loop resumes.
     ///
     /// # Errors
-    /// A wallet the database refuses (a duplicate name: invalid), or a
-    /// source or database failure. If the import itself fails, the wallet
+    /// [`ManagerError::WrongNetwork`] (descriptors of another network than
+    /// the chain's) and [`ManagerError::WalletNameTaken`] (the name is
+    /// registered with other descriptors), with nothing written; a source
+    /// or database failure before the wallet is written; and, once it is
+    /// written, [`ManagerError::ImportIncomplete`] with its id: the wallet
     /// stays marked importing and the loop finishes its import before it
     /// goes on.
     pub async fn import_wallet(&self, wallet: NewWallet) -> Result<WalletId, ManagerError> {
@@ -318,7 +357,7 @@ async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let step = {
             let mut engine = shared.engine.lock().await;
-            engine.step(&mut stop).await
+            engine.step().await
         };
         let wait = match step {
             Ok(StepOutcome::Progress) => {
@@ -331,6 +370,15 @@ async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 backoff = config.initial_backoff;
                 offline_since = None;
                 config.poll_interval
+            }
+            Err(error) if error.kind() == ErrorKind::Fatal => {
+                // Retrying cannot mend a corrupt database or a failing
+                // hook: stop, and say why.
+                tracing::error!(%error, "chain loop stopped by a fatal error");
+                shared.out.status.send_replace(Status::Failed {
+                    error: error.to_string(),
+                });
+                break;
             }
             Err(error) => {
                 let since = *offline_since.get_or_insert_with(SystemTime::now);

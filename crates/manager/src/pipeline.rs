@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bitcoin::bip158::{FilterHash, FilterHeader};
+use bitcoin::pow::CompactTarget;
 use bitcoin::hashes::Hash as _;
 use bitcoin::{Block, BlockHash};
 use lockstep_chain::{BlockId, ChainSource, Missing, SourceError};
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::books::{AggregateWatch, Owner};
+use crate::pow::HeaderChain;
 use crate::{ManagerConfig, ManagerError};
 
 /// Why a scan stopped short of committing a batch. Only `Fail` leaves the
@@ -25,8 +27,11 @@ pub(crate) enum Flow {
     /// The source's headers no longer extend the ones the scan holds.
     Reorg,
     /// Something fetched ahead is gone from the source's best chain:
-    /// forget what was fetched ahead and look again.
-    Reset,
+    /// forget what was fetched ahead and look again. Carries the source's
+    /// `NotFound` when there was one: if looking again keeps finding it
+    /// missing from the source's own best chain (a filter index behind its
+    /// block index), that error goes up after bounded retries.
+    Reset(Option<SourceError>),
     /// The manager is stopping: abandon the batch, commit nothing.
     Stop,
     /// A real error.
@@ -42,7 +47,7 @@ impl From<ManagerError> for Flow {
 impl From<SourceError> for Flow {
     fn from(e: SourceError) -> Self {
         match e {
-            SourceError::NotFound(_) => Flow::Reset,
+            e @ SourceError::NotFound(_) => Flow::Reset(Some(e)),
             e => Flow::Fail(ManagerError::Source(e)),
         }
     }
@@ -74,6 +79,9 @@ pub(crate) struct FetchedFilter {
 pub(crate) struct Fetched {
     pub(crate) height: u32,
     pub(crate) hash: BlockHash,
+    /// Its header's difficulty target, recorded with its hash (the loop
+    /// weighs its branch's work against a source's).
+    pub(crate) bits: CompactTarget,
     /// `None` on the block path, or when nothing was watched at all.
     pub(crate) filter: Option<FetchedFilter>,
     /// The source's filter header for this block, once its filter was
@@ -168,7 +176,9 @@ pub(crate) struct Pipeline {
     last_hash: BlockHash,
     stop_at: Option<u32>,
     at_source_tip: bool,
-    headers: VecDeque<(u32, BlockHash)>,
+    /// Checks each header's proof of work as it arrives.
+    pow: HeaderChain,
+    headers: VecDeque<(u32, BlockHash, CompactTarget)>,
     /// Per batch of headers not yet behind the scan, the request for their
     /// filter headers, oldest first: one request per batch instead of one
     /// per block, running while the filters are fetched and matched.
@@ -196,13 +206,20 @@ impl Drop for Pipeline {
 
 impl Pipeline {
     /// A pipeline for the blocks after `after` (whose hash is `after_hash`),
-    /// up to `stop_at` if given.
-    pub(crate) fn new(after: u32, after_hash: BlockHash, stop_at: Option<u32>) -> Pipeline {
+    /// up to `stop_at` if given; `pow` holds the headers up to `after` that
+    /// the next headers' difficulty depends on.
+    pub(crate) fn new(
+        after: u32,
+        after_hash: BlockHash,
+        stop_at: Option<u32>,
+        pow: HeaderChain,
+    ) -> Pipeline {
         Pipeline {
             next_header: after + 1,
             last_hash: after_hash,
             stop_at,
             at_source_tip: false,
+            pow,
             headers: VecDeque::new(),
             filter_headers: VecDeque::new(),
             ask_filter_headers: true,
@@ -248,10 +265,11 @@ impl Pipeline {
         &mut self,
         source: &Arc<dyn ChainSource>,
         config: &ManagerConfig,
+        stop: &watch::Receiver<bool>,
         block: BlockId,
     ) -> Result<FilterHeader, Flow> {
         self.forget_filter_headers(block.height);
-        let policy = Policy::of(config);
+        let policy = &Policy::of(config, stop);
         let Some(batch) = self
             .filter_headers
             .front_mut()
@@ -262,7 +280,7 @@ impl Pipeline {
         let at = (block.height - batch.first()) as usize;
         if batch.blocks[at] != block {
             // Not the block this pipeline fetched at that height.
-            return Err(Flow::Reset);
+            return Err(Flow::Reset(None));
         }
         let answer = match &mut batch.state {
             FilterHeaders::NotAsked => {
@@ -326,6 +344,7 @@ impl Pipeline {
         &mut self,
         source: &Arc<dyn ChainSource>,
         config: &ManagerConfig,
+        stop: &watch::Receiver<bool>,
     ) -> Result<(), Flow> {
         if self.headers.len() >= config.prefetch {
             return Ok(());
@@ -338,10 +357,8 @@ impl Pipeline {
             }
             count = count.min(stop - self.next_header + 1);
         }
-        let headers = match timed(Policy::of(config), || {
-            source.headers(self.next_header, count)
-        })
-        .await
+        let policy = Policy::of(config, stop);
+        let headers = match timed(&policy, || source.headers(self.next_header, count)).await
         {
             Ok(headers) => headers,
             Err(SourceError::NotFound(_)) => Vec::new(),
@@ -351,36 +368,51 @@ impl Pipeline {
         let mut blocks = Vec::with_capacity(headers.len());
         let mut last_hash = self.last_hash;
         let mut reorg = false;
+        let mut refused = None;
+        let mut bits = Vec::with_capacity(headers.len());
         for header in headers {
             if header.prev_blockhash != last_hash {
                 reorg = true;
                 break;
             }
-            last_hash = header.block_hash();
-            blocks.push(BlockId {
-                height: self.next_header + blocks.len() as u32,
-                hash: last_hash,
-            });
+            let height = self.next_header + blocks.len() as u32;
+            let hash = header.block_hash();
+            if let Err(reason) = self.pow.connect(height, &header, hash) {
+                refused = Some(ManagerError::BadHeader {
+                    height,
+                    hash,
+                    reason,
+                });
+                break;
+            }
+            last_hash = hash;
+            blocks.push(BlockId { height, hash });
+            bits.push(header.bits);
         }
-        self.at_source_tip = at_source_tip;
-        for block in &blocks {
-            self.headers.push_back((block.height, block.hash));
+        self.at_source_tip = at_source_tip && refused.is_none();
+        for (block, bits) in blocks.iter().zip(bits) {
+            self.headers.push_back((block.height, block.hash, bits));
             self.last_hash = block.hash;
             self.next_header += 1;
         }
         if !blocks.is_empty() {
             let blocks: Arc<[BlockId]> = blocks.into();
             let state = if self.ask_filter_headers {
-                let (source, policy) = (Arc::clone(source), Policy::of(config));
+                let source = Arc::clone(source);
                 let asked = Arc::clone(&blocks);
+                let policy = policy.clone();
                 FilterHeaders::Asked(tokio::spawn(async move {
-                    timed(policy, || source.filter_headers(&asked)).await
+                    timed(&policy, || source.filter_headers(&asked)).await
                 }))
             } else {
                 FilterHeaders::NotAsked
             };
             self.filter_headers
                 .push_back(FilterHeaderBatch { blocks, state });
+        }
+        if let Some(refused) = refused {
+            // The headers before it are good; nothing from it on is taken.
+            return Err(Flow::Fail(refused));
         }
         if reorg {
             return Err(Flow::Reorg);
@@ -395,12 +427,13 @@ impl Pipeline {
         &mut self,
         source: &Arc<dyn ChainSource>,
         config: &ManagerConfig,
+        stop: &watch::Receiver<bool>,
         snapshot: &Snapshot,
     ) {
         self.ask_filter_headers = snapshot.path == Path::Filters && !snapshot.idle;
         self.spawner = Some(Spawner {
             source: Arc::clone(source),
-            policy: Policy::of(config),
+            policy: Policy::of(config, stop),
             snapshot: snapshot.clone(),
             prefetch: config.prefetch.max(1),
         });
@@ -414,15 +447,15 @@ impl Pipeline {
         while self.running.load(Ordering::Acquire) < spawner.prefetch
             && self.inflight.len() < spawner.prefetch * FINISHED_PER_RUNNING
         {
-            let Some((height, hash)) = self.headers.pop_front() else {
+            let Some((height, hash, bits)) = self.headers.pop_front() else {
                 break;
             };
             let task = fetch(
                 Arc::clone(&spawner.source),
-                height,
-                hash,
+                BlockId { height, hash },
+                bits,
                 spawner.snapshot.clone(),
-                spawner.policy,
+                spawner.policy.clone(),
             );
             let (finished, running) = (Arc::clone(&self.finished), Arc::clone(&self.running));
             running.fetch_add(1, Ordering::AcqRel);
@@ -486,47 +519,68 @@ pub(crate) async fn wait_true(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// How one request to the source is made: its deadline, and how often a
+/// How one request to the source is made: its deadline, how often a
 /// retryable failure is tried again (with a growing pause) before the
-/// batch it belongs to gives up.
-#[derive(Debug, Clone, Copy)]
+/// batch it belongs to gives up, and the manager's stop flag, which ends
+/// it at once.
+#[derive(Debug, Clone)]
 pub(crate) struct Policy {
     pub(crate) timeout: Duration,
     pub(crate) retries: u32,
     pub(crate) backoff: Duration,
+    pub(crate) stop: watch::Receiver<bool>,
 }
 
 impl Policy {
-    pub(crate) fn of(config: &ManagerConfig) -> Policy {
+    pub(crate) fn of(config: &ManagerConfig, stop: &watch::Receiver<bool>) -> Policy {
         Policy {
             timeout: config.request_timeout,
             retries: config.request_retries,
             backoff: config.initial_backoff,
+            stop: stop.clone(),
         }
     }
 }
 
-/// A source request with a deadline, retried while it fails retryably.
-pub(crate) async fn timed<T, F, Fut>(policy: Policy, mut request: F) -> Result<T, SourceError>
+/// What a request ended by [`Manager::stop`](crate::Manager::stop) returns:
+/// retryable, and the caller, seeing the stop flag, stops instead.
+pub(crate) fn stopping() -> SourceError {
+    SourceError::Unavailable {
+        reason: "the manager is stopping".to_owned(),
+    }
+}
+
+/// A source request with a deadline, retried while it fails retryably;
+/// the request in flight (or the pause before a retry) is abandoned as
+/// soon as the manager is asked to stop.
+pub(crate) async fn timed<T, F, Fut>(policy: &Policy, mut request: F) -> Result<T, SourceError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, SourceError>>,
 {
-    let mut attempt = 0;
-    loop {
-        let result = match tokio::time::timeout(policy.timeout, request()).await {
-            Ok(result) => result,
-            Err(_) => Err(SourceError::Timeout {
-                after_ms: policy.timeout.as_millis() as u64,
-            }),
-        };
-        match result {
-            Err(e) if e.is_retryable() && attempt < policy.retries => {
-                attempt += 1;
-                tokio::time::sleep(policy.backoff * attempt).await;
+    let mut stop = policy.stop.clone();
+    let attempts = async {
+        let mut attempt = 0;
+        loop {
+            let result = match tokio::time::timeout(policy.timeout, request()).await {
+                Ok(result) => result,
+                Err(_) => Err(SourceError::Timeout {
+                    after_ms: policy.timeout.as_millis() as u64,
+                }),
+            };
+            match result {
+                Err(e) if e.is_retryable() && attempt < policy.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(policy.backoff * attempt).await;
+                }
+                result => return result,
             }
-            result => return result,
         }
+    };
+    tokio::select! {
+        biased;
+        _ = wait_true(&mut stop) => Err(stopping()),
+        result = attempts => result,
     }
 }
 
@@ -535,7 +589,7 @@ pub(crate) async fn fetch_block(
     source: &Arc<dyn ChainSource>,
     height: u32,
     hash: BlockHash,
-    policy: Policy,
+    policy: &Policy,
 ) -> Result<(Arc<Block>, BlockTiming), Flow> {
     let start = Instant::now();
     let block = timed(policy, || source.block(hash)).await?;
@@ -547,7 +601,7 @@ pub(crate) async fn fetch_block(
             reason: "its header does not hash to the block asked for",
         }));
     }
-    if let Err(reason) = check_merkle_root(&block) {
+    if let Err(reason) = check_merkle_root(&block).and_then(|()| check_amounts(&block)) {
         return Err(Flow::Fail(ManagerError::BadBlock {
             height,
             hash,
@@ -618,18 +672,45 @@ pub(crate) fn check_merkle_root(block: &Block) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The money supply in satoshis (Core's `MAX_MONEY`).
+const MAX_MONEY: u64 = 21_000_000 * 100_000_000;
+
+/// Checks every amount a block holds as Core's `CheckTransaction` does:
+/// each output at most 21 million BTC, and so is each transaction's sum
+/// of outputs. A source controls these numbers; above the supply they are
+/// a lie (and would overflow sums or be clamped on their way into the
+/// database), so the block is refused.
+pub(crate) fn check_amounts(block: &Block) -> Result<(), &'static str> {
+    for tx in &block.txdata {
+        let mut sum: u64 = 0;
+        for out in &tx.output {
+            let value = out.value.to_sat();
+            if value > MAX_MONEY {
+                return Err("an output pays more than the 21 million BTC supply");
+            }
+            sum = sum
+                .checked_add(value)
+                .filter(|sum| *sum <= MAX_MONEY)
+                .ok_or("a transaction's outputs add up to more than the 21 million BTC supply")?;
+        }
+    }
+    Ok(())
+}
+
 /// One prefetch task: the filter, decoded and matched; the block too on a
 /// match or on the block path.
 async fn fetch(
     source: Arc<dyn ChainSource>,
-    height: u32,
-    hash: BlockHash,
+    block: BlockId,
+    bits: CompactTarget,
     snapshot: Snapshot,
     policy: Policy,
 ) -> Result<Fetched, Flow> {
+    let BlockId { height, hash } = block;
     let mut fetched = Fetched {
         height,
         hash,
+        bits,
         filter: None,
         filter_header: None,
         block: None,
@@ -639,7 +720,7 @@ async fn fetch(
         return Ok(fetched);
     }
     if snapshot.path == Path::Filters {
-        let raw = timed(policy, || source.filter(hash)).await?;
+        let raw = timed(&policy, || source.filter(hash)).await?;
         let start = Instant::now();
         let filter_hash = FilterHash::hash(&raw);
         let decoded =
@@ -665,7 +746,7 @@ async fn fetch(
             return Ok(fetched);
         }
     }
-    let (block, timing) = fetch_block(&source, height, hash, policy).await?;
+    let (block, timing) = fetch_block(&source, height, hash, &policy).await?;
     fetched.block = Some(block);
     fetched.block_timing = Some(timing);
     Ok(fetched)
@@ -726,10 +807,12 @@ mod tests {
             prefetch: 200,
             ..ManagerConfig::default()
         };
-        let mut pipe = Pipeline::new(0, chain.hash_at(0).unwrap(), None);
+        let (_keep, stop) = watch::channel(false);
+        let pow = HeaderChain::new(bitcoin::Network::Regtest);
+        let mut pipe = Pipeline::new(0, chain.hash_at(0).unwrap(), None, pow);
         pipe.ask_filter_headers = false;
-        pipe.top_up_headers(&source, &config).await.unwrap();
-        pipe.top_up_headers(&source, &config).await.unwrap();
+        pipe.top_up_headers(&source, &config, &stop).await.unwrap();
+        pipe.top_up_headers(&source, &config, &stop).await.unwrap();
         assert_eq!(pipe.filter_headers.len(), 2);
         assert_eq!(metered.meter().headers, 2, "block headers only");
         for height in 1..=50 {
@@ -737,7 +820,10 @@ mod tests {
                 height,
                 hash: chain.hash_at(height).unwrap(),
             };
-            let header = pipe.filter_header(&source, &config, block).await.unwrap();
+            let header = pipe
+                .filter_header(&source, &config, &stop, block)
+                .await
+                .unwrap();
             assert_eq!(Some(header), chain.filter_header_at(height));
         }
         assert_eq!(metered.meter().headers, 3, "one request for 50");
@@ -747,8 +833,8 @@ mod tests {
             hash: chain.hash_at(61).unwrap(),
         };
         assert!(matches!(
-            pipe.filter_header(&source, &config, stranger).await,
-            Err(Flow::Reset)
+            pipe.filter_header(&source, &config, &stop, stranger).await,
+            Err(Flow::Reset(None))
         ));
         pipe.forget_filter_headers(101);
         assert!(pipe.filter_headers.is_empty());

@@ -115,6 +115,14 @@ pub enum OpenError {
         /// The `application_id` found in the file.
         application_id: i32,
     },
+    /// The file (or its directory) cannot be written: SQLite would open it
+    /// read-only and fail at the first write. Kind: [`ErrorKind::Invalid`]
+    /// (give the process write access, or open another path).
+    #[error("{} is read-only for this process", path.display())]
+    ReadOnly {
+        /// The file.
+        path: PathBuf,
+    },
     /// The file was written by a newer lockstep whose schema this build does
     /// not know. Kind: [`ErrorKind::Invalid`] (upgrade lockstep).
     #[error(
@@ -191,9 +199,10 @@ impl OpenError {
     /// What the caller can do; see each variant.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::NotADatabase { .. } | Self::Foreign { .. } | Self::TooNew { .. } => {
-                ErrorKind::Invalid
-            }
+            Self::NotADatabase { .. }
+            | Self::Foreign { .. }
+            | Self::TooNew { .. }
+            | Self::ReadOnly { .. } => ErrorKind::Invalid,
             Self::Corrupt { .. } | Self::WalUnavailable { .. } | Self::Io { .. } => {
                 ErrorKind::Fatal
             }
@@ -275,6 +284,23 @@ pub enum StoreError {
         /// The id asked for.
         wallet_id: WalletId,
     },
+    /// The loop's lock file (see [`Store::try_claim_loop`](crate::Store::try_claim_loop))
+    /// could not be opened or locked. Kind: [`ErrorKind::Fatal`].
+    #[error("cannot use the lock file {}", path.display())]
+    LockFile {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An amount above the 21 million BTC money supply was to be written:
+    /// it is refused, never clamped. Kind: [`ErrorKind::Invalid`].
+    #[error("amount of {sats} sat is above the money supply")]
+    AmountOutOfRange {
+        /// The amount, in satoshis.
+        sats: u64,
+    },
 }
 
 impl StoreError {
@@ -282,12 +308,15 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Busy { .. } => ErrorKind::Retryable,
-            Self::Corrupt { .. } | Self::Closed | Self::Panicked { .. } => ErrorKind::Fatal,
+            Self::Corrupt { .. } | Self::Closed | Self::Panicked { .. } | Self::LockFile { .. } => {
+                ErrorKind::Fatal
+            }
             Self::Sqlite { source } => source.kind(),
             Self::Reentrant
             | Self::DuplicateWalletName { .. }
             | Self::CoinLocked { .. }
-            | Self::WalletNotFound { .. } => ErrorKind::Invalid,
+            | Self::WalletNotFound { .. }
+            | Self::AmountOutOfRange { .. } => ErrorKind::Invalid,
         }
     }
 

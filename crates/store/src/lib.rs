@@ -95,7 +95,7 @@ mod tests;
 
 pub use error::{ErrorKind, OpenError, SqliteError, StoreError};
 pub use open::StoreOptions;
-pub use store::Store;
+pub use store::{LoopClaim, Store};
 pub use tx::{BlockHash, ReadTx, WalletId, WalletRow, WriteTx};
 pub use wallet_tables::{
     CoinRow, Disconnected, KeychainRow, NewKeychain, PendingBroadcast, WalletTxRow,

@@ -61,6 +61,16 @@ pub(crate) fn open_writer(path: &Path, options: &StoreOptions) -> Result<Connect
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|source| sqlite_error(path, source))?;
+    // SQLite opens a file it may not write read-only without a word, and
+    // the first write would fail as an opaque error deep in the loop.
+    if conn
+        .is_readonly(rusqlite::MAIN_DB)
+        .map_err(|source| sqlite_error(path, source))?
+    {
+        return Err(OpenError::ReadOnly {
+            path: path.to_owned(),
+        });
+    }
     configure_writer(&conn, path, options)?;
     migrate(&mut conn, path, MIGRATIONS)?;
     debug!(path = %path.display(), "store opened");

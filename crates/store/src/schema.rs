@@ -154,6 +154,37 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE wallets ADD COLUMN importing_hash BLOB NULL CHECK (length(importing_hash) = 32);
     ",
+    // Version 8: trust.
+    //
+    // `block_hashes.bits`: each recent block's difficulty target (compact),
+    // so that the loop can weigh its own branch's chain work against a
+    // source's after a restart: it follows only a branch with more work.
+    //
+    // `registry_version` counts changes to the wallet set (a wallet added,
+    // an import started or finished), bumped by triggers whoever writes:
+    // a chain loop reads this one row in each of its write transactions and
+    // picks up a wallet another process registered before it commits past
+    // the wallet's payments.
+    "
+    ALTER TABLE block_hashes ADD COLUMN bits INTEGER NULL CHECK (bits BETWEEN 0 AND 4294967295);
+
+    CREATE TABLE registry_version (
+        id      INTEGER PRIMARY KEY CHECK (id = 0),
+        version INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO registry_version (id, version) VALUES (0, 0);
+
+    CREATE TRIGGER wallet_added AFTER INSERT ON wallets
+    BEGIN
+        UPDATE registry_version SET version = version + 1 WHERE id = 0;
+    END;
+
+    CREATE TRIGGER wallet_import_changed AFTER UPDATE OF importing_height ON wallets
+    WHEN (OLD.importing_height IS NULL) != (NEW.importing_height IS NULL)
+    BEGIN
+        UPDATE registry_version SET version = version + 1 WHERE id = 0;
+    END;
+    ",
 ];
 
 /// The latest schema version this build knows.

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tracing::{error, warn};
 
 use crate::error::{OpenError, SqlResultExt as _, StoreError};
-use crate::open::{StoreOptions, open_reader, open_writer};
+use crate::open::{StoreOptions, open_reader, open_writer, side_file};
 use crate::tx::{ReadTx, WriteTx};
 
 /// A job for the writer thread.
@@ -66,7 +66,50 @@ impl Drop for Inner {
     }
 }
 
+/// The right to run the chain loop on one database file, held until
+/// dropped: an exclusive lock on the file `<database>-loop.lock` (an OS
+/// advisory lock, released by the kernel when the holder exits or is
+/// killed, so a crash never leaves it taken).
+///
+/// One loop per database: two would commit over each other's tips and
+/// import the same wallet twice. A process that does not hold it (the CLI
+/// while a daemon syncs, an API server) still registers wallets and
+/// starts imports through the database, and the holder's loop picks them
+/// up (see [`ReadTx::registry_version`](crate::ReadTx::registry_version)).
+#[derive(Debug)]
+pub struct LoopClaim {
+    _file: std::fs::File,
+}
+
 impl Store {
+    /// Takes the right to run the chain loop on this database, if no
+    /// other holder (in this process or another) has it: `Ok(None)` then.
+    ///
+    /// # Errors
+    /// [`StoreError::LockFile`] (fatal) if the lock file cannot be opened.
+    pub fn try_claim_loop(&self) -> Result<Option<LoopClaim>, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+
+        let path = side_file(&self.inner.path, "-loop.lock");
+        let lock_error = |source| StoreError::LockFile {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(lock_error)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(LoopClaim { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(lock_error(e)),
+        }
+    }
+
     /// Opens the database at `path`, creating it (mode 0o600) if it does not
     /// exist, and brings its schema up to date.
     ///

@@ -130,6 +130,46 @@ impl ReadTx<'_> {
         rows.collect::<rusqlite::Result<_>>().or_store()
     }
 
+    /// Up to `limit` recorded blocks, highest first: height, hash, and the
+    /// compact difficulty target (`bits`) when it was recorded with one.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn recent_blocks(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(u32, BlockHash, Option<u32>)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut statement = self
+            .tx
+            .prepare_cached(
+                "SELECT height, hash, bits FROM block_hashes ORDER BY height DESC LIMIT ?1",
+            )
+            .or_store()?;
+        let rows = statement
+            .query_map([limit], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .or_store()?;
+        rows.collect::<rusqlite::Result<_>>().or_store()
+    }
+
+    /// How many times the wallet set has changed: a wallet registered, an
+    /// import started or finished, by this process or another one on the
+    /// same file. A chain loop compares it with what it last saw inside
+    /// each of its write transactions (which SQLite serialises with every
+    /// other writer), so it never commits past a wallet it does not know.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn registry_version(&self) -> Result<u64, StoreError> {
+        let version: i64 = self
+            .tx
+            .prepare_cached("SELECT version FROM registry_version WHERE id = 0")
+            .or_store()?
+            .query_row([], |row| row.get(0))
+            .or_store()?;
+        Ok(version.unsigned_abs())
+    }
+
     /// The wallet with this id, if any.
     ///
     /// # Errors
@@ -232,10 +272,27 @@ impl WriteTx<'_> {
         self.tx()
             .prepare_cached(
                 "INSERT INTO block_hashes (height, hash) VALUES (?1, ?2) \
-                 ON CONFLICT (height) DO UPDATE SET hash = excluded.hash",
+                 ON CONFLICT (height) DO UPDATE SET hash = excluded.hash, bits = NULL",
             )
             .or_store()?
             .execute(params![height, hash])
+            .or_store()?;
+        Ok(())
+    }
+
+    /// Records the block at `height`: its hash and compact difficulty
+    /// target (`bits`), replacing any block recorded there before.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn put_block(&mut self, height: u32, hash: &BlockHash, bits: u32) -> Result<(), StoreError> {
+        self.tx()
+            .prepare_cached(
+                "INSERT INTO block_hashes (height, hash, bits) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (height) DO UPDATE SET hash = excluded.hash, bits = excluded.bits",
+            )
+            .or_store()?
+            .execute(params![height, hash, bits])
             .or_store()?;
         Ok(())
     }

@@ -277,9 +277,16 @@ fn get_u64(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<u64> {
     u64::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(column, value))
 }
 
-/// Amounts are at most 21 million BTC, so they fit an i64.
-fn sql_amount(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
+/// The money supply in satoshis (21 million BTC, Core's `MAX_MONEY`).
+const MAX_MONEY: u64 = 21_000_000 * 100_000_000;
+
+/// An amount for the database: at most 21 million BTC (so it fits an
+/// i64), refused above that rather than clamped to a value nobody paid.
+fn sql_amount(value: u64) -> Result<i64, StoreError> {
+    if value > MAX_MONEY {
+        return Err(StoreError::AmountOutOfRange { sats: value });
+    }
+    Ok(value as i64)
 }
 
 fn coin_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<CoinRow> {
@@ -387,7 +394,7 @@ impl WriteTx<'_> {
             .execute(params![
                 coin.txid,
                 coin.vout,
-                sql_amount(coin.value),
+                sql_amount(coin.value)?,
                 coin.script,
                 coin.keychain,
                 coin.index,
@@ -449,7 +456,7 @@ impl WriteTx<'_> {
                  received = excluded.received, sent = excluded.sent",
             )
             .or_store()?
-            .execute(params![wallet_id.as_i64(), row.txid, row.height, sql_amount(row.received), sql_amount(row.sent)])
+            .execute(params![wallet_id.as_i64(), row.txid, row.height, sql_amount(row.received)?, sql_amount(row.sent)?])
             .or_store()?;
         Ok(())
     }
@@ -683,7 +690,7 @@ impl WriteTx<'_> {
                  ON CONFLICT (wallet_id, txid) DO UPDATE SET raw = excluded.raw",
             )
             .or_store()?
-            .execute(params![wallet_id.as_i64(), row.txid, sql_amount(row.received), sql_amount(row.sent), raw])
+            .execute(params![wallet_id.as_i64(), row.txid, sql_amount(row.received)?, sql_amount(row.sent)?, raw])
             .or_store()?;
         Ok(())
     }
