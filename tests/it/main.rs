@@ -3,3 +3,4 @@
 mod crash;
 mod foundation;
 mod manager;
+mod trust;

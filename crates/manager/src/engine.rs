@@ -396,11 +396,18 @@ impl Engine {
     /// down); then, and after any hiccup, finishes every import that is
     /// waiting (a crash, a failure, a stop or another process left it).
     pub(crate) async fn ensure_started(&mut self) -> Result<(), ManagerError> {
-        if !self.started {
-            self.start().await?;
-        }
+        self.ensure_loaded().await?;
         if self.pending_imports {
             self.resume_imports().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the engine if it has not started, without resuming imports
+    /// (a registration does not wait for another wallet's import).
+    async fn ensure_loaded(&mut self) -> Result<(), ManagerError> {
+        if !self.started {
+            self.start().await?;
         }
         Ok(())
     }
@@ -972,7 +979,7 @@ impl Engine {
             Err(e) => return Err(e),
         };
         if owner {
-            self.ensure_started().await?;
+            self.ensure_loaded().await?;
         }
         let registered = self
             .store
@@ -1035,7 +1042,7 @@ impl Engine {
             Err(e) => return Err(e),
         };
         let tip = if owner {
-            self.ensure_started().await?;
+            self.ensure_loaded().await?;
             Some(self.tip_or_err().height)
         } else {
             self.store
@@ -1119,7 +1126,12 @@ impl Engine {
         after_hash: Option<BlockHash>,
     ) -> Result<(), ManagerError> {
         let id = wallet.id();
-        let result = self.import_to_tip(wallet, scripts, after, after_hash).await;
+        let tip = self.tip_or_err().height;
+        self.out.status.send_replace(Status::Syncing { height: tip, tip });
+        let mut result = self.import_to_tip(wallet, scripts, after, after_hash).await;
+        if result.is_err() && self.stopping() {
+            result = Err(ManagerError::Stopped);
+        }
         if let Err(error) = &result {
             self.pending_imports = true;
             tracing::warn!(wallet = %id, %error, "import interrupted; it resumes before the loop goes on");
