@@ -203,7 +203,7 @@ fn connect_block(
                 .iter()
                 .any(|t| t.output.iter().any(|o| derived.contains(&o.script_pubkey)))
         });
-        if !missed {
+        if !missed || lockstep_store::faults::active(lockstep_store::faults::Fault::SinglePass) {
             break;
         }
     }
