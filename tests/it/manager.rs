@@ -20,7 +20,7 @@ use lockstep::chain::{
 use lockstep::manager::{
     Event, Manager, ManagerConfig, ManagerError, NewWallet, ScriptImport, Status,
 };
-use lockstep::oracle::{check_wallet, test_descriptors};
+use lockstep::oracle::{check_wallet_imported, test_descriptors};
 use lockstep::store::{Store, StoreOptions, WalletId};
 use lockstep::wallet::Keychain;
 use rand::{Rng, SeedableRng};
@@ -38,6 +38,9 @@ struct World {
     paid: Vec<(WalletId, OutPoint)>,
     /// Per wallet, per keychain, the highest index paid.
     used: BTreeMap<(WalletId, u8), u32>,
+    /// Per wallet, the ranges targeted imports derived past its gap limit
+    /// (keychain, end): the oracle expects them watched.
+    imported: BTreeMap<WalletId, Vec<(Keychain, u32)>>,
     rng: ChaCha8Rng,
 }
 
@@ -85,6 +88,7 @@ impl World {
             wallets: BTreeMap::new(),
             paid: Vec::new(),
             used: BTreeMap::new(),
+            imported: BTreeMap::new(),
             rng: ChaCha8Rng::seed_from_u64(seed),
         }
     }
@@ -206,7 +210,17 @@ impl World {
                         "{} is still importing",
                         row.name
                     );
-                    checks.push(check_wallet(tx, &self.chain, row.wallet_id, height)?);
+                    let imported = self
+                        .imported
+                        .get(&row.wallet_id)
+                        .map_or(&[][..], Vec::as_slice);
+                    checks.push(check_wallet_imported(
+                        tx,
+                        &self.chain,
+                        row.wallet_id,
+                        height,
+                        imported,
+                    )?);
                 }
                 Ok::<_, lockstep::wallet::WalletError>(checks)
             })
@@ -366,6 +380,10 @@ fn import_mid_run_and_targeted_import() {
             )
             .await
             .unwrap();
+        w.imported
+            .entry(a)
+            .or_default()
+            .push((Keychain::External, 501));
         assert!(has_far(&w), "the targeted import found the payment");
         w.check_all();
         // A script the wallet does not derive is refused with a typed error.
