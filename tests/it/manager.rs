@@ -238,6 +238,19 @@ impl World {
     }
 }
 
+/// Waits until `condition` holds (polling: it reads counters and watches
+/// the loop moves), failing the test after 30 s.
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -638,15 +651,34 @@ fn a_flaky_source_is_retried_until_synced() {
         w.activity(30);
         // An outage: the loop goes offline, commits nothing, and comes
         // back when the source does.
+        let failed = || flaky.failed.load(Ordering::Relaxed);
+        let outage = failed();
         flaky.down.store(true, Ordering::Relaxed);
         w.activity(5);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status = w.manager.status();
+        let is_offline = || matches!(*status.borrow(), Status::Offline { .. });
+        // Anything fetched before the outage may still commit: the tip is
+        // taken once the loop has seen the outage and gone offline...
+        wait_until("the loop to go offline", || {
+            is_offline() && failed() >= outage + 5
+        })
+        .await;
         let stalled = *w.manager.tip().borrow();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // ... and must not move while the loop keeps trying.
+        let tried = failed();
+        wait_until("the loop to try again", || failed() >= tried + 10).await;
+        assert!(
+            is_offline(),
+            "the loop stays offline while the source is down"
+        );
         assert_eq!(
             *w.manager.tip().borrow(),
             stalled,
             "nothing commits while the source is down"
+        );
+        assert!(
+            stalled.is_some_and(|t| t.height < w.chain.height()),
+            "blocks were waiting to be connected: {stalled:?}"
         );
         flaky.down.store(false, Ordering::Relaxed);
         w.activity(30);
