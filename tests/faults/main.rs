@@ -7,12 +7,11 @@
 //! binary and run one after another in ONE test: no other test can run
 //! while a fault is on.
 
-use bitcoin::Amount;
 use lockstep::chain::ReorgTxs;
 use lockstep::oracle::{WalletCheck, check_wallet_own_scripts};
 use lockstep::store::faults::{self, Fault};
 use lockstep::wallet::Keychain;
-use lockstep_tests::rig::Rig;
+use lockstep_tests::rig::{Rig, runtime};
 
 /// Turns a fault on for as long as it lives, and every fault off when it
 /// goes (also when the scenario panics).
@@ -31,14 +30,6 @@ impl Drop for FaultOn {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 const LOOKAHEAD: u32 = 5;
 
 /// A payment exactly at the window's edge: index `last_used + lookahead`,
@@ -51,19 +42,9 @@ fn window_edge(fault: Option<Fault>) -> (WalletCheck, WalletCheck) {
         let rig = Rig::new(dir.path(), 1, 2);
         let id = rig.add(0, LOOKAHEAD).await;
         let used = 2;
-        rig.chain
-            .pay(
-                Rig::script(0, Keychain::External, used),
-                Amount::from_sat(50_000),
-            )
-            .unwrap();
+        rig.pay(0, Keychain::External, used, 50_000);
         rig.chain.mine(1).unwrap();
-        rig.chain
-            .pay(
-                Rig::script(0, Keychain::External, used + LOOKAHEAD),
-                Amount::from_sat(70_000),
-            )
-            .unwrap();
+        rig.pay(0, Keychain::External, used + LOOKAHEAD, 70_000);
         rig.chain.mine(2).unwrap();
         rig.sync().await;
         let old = rig
@@ -85,13 +66,7 @@ fn dropped_spend(fault: Option<Fault>) -> WalletCheck {
         let dir = tempfile::tempdir().unwrap();
         let rig = Rig::new(dir.path(), 2, 2);
         let id = rig.add(1, LOOKAHEAD).await;
-        let coin = rig
-            .chain
-            .pay(
-                Rig::script(1, Keychain::External, 0),
-                Amount::from_sat(90_000),
-            )
-            .unwrap();
+        let coin = rig.pay(1, Keychain::External, 0, 90_000);
         rig.chain.mine(2).unwrap();
         rig.sync().await;
         let foreign = lockstep_tests::p2wpkh(&lockstep_tests::key(7));
@@ -123,10 +98,7 @@ fn reverse_burst(fault: Option<Fault>) -> WalletCheck {
         let id = rig.add(2, LOOKAHEAD).await;
         rig.sync().await;
         for i in (0..3 * LOOKAHEAD).rev() {
-            let amount = Amount::from_sat(10_000 + u64::from(i));
-            rig.chain
-                .pay(Rig::script(2, Keychain::External, i), amount)
-                .unwrap();
+            rig.pay(2, Keychain::External, i, 10_000 + u64::from(i));
         }
         rig.chain.mine(1).unwrap();
         rig.sync().await;

@@ -10,20 +10,12 @@ use lockstep::chain::SimChain;
 use lockstep::manager::Event;
 use lockstep::store::WalletId;
 use lockstep::wallet::Keychain;
-use lockstep_tests::rig::Rig;
+use lockstep_tests::rig::{Rig, runtime};
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::broadcast::Receiver;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Per (wallet, height): received − sent, as the events told it.
 fn event_nets(events: &mut Receiver<Event>) -> BTreeMap<(WalletId, u32), i64> {
@@ -79,13 +71,7 @@ fn a_block_routed_twice_reports_its_spend() {
         let rig = Rig::new(dir.path(), 21, 2);
         let lookahead = 5;
         let id = rig.add(0, lookahead).await;
-        let coin = rig
-            .chain
-            .pay(
-                Rig::script(0, Keychain::External, 0),
-                Amount::from_sat(100_000),
-            )
-            .unwrap();
+        let coin = rig.pay(0, Keychain::External, 0, 100_000);
         rig.chain.mine(1).unwrap();
         rig.sync().await;
         let before = balance(&rig, id);
@@ -93,20 +79,8 @@ fn a_block_routed_twice_reports_its_spend() {
 
         let foreign = lockstep_tests::p2wpkh(&lockstep_tests::key(3));
         let spend = rig.chain.spend_to(coin, foreign, None).unwrap();
-        let far = rig
-            .chain
-            .pay(
-                Rig::script(0, Keychain::External, 7),
-                Amount::from_sat(20_000),
-            )
-            .unwrap();
-        let mover = rig
-            .chain
-            .pay(
-                Rig::script(0, Keychain::External, 3),
-                Amount::from_sat(10_000),
-            )
-            .unwrap();
+        let far = rig.pay(0, Keychain::External, 7, 20_000);
+        let mover = rig.pay(0, Keychain::External, 3, 10_000);
         let height = rig.chain.height() + 1;
         rig.chain.mine(1).unwrap();
         // The block holds them in that order (what the test is about).

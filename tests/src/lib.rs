@@ -51,7 +51,7 @@ pub mod rig {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use bitcoin::ScriptBuf;
+    use bitcoin::{Amount, OutPoint, ScriptBuf};
     use lockstep::chain::{SimChain, SimParams};
     use lockstep::manager::{Manager, ManagerConfig, NewWallet};
     use lockstep::oracle::{WalletCheck, check_wallet, test_descriptors};
@@ -63,6 +63,15 @@ pub mod rig {
 
     /// The simulator pays from matured coinbases: chains start this high.
     pub const MATURE: u32 = 101;
+
+    /// A small multi-threaded runtime for one scenario.
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("the runtime starts")
+    }
 
     /// A chain, a database and a manager over them.
     pub struct Rig {
@@ -120,6 +129,14 @@ pub mod rig {
             test_descriptors(WALLET_SEED, index)
                 .script_at(keychain, i)
                 .expect("test descriptors derive")
+        }
+
+        /// Pays `sats` to script `i` of a keychain of test wallet `index`
+        /// (into the mempool). Returns the paying output.
+        pub fn pay(&self, index: u32, keychain: Keychain, i: u32, sats: u64) -> OutPoint {
+            self.chain
+                .pay(Rig::script(index, keychain, i), Amount::from_sat(sats))
+                .expect("the simulator pays")
         }
 
         /// Syncs the manager to the chain's tip.
