@@ -20,7 +20,7 @@ use lockstep::chain::{
 use lockstep::manager::{
     Event, Manager, ManagerConfig, ManagerError, NewWallet, ScriptImport, Status,
 };
-use lockstep::oracle::{check_wallet, test_descriptors};
+use lockstep::oracle::{check_wallet_imported, test_descriptors};
 use lockstep::store::{Store, StoreOptions, WalletId};
 use lockstep::wallet::Keychain;
 use rand::{Rng, SeedableRng};
@@ -38,6 +38,9 @@ struct World {
     paid: Vec<(WalletId, OutPoint)>,
     /// Per wallet, per keychain, the highest index paid.
     used: BTreeMap<(WalletId, u8), u32>,
+    /// Per wallet, the ranges targeted imports derived past its gap limit
+    /// (keychain, end): the oracle expects them watched.
+    imported: BTreeMap<WalletId, Vec<(Keychain, u32)>>,
     rng: ChaCha8Rng,
 }
 
@@ -85,6 +88,7 @@ impl World {
             wallets: BTreeMap::new(),
             paid: Vec::new(),
             used: BTreeMap::new(),
+            imported: BTreeMap::new(),
             rng: ChaCha8Rng::seed_from_u64(seed),
         }
     }
@@ -206,7 +210,17 @@ impl World {
                         "{} is still importing",
                         row.name
                     );
-                    checks.push(check_wallet(tx, &self.chain, row.wallet_id, height)?);
+                    let imported = self
+                        .imported
+                        .get(&row.wallet_id)
+                        .map_or(&[][..], Vec::as_slice);
+                    checks.push(check_wallet_imported(
+                        tx,
+                        &self.chain,
+                        row.wallet_id,
+                        height,
+                        imported,
+                    )?);
                 }
                 Ok::<_, lockstep::wallet::WalletError>(checks)
             })
@@ -221,6 +235,19 @@ impl World {
     async fn sync(&self) {
         let height = self.manager.sync().await.unwrap();
         assert_eq!(height, self.chain.height());
+    }
+}
+
+/// Waits until `condition` holds (polling: it reads counters and watches
+/// the loop moves), failing the test after 30 s.
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -368,6 +395,10 @@ fn import_mid_run_and_targeted_import() {
             )
             .await
             .unwrap();
+        w.imported
+            .entry(a)
+            .or_default()
+            .push((Keychain::External, 501));
         assert!(has_far(&w), "the targeted import found the payment");
         w.check_all();
         // A script the wallet does not derive is refused with a typed error.
@@ -622,15 +653,34 @@ fn a_flaky_source_is_retried_until_synced() {
         w.activity(30);
         // An outage: the loop goes offline, commits nothing, and comes
         // back when the source does.
+        let failed = || flaky.failed.load(Ordering::Relaxed);
+        let outage = failed();
         flaky.down.store(true, Ordering::Relaxed);
         w.activity(5);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status = w.manager.status();
+        let is_offline = || matches!(*status.borrow(), Status::Offline { .. });
+        // Anything fetched before the outage may still commit: the tip is
+        // taken once the loop has seen the outage and gone offline...
+        wait_until("the loop to go offline", || {
+            is_offline() && failed() >= outage + 5
+        })
+        .await;
         let stalled = *w.manager.tip().borrow();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // ... and must not move while the loop keeps trying.
+        let tried = failed();
+        wait_until("the loop to try again", || failed() >= tried + 10).await;
+        assert!(
+            is_offline(),
+            "the loop stays offline while the source is down"
+        );
         assert_eq!(
             *w.manager.tip().borrow(),
             stalled,
             "nothing commits while the source is down"
+        );
+        assert!(
+            stalled.is_some_and(|t| t.height < w.chain.height()),
+            "blocks were waiting to be connected: {stalled:?}"
         );
         flaky.down.store(false, Ordering::Relaxed);
         w.activity(30);

@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lockstep::chain::metered::Metered;
 use lockstep::chain::{ChainSource, ReorgTxs, SimChain, SimParams};
 use lockstep::manager::{Manager, ManagerConfig, NewWallet, ScriptImport};
-use lockstep::oracle::{KINDS, WalletCheck, check_wallet, test_descriptors};
+use lockstep::oracle::{KINDS, WalletCheck, check_wallet_imported, test_descriptors};
 use lockstep::store::{Store, StoreOptions, WalletId};
 use lockstep::wallet::Keychain;
 use rand::{Rng, SeedableRng};
@@ -315,7 +315,17 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         store
             .read(move |tx| {
                 ids.iter()
-                    .map(|(i, id)| Ok((*i, check_wallet(tx, &chain, *id, chain_tip.height)?)))
+                    .map(|(i, id)| {
+                        // The targeted import derived past the gap limit.
+                        let imported: &[(Keychain, u32)] = if *i == gap_wallet {
+                            &[(Keychain::External, gap_index + 1)]
+                        } else {
+                            &[]
+                        };
+                        let check =
+                            check_wallet_imported(tx, &chain, *id, chain_tip.height, imported)?;
+                        Ok((*i, check))
+                    })
                     .collect::<Result<Vec<_>, lockstep::wallet::WalletError>>()
             })
             .await?

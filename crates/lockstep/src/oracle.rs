@@ -5,18 +5,25 @@
 //! The oracle ([`SimChain::truth`]) is a full scan of the best chain for a
 //! set of scripts. A wallet is right when its coins (unspent and spent, with
 //! heights and spenders), its confirmed history and its balance equal the
-//! oracle's for exactly the scripts the wallet derives, up to the height it
-//! is synced to.
+//! oracle's, up to the height it is synced to.
+//!
+//! Which scripts? Not the ones the wallet says it derives: a wallet whose
+//! window is one script too narrow would then be checked against its own
+//! mistake and pass. [`check_wallet`] works out on its own what the wallet
+//! must watch, from its descriptors and the chain: the gap-limit rule
+//! walked over the best chain, block by block (see [`expected_scripts`]).
+//! It shares no code with the wallet's window logic; it uses only the
+//! descriptor library to turn an index into a script.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use bitcoin::bip32::{Xpriv, Xpub};
 use bitcoin::hashes::Hash as _;
 use bitcoin::secp256k1::Secp256k1;
 use bitcoin::{Amount, Network, NetworkKind, ScriptBuf};
-use lockstep_chain::SimChain;
-use lockstep_store::{ReadTx, WalletId};
-use lockstep_wallet::{Wallet, WalletDescriptors, WalletError};
+use lockstep_chain::{SimChain, Truth};
+use lockstep_store::{CoinRow, ReadTx, WalletId};
+use lockstep_wallet::{DescriptorError, Keychain, Wallet, WalletDescriptors, WalletError};
 
 /// The script types the test wallets cycle through.
 pub const KINDS: [&str; 3] = ["wpkh", "tr", "wsh-multi"];
@@ -74,11 +81,61 @@ impl WalletCheck {
 }
 
 /// Compares wallet `id` with the oracle of `chain` at `height` (the
-/// wallet's synced-to: the loop's tip, or its import height).
+/// wallet's synced-to: the loop's tip, or its import height), for the
+/// scripts the gap-limit rule reaches on that chain (see
+/// [`expected_scripts`]).
 ///
 /// # Errors
 /// The wallet cannot be read.
 pub fn check_wallet(
+    tx: &ReadTx<'_>,
+    chain: &SimChain,
+    id: WalletId,
+    height: u32,
+) -> Result<WalletCheck, WalletError> {
+    check_wallet_imported(tx, chain, id, height, &[])
+}
+
+/// [`check_wallet`] for a wallet that was also given targeted imports:
+/// each `(keychain, end)` of `imported` is a `ScriptImport::Range` whose
+/// scripts `0..end` the wallet derived past its gap limit and rescanned.
+///
+/// # Errors
+/// The wallet cannot be read.
+pub fn check_wallet_imported(
+    tx: &ReadTx<'_>,
+    chain: &SimChain,
+    id: WalletId,
+    height: u32,
+    imported: &[(Keychain, u32)],
+) -> Result<WalletCheck, WalletError> {
+    // The wallet is loaded for its descriptors, name and lookahead only.
+    let wallet = Wallet::load(tx, id)?;
+    let coins = tx.wallet_coins(id, false)?;
+    let mut problems = Vec::new();
+    let expected = expected_scripts(
+        chain,
+        wallet.descriptors(),
+        wallet.lookahead(),
+        height,
+        imported,
+        &coins,
+        &mut problems,
+    )?;
+    let truth = chain.truth(expected.keys());
+    compare(tx, id, wallet.name(), &truth, height, coins, problems)
+}
+
+/// The weak check this module used to make: the oracle over the scripts the
+/// wallet itself derived. It passes a wallet whose window is too narrow
+/// (the payments it misses are to scripts it does not derive, so the oracle
+/// does not look for them either). Kept only so that the fault tests can
+/// show that [`check_wallet`] catches what this misses.
+///
+/// # Errors
+/// The wallet cannot be read.
+#[doc(hidden)]
+pub fn check_wallet_own_scripts(
     tx: &ReadTx<'_>,
     chain: &SimChain,
     id: WalletId,
@@ -90,10 +147,136 @@ pub fn check_wallet(
         .map(|(_, _, s)| s.to_owned())
         .collect();
     let truth = chain.truth(&scripts);
+    let coins = tx.wallet_coins(id, false)?;
+    compare(tx, id, wallet.name(), &truth, height, coins, Vec::new())
+}
 
+/// The scripts wallet `descriptors` must watch at `height` of `chain`, with
+/// the keychain and index each derives from.
+///
+/// The gap-limit rule, walked over the best chain: per keychain, scripts
+/// `0..lookahead` are watched at first; an output paying watched index `i`
+/// moves the window so that `lookahead` scripts lie past `i`. A wallet finds,
+/// inside one block, payments to scripts that a *later* transaction of the
+/// same block derives, so each block is scanned again while it derives new
+/// scripts.
+///
+/// Two more sources, each a script the wallet may rightly watch though the
+/// walk does not reach it:
+/// - `imported` ranges (`(keychain, end)`: scripts `0..end`), derived by a
+///   targeted import past the gap limit;
+/// - the scripts of coins the wallet holds: a wallet keeps the scripts it
+///   derived on a branch a reorg removed, so it may find a payment past the
+///   current chain's walk. Such a coin counts only if its script re-derives,
+///   here, from the descriptors at the keychain and index recorded with it;
+///   otherwise it goes in `problems`.
+///
+/// All of these are watched from the start of the walk and move the window
+/// when paid, as they do in the wallet.
+///
+/// # Errors
+/// A descriptor does not derive an index the walk needs.
+pub fn expected_scripts(
+    chain: &SimChain,
+    descriptors: &WalletDescriptors,
+    lookahead: u32,
+    height: u32,
+    imported: &[(Keychain, u32)],
+    coins: &[CoinRow],
+    problems: &mut Vec<String>,
+) -> Result<HashMap<ScriptBuf, (Keychain, u32)>, DescriptorError> {
+    let mut walk = GapWalk {
+        descriptors,
+        derived: [0, 0],
+        watched: HashMap::new(),
+    };
+    for keychain in Keychain::ALL {
+        walk.derive_below(keychain, lookahead)?;
+    }
+    for &(keychain, end) in imported {
+        walk.derive_below(keychain, end)?;
+    }
+    for coin in coins {
+        let at = format!(
+            "coin {}:{}",
+            bitcoin::Txid::from_byte_array(coin.txid),
+            coin.vout
+        );
+        let Some(keychain) = Keychain::from_u8(coin.keychain) else {
+            problems.push(format!("{at}: keychain {}", coin.keychain));
+            continue;
+        };
+        match descriptors.script_at(keychain, coin.index) {
+            Ok(script) if script.as_bytes() == coin.script.as_slice() => {
+                walk.watched.insert(script, (keychain, coin.index));
+            }
+            _ => problems.push(format!(
+                "{at}: its script is not {keychain} index {}",
+                coin.index
+            )),
+        }
+    }
+    // Height 0: the genesis coinbase pays no one's wallet (and the oracle
+    // skips it, as Bitcoin Core does).
+    for h in 1..=height {
+        let Some(block) = chain.block_at(h) else {
+            break;
+        };
+        loop {
+            let mut grew = false;
+            for out in block.txdata.iter().flat_map(|t| &t.output) {
+                if let Some(&(keychain, index)) = walk.watched.get(&out.script_pubkey) {
+                    let end = index.saturating_add(1).saturating_add(lookahead);
+                    grew |= walk.derive_below(keychain, end)?;
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+    }
+    Ok(walk.watched)
+}
+
+/// The oracle's own gap-limit window: a prefix of each keychain, derived.
+struct GapWalk<'a> {
+    descriptors: &'a WalletDescriptors,
+    /// Per keychain (by `as_u8`), scripts `0..derived` are watched.
+    derived: [u32; 2],
+    watched: HashMap<ScriptBuf, (Keychain, u32)>,
+}
+
+impl GapWalk<'_> {
+    /// Watches a keychain's scripts `0..end`; whether any was new.
+    fn derive_below(&mut self, keychain: Keychain, end: u32) -> Result<bool, DescriptorError> {
+        // Non-hardened indexes stop at 2^31.
+        let end = end.min(1 << 31);
+        let slot = usize::from(keychain.as_u8());
+        let first = self.derived[slot];
+        for index in first..end {
+            let script = self.descriptors.script_at(keychain, index)?;
+            self.watched.insert(script, (keychain, index));
+        }
+        self.derived[slot] = first.max(end);
+        Ok(end > first)
+    }
+}
+
+/// Compares what the database holds for wallet `id` (`coins` are all of its
+/// coins) with `truth` at `height`: coins with heights and spenders,
+/// confirmed history with what each transaction paid and spent, balance.
+/// `problems` found before are reported with what differs here.
+fn compare(
+    tx: &ReadTx<'_>,
+    id: WalletId,
+    name: &str,
+    truth: &Truth,
+    height: u32,
+    coins: Vec<CoinRow>,
+    mut problems: Vec<String>,
+) -> Result<WalletCheck, WalletError> {
     type CoinKey = ([u8; 32], u32, u64, u32, Option<([u8; 32], u32)>);
-    let ours: BTreeSet<CoinKey> = tx
-        .wallet_coins(id, false)?
+    let ours: BTreeSet<CoinKey> = coins
         .into_iter()
         .map(|c| (c.txid, c.vout, c.value, c.height, c.spent))
         .collect();
@@ -139,12 +322,15 @@ pub fn check_wallet(
         .collect();
     let balance = Amount::from_sat(tx.wallet_balance(id)?);
     let expected_balance: u64 = expected.iter().filter(|c| c.4.is_none()).map(|c| c.2).sum();
-    let mut problems = Vec::new();
+    let coin_at =
+        |c: &CoinKey| format!("{}:{} at {}", bitcoin::Txid::from_byte_array(c.0), c.1, c.3);
     if ours != expected {
         problems.push(format!(
-            "coins: {} missing, {} unexpected",
+            "coins: {} missing (first: {:?}), {} unexpected (first: {:?})",
             expected.difference(&ours).count(),
-            ours.difference(&expected).count()
+            expected.difference(&ours).next().map(coin_at),
+            ours.difference(&expected).count(),
+            ours.difference(&expected).next().map(coin_at),
         ));
     }
     if our_txs != expected_txs {
@@ -163,11 +349,20 @@ pub fn check_wallet(
     }
     Ok(WalletCheck {
         wallet: id,
-        name: wallet.name().to_owned(),
+        name: name.to_owned(),
         balance,
         coins: ours.iter().filter(|c| c.4.is_none()).count(),
         txs: our_txs.len(),
-        scripts: scripts.len(),
+        scripts: derived_count(tx, id)?,
         mismatch: (!problems.is_empty()).then(|| problems.join("; ")),
     })
+}
+
+/// How many scripts the database records the wallet has derived.
+fn derived_count(tx: &ReadTx<'_>, id: WalletId) -> Result<usize, WalletError> {
+    Ok(tx
+        .keychains(id)?
+        .iter()
+        .map(|k| k.derived_to as usize)
+        .sum())
 }

@@ -9,7 +9,7 @@ use bitcoin::hashes::Hash as _;
 use bitcoin::pow::CompactTarget;
 use bitcoin::{Block, BlockHash, OutPoint, ScriptBuf};
 use lockstep_store::{WalletId, WriteTx};
-use lockstep_wallet::IngestSummary;
+use lockstep_wallet::{IngestSummary, NewScripts};
 
 use crate::books::Books;
 use crate::pipeline::Fetched;
@@ -143,19 +143,23 @@ pub(crate) fn connect_batch(
 /// transactions of the block paying them are routed too. If a script
 /// derived this way is paid by an *earlier* transaction of the block, the
 /// block is routed again (ingest is idempotent), until nothing new is found.
+///
+/// What the block did to each wallet is kept per (wallet, transaction):
+/// a later pass that routes the transaction again replaces its summary
+/// (re-ingesting gives the same amounts), and a transaction a later pass
+/// does not route keeps the one it had. A pass does not route everything
+/// the last one did: a spend of a wallet coin is routed by the coin's
+/// outpoint, which the first pass already took out of the books. Coins
+/// created are counted across passes (re-inserting a coin creates none).
 fn connect_block(
     tx: &mut WriteTx<'_>,
     books: &mut Books,
     height: u32,
     block: &Block,
 ) -> Result<Vec<(WalletId, IngestSummary)>, ManagerError> {
-    let mut activity: BTreeMap<WalletId, IngestSummary> = BTreeMap::new();
-    let mut created: BTreeMap<WalletId, u32> = BTreeMap::new();
+    let mut per_tx: BTreeMap<(WalletId, usize), IngestSummary> = BTreeMap::new();
     let mut touched: Vec<WalletId> = Vec::new();
     for _pass in 0..64 {
-        // Each pass ingests the whole block again: its summaries replace
-        // the last pass's, except for coins created (counted once).
-        activity.clear();
         let mut derived: HashSet<ScriptBuf> = HashSet::new();
         let mut last_derivation = None;
         for (position, t) in block.txdata.iter().enumerate() {
@@ -211,8 +215,15 @@ fn connect_block(
                         last_derivation = Some(position);
                     }
                 }
-                *created.entry(id).or_default() += summary.coins_created;
-                merge(activity.entry(id).or_default(), summary);
+                let slot = per_tx.entry((id, position)).or_default();
+                let created = slot.coins_created + summary.coins_created;
+                let mut scripts = std::mem::take(&mut slot.new_scripts.0);
+                scripts.extend(summary.new_scripts.0.iter().cloned());
+                *slot = IngestSummary {
+                    coins_created: created,
+                    new_scripts: NewScripts(scripts),
+                    ..summary
+                };
             }
         }
         // Did a script derived in this pass pay a transaction the pass had
@@ -222,17 +233,19 @@ fn connect_block(
                 .iter()
                 .any(|t| t.output.iter().any(|o| derived.contains(&o.script_pubkey)))
         });
-        if !missed {
+        if !missed || lockstep_store::faults::active(lockstep_store::faults::Fault::SinglePass) {
             break;
         }
     }
-    for (id, summary) in &mut activity {
-        summary.coins_created = created.get(id).copied().unwrap_or(0);
+    // Per wallet, its transactions in block order (the map's order).
+    let mut activity: BTreeMap<WalletId, IngestSummary> = BTreeMap::new();
+    for ((id, _), summary) in per_tx {
+        merge(activity.entry(id).or_default(), summary);
     }
     Ok(activity.into_iter().collect())
 }
 
-/// Adds a later summary of the same block to an earlier one.
+/// Adds a later transaction's summary of the same block to an earlier one.
 fn merge(into: &mut IngestSummary, more: IngestSummary) {
     into.received += more.received;
     into.sent += more.sent;

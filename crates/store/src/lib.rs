@@ -84,6 +84,8 @@
 //! ```
 
 mod error;
+#[doc(hidden)]
+pub mod faults;
 mod open;
 mod schema;
 mod store;

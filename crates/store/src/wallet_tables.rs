@@ -479,14 +479,17 @@ impl WriteTx<'_> {
             .or_store()?
             .execute(params![id, height])
             .or_store()?;
-        let coins_restored = tx
-            .prepare_cached(
+        let coins_restored = if crate::faults::active(crate::faults::Fault::DisconnectKeepsSpent) {
+            0
+        } else {
+            tx.prepare_cached(
                 "UPDATE wallet_coins SET spent_txid = NULL, spent_height = NULL \
                  WHERE wallet_id = ?1 AND spent_height >= ?2",
             )
             .or_store()?
             .execute(params![id, height])
-            .or_store()?;
+            .or_store()?
+        };
         let dropped = tx
             .prepare_cached(
                 "DELETE FROM wallet_txs WHERE wallet_id = ?1 AND height >= ?2 AND raw IS NULL",

@@ -793,7 +793,10 @@ impl Wallet {
     ) -> Result<NewScripts, WalletError> {
         let state = self.state(keychain);
         let past = state.next_index.max(state.last_used.map_or(0, |u| u + 1));
-        let want = past.saturating_add(self.lookahead).min(1 << 31);
+        let mut want = past.saturating_add(self.lookahead).min(1 << 31);
+        if lockstep_store::faults::active(lockstep_store::faults::Fault::WindowOneShort) {
+            want -= 1;
+        }
         let first = state.scripts.len() as u32;
         self.derive_to(tx, keychain, want)?;
         let scripts = &self.state(keychain).scripts;
