@@ -890,3 +890,45 @@ async fn concurrent_writers_and_readers() {
     assert_eq!(tip, Some((TASKS * ITERATIONS, hash(TASKS * ITERATIONS))));
     assert_eq!(kept.len(), 101);
 }
+
+/// A database file this process may not write is refused when it is
+/// opened, with a typed error, instead of failing opaquely at the first
+/// write. As root, permission bits do not stop writes, so the file is also
+/// made immutable (`chattr +i`); where neither works (root without
+/// `chattr`), the test says so and checks nothing.
+#[test]
+fn a_read_only_file_is_refused_at_open() {
+    use std::process::Command;
+
+    /// Makes the file mutable again, so the temporary directory goes.
+    struct Mutable(PathBuf, bool);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            if self.1 {
+                let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+            }
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    make_ours(&path, 3);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+    let writable = fs::OpenOptions::new().write(true).open(&path).is_ok();
+    let immutable = writable
+        && Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+    let _mutable = Mutable(path.clone(), immutable);
+    if writable && !immutable {
+        eprintln!("skipped: running as root without chattr, no file can be made read-only");
+        return;
+    }
+    let before = fs::read(&path).unwrap();
+    let err = Store::open(&path, StoreOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::ReadOnly { .. }), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+    assert_eq!(fs::read(&path).unwrap(), before, "left as it was");
+}
