@@ -200,7 +200,8 @@ impl Rig {
                 version: BlockVersion::from_consensus(0x2000_0000),
                 prev_blockhash: prev,
                 merkle_root: TxMerkleNode::all_zeros(),
-                time: chain.block_at(chain.height()).unwrap().header.time + 600 * (height - chain.height()),
+                time: chain.block_at(chain.height()).unwrap().header.time
+                    + 600 * (height - chain.height()),
                 bits,
                 nonce: 0,
             },
@@ -330,8 +331,11 @@ impl World {
     /// Another process on the same database file: its own store handle
     /// (its own connections and lock file descriptor) and its own manager.
     fn second_process(&self) -> (Store, Manager) {
-        let store = Store::open(&self.dir.path().join("lockstep.db"), StoreOptions::default())
-            .unwrap();
+        let store = Store::open(
+            &self.dir.path().join("lockstep.db"),
+            StoreOptions::default(),
+        )
+        .unwrap();
         let manager = Manager::new(store.clone(), self.rig.clone(), config());
         (store, manager)
     }
@@ -418,7 +422,9 @@ fn wallets_registered_by_another_process_are_picked_up() {
         // Payments right after: the loop must already watch both.
         chain.pay(script(1, 0), Amount::from_sat(111_000)).unwrap();
         chain.pay(script(2, 2), Amount::from_sat(333_000)).unwrap();
-        chain.pay(script(0, 400), Amount::from_sat(444_000)).unwrap();
+        chain
+            .pay(script(0, 400), Amount::from_sat(444_000))
+            .unwrap();
         chain.mine(2).unwrap();
         w.manager
             .wait_for(chain.tip(), Duration::from_secs(30))
@@ -514,8 +520,20 @@ fn proof_of_work_and_amounts_are_checked() {
         // (what, its transactions, bits, mined, refused as a header)
         type Case = (&'static str, Vec<Transaction>, CompactTarget, bool, bool);
         let cases: Vec<Case> = vec![
-            ("no proof of work", vec![from_nowhere(script(0, 0))], regtest, false, true),
-            ("a target regtest does not give", vec![from_nowhere(script(0, 0))], harder, true, true),
+            (
+                "no proof of work",
+                vec![from_nowhere(script(0, 0))],
+                regtest,
+                false,
+                true,
+            ),
+            (
+                "a target regtest does not give",
+                vec![from_nowhere(script(0, 0))],
+                harder,
+                true,
+                true,
+            ),
             (
                 "an output above the supply",
                 vec![paying(vec![(script(0, 1), MAX_MONEY + 1)])],
@@ -525,7 +543,10 @@ fn proof_of_work_and_amounts_are_checked() {
             ),
             (
                 "outputs adding up above the supply",
-                vec![paying(vec![(script(0, 1), MAX_MONEY), (script(0, 2), MAX_MONEY)])],
+                vec![paying(vec![
+                    (script(0, 1), MAX_MONEY),
+                    (script(0, 2), MAX_MONEY),
+                ])],
                 regtest,
                 true,
                 false,
@@ -777,7 +798,10 @@ fn a_source_missing_part_of_its_own_chain_is_bounded() {
         let Status::Offline { error, .. } = offline else {
             unreachable!()
         };
-        assert!(error.contains("basic filter"), "names what is missing: {error}");
+        assert!(
+            error.contains("basic filter"),
+            "names what is missing: {error}"
+        );
         // Backing off: few requests per second, not millions.
         let before = w.rig.filters.load(Ordering::SeqCst);
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
@@ -803,11 +827,15 @@ fn a_source_missing_part_of_its_own_chain_is_bounded() {
         // An import under the same source returns with an error: its
         // blocks from MATURE on have no filter now.
         w.rig.filter_limit.store(MATURE, Ordering::SeqCst);
-        let import = tokio::time::timeout(Duration::from_secs(30), w.manager.register(wallet(1, 1)))
-            .await
-            .expect("the import returns");
+        let import =
+            tokio::time::timeout(Duration::from_secs(30), w.manager.register(wallet(1, 1)))
+                .await
+                .expect("the import returns");
         let err = import.unwrap_err();
-        assert!(matches!(err, ManagerError::ImportIncomplete { .. }), "{err}");
+        assert!(
+            matches!(err, ManagerError::ImportIncomplete { .. }),
+            "{err}"
+        );
         assert_eq!(err.kind(), ErrorKind::Retryable);
         // The index catches up: everything completes.
         w.rig.filter_limit.store(NONE, Ordering::SeqCst);
@@ -867,7 +895,10 @@ fn a_fatal_error_stops_the_loop() {
         assert!(error.contains("hook"), "{error}");
         // The loop has ended by itself; stop keeps the status that says why.
         w.manager.stop().await;
-        assert!(matches!(*w.manager.status().borrow(), Status::Failed { .. }));
+        assert!(matches!(
+            *w.manager.status().borrow(),
+            Status::Failed { .. }
+        ));
         assert!(w.tip().unwrap().0 < MATURE + 3);
     });
 }

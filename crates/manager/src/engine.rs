@@ -244,12 +244,14 @@ impl Engine {
         let count = after - from + 1;
         let headers = timed(&self.policy(), || self.source.headers(from, count)).await?;
         let chains = headers.len() == count as usize
-            && headers.windows(2).all(|w| w[1].prev_blockhash == w[0].block_hash())
+            && headers
+                .windows(2)
+                .all(|w| w[1].prev_blockhash == w[0].block_hash())
             && headers.last().is_some_and(|h| h.block_hash() == after_hash);
         if !chains {
-            return Err(ManagerError::Source(SourceError::NotFound(Missing::Header(
-                after_hash,
-            ))));
+            return Err(ManagerError::Source(SourceError::NotFound(
+                Missing::Header(after_hash),
+            )));
         }
         chain.seed(
             headers
@@ -452,7 +454,9 @@ impl Engine {
             None => {
                 let height = self.config.start_height;
                 let hash = timed(&self.policy(), || self.source.block_hash(height)).await?;
-                let bits = timed(&self.policy(), || self.source.header(hash)).await?.bits;
+                let bits = timed(&self.policy(), || self.source.header(hash))
+                    .await?
+                    .bits;
                 let raw = hash.to_byte_array();
                 self.store
                     .write(move |tx| {
@@ -817,9 +821,7 @@ impl Engine {
             if let Some(f) = &item.filter {
                 let previous = match *filter_header {
                     Some(header) => header,
-                    None => {
-                        timed(&self.policy(), || self.source.filter_header(prev_hash)).await?
-                    }
+                    None => timed(&self.policy(), || self.source.filter_header(prev_hash)).await?,
                 };
                 // Checked before if the item was put back after a batch.
                 let header = match item.filter_header {
@@ -888,11 +890,19 @@ impl Engine {
         let best = timed(&self.policy(), || self.source.tip()).await?;
         let lowest = self.recent.keys().next().copied().unwrap_or(tip.height);
         if best.height < lowest {
-            tracing::info!(source_tip = best.height, tip = tip.height, "the source lags far behind the loop: waiting");
+            tracing::info!(
+                source_tip = best.height,
+                tip = tip.height,
+                "the source lags far behind the loop: waiting"
+            );
             return Ok(false);
         }
-        let recent: Vec<(u32, BlockHash)> =
-            self.recent.iter().rev().map(|(h, (b, _))| (*h, *b)).collect();
+        let recent: Vec<(u32, BlockHash)> = self
+            .recent
+            .iter()
+            .rev()
+            .map(|(h, (b, _))| (*h, *b))
+            .collect();
         let Some((fork_height, fork_hash)) = self.highest_on_chain(recent.into_iter()).await?
         else {
             return Err(ManagerError::ReorgTooDeep {
@@ -903,7 +913,10 @@ impl Engine {
         if fork_height == tip.height {
             return Ok(true);
         }
-        if !self.source_has_more_work(fork_height, fork_hash, best).await? {
+        if !self
+            .source_has_more_work(fork_height, fork_hash, best)
+            .await?
+        {
             tracing::info!(
                 fork = fork_height,
                 source_tip = best.height,
@@ -981,10 +994,7 @@ impl Engine {
         if owner {
             self.ensure_loaded().await?;
         }
-        let registered = self
-            .store
-            .write(move |tx| register(tx, spec))
-            .await?;
+        let registered = self.store.write(move |tx| register(tx, spec)).await?;
         let id = registered.wallet.id();
         if !owner {
             // The loop that owns the database imports it, or takes it in
@@ -1127,7 +1137,9 @@ impl Engine {
     ) -> Result<(), ManagerError> {
         let id = wallet.id();
         let tip = self.tip_or_err().height;
-        self.out.status.send_replace(Status::Syncing { height: tip, tip });
+        self.out
+            .status
+            .send_replace(Status::Syncing { height: tip, tip });
         let mut result = self.import_to_tip(wallet, scripts, after, after_hash).await;
         if result.is_err() && self.stopping() {
             result = Err(ManagerError::Stopped);

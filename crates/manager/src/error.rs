@@ -119,7 +119,9 @@ pub enum ManagerError {
     },
     /// The source's best chain does not reach the loop's tip (it lags, or
     /// it is on a branch with less work): waited for, not followed.
-    #[error("the source's chain reaches height {reached}, below the loop's tip {tip}: waiting for it")]
+    #[error(
+        "the source's chain reaches height {reached}, below the loop's tip {tip}: waiting for it"
+    )]
     SourceBehind {
         /// How far the source's chain goes, as far as the scan saw.
         reached: u32,

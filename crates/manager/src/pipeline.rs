@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bitcoin::bip158::{FilterHash, FilterHeader};
-use bitcoin::pow::CompactTarget;
 use bitcoin::hashes::Hash as _;
+use bitcoin::pow::CompactTarget;
 use bitcoin::{Block, BlockHash};
 use lockstep_chain::{BlockId, ChainSource, Missing, SourceError};
 use lockstep_filter::{BasicFilter, Watchlist, matches};
@@ -358,8 +358,7 @@ impl Pipeline {
             count = count.min(stop - self.next_header + 1);
         }
         let policy = Policy::of(config, stop);
-        let headers = match timed(&policy, || source.headers(self.next_header, count)).await
-        {
+        let headers = match timed(&policy, || source.headers(self.next_header, count)).await {
             Ok(headers) => headers,
             Err(SourceError::NotFound(_)) => Vec::new(),
             Err(e) => return Err(e.into()),

@@ -95,7 +95,11 @@ impl HeaderChain {
     }
 
     fn push(&mut self, link: Link) {
-        if self.window.back().is_some_and(|l| l.height + 1 != link.height) {
+        if self
+            .window
+            .back()
+            .is_some_and(|l| l.height + 1 != link.height)
+        {
             self.window.clear();
         }
         self.window.push_back(link);
@@ -137,7 +141,7 @@ impl HeaderChain {
             .filter(|l| l.height + 1 == height)
             .ok_or(UNKNOWN)?;
         let interval = self.interval();
-        if height % interval != 0 {
+        if !height.is_multiple_of(interval) {
             if params.allow_min_difficulty_blocks {
                 // A block more than twice the spacing after its parent may
                 // use the minimum difficulty; otherwise the difficulty is
@@ -150,7 +154,7 @@ impl HeaderChain {
                     .window
                     .iter()
                     .rev()
-                    .find(|l| l.height % interval == 0 || l.bits != limit)
+                    .find(|l| l.height.is_multiple_of(interval) || l.bits != limit)
                     .map(|l| l.bits)
                     .ok_or(UNKNOWN);
             }
@@ -261,10 +265,26 @@ mod tests {
         // A period starting at 4032 at real difficulty, then two blocks
         // that used the exception.
         chain.seed([
-            Link { height: 4032, bits: real, time: 1_000 },
-            Link { height: 4033, bits: real, time: 1_600 },
-            Link { height: 4034, bits: limit, time: 4_000 },
-            Link { height: 4035, bits: limit, time: 6_000 },
+            Link {
+                height: 4032,
+                bits: real,
+                time: 1_000,
+            },
+            Link {
+                height: 4033,
+                bits: real,
+                time: 1_600,
+            },
+            Link {
+                height: 4034,
+                bits: limit,
+                time: 4_000,
+            },
+            Link {
+                height: 4035,
+                bits: limit,
+                time: 6_000,
+            },
         ]);
         // More than 20 minutes after its parent: the limit.
         assert_eq!(chain.required_bits(4036, 6_000 + 1_201), Ok(limit));
@@ -291,17 +311,31 @@ mod tests {
             h
         };
         let unmined = mined(header, false);
-        assert!(chain.connect(1, &unmined, unmined.block_hash()).unwrap_err().contains("proof of work"));
+        assert!(
+            chain
+                .connect(1, &unmined, unmined.block_hash())
+                .unwrap_err()
+                .contains("proof of work")
+        );
         // Harder than the limit, and mined: still refused on regtest.
         header.bits = bits(0x207ffffe);
         let harder = mined(header, true);
-        assert!(chain.connect(1, &harder, harder.block_hash()).unwrap_err().contains("difficulty"));
+        assert!(
+            chain
+                .connect(1, &harder, harder.block_hash())
+                .unwrap_err()
+                .contains("difficulty")
+        );
         header.bits = genesis.bits;
         let good = mined(header, true);
         assert_eq!(chain.connect(1, &good, good.block_hash()), Ok(()));
         // A hash that is not the header's is checked as given.
         assert!(chain.connect(2, &good, BlockHash::all_zeros()).is_ok());
-        assert!(chain.connect(3, &good, BlockHash::from_byte_array([0xff; 32])).is_err());
+        assert!(
+            chain
+                .connect(3, &good, BlockHash::from_byte_array([0xff; 32]))
+                .is_err()
+        );
     }
 
     #[test]

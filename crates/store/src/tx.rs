@@ -285,7 +285,12 @@ impl WriteTx<'_> {
     ///
     /// # Errors
     /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
-    pub fn put_block(&mut self, height: u32, hash: &BlockHash, bits: u32) -> Result<(), StoreError> {
+    pub fn put_block(
+        &mut self,
+        height: u32,
+        hash: &BlockHash,
+        bits: u32,
+    ) -> Result<(), StoreError> {
         self.tx()
             .prepare_cached(
                 "INSERT INTO block_hashes (height, hash, bits) VALUES (?1, ?2, ?3) \
