@@ -32,6 +32,7 @@ use lockstep::manager::{
 use lockstep::oracle::{check_wallet, test_descriptors};
 use lockstep::store::{Store, StoreOptions, WalletId, WriteTx};
 use lockstep::wallet::{Keychain, WalletDescriptors};
+use lockstep_tests::rig::runtime;
 
 const SEED: u64 = 131;
 const MATURE: u32 = 101;
@@ -47,14 +48,6 @@ fn config() -> ManagerConfig {
         request_retries: 2,
         ..ManagerConfig::default()
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn chain(seed: u64, height: u32) -> SimChain {
