@@ -463,6 +463,24 @@ fn wallets_registered_by_another_process_are_picked_up() {
     });
 }
 
+/// A process that only registers (a CLI run while no daemon is up) lets go
+/// of the loop's claim when done, so the daemon can start; registering
+/// again while the daemon runs only writes, and the daemon imports.
+#[test]
+fn a_process_that_only_registers_does_not_hold_the_loop() {
+    runtime().block_on(async {
+        let w = World::new(chain(10, MATURE + 3));
+        let (_store, cli) = w.second_process();
+        let first = cli.register(wallet(0, 1)).await.unwrap();
+        w.manager.sync().await.expect("the daemon runs the loop");
+        w.check(first);
+        let second = cli.register(wallet(1, 1)).await.unwrap();
+        assert_eq!(importing(&w, second), Some(0), "written, for the daemon");
+        w.manager.sync().await.unwrap();
+        w.check(second);
+    });
+}
+
 /// A wallet transaction paying 1 BTC to `to` from an input that exists
 /// nowhere.
 fn from_nowhere(to: ScriptBuf) -> Transaction {

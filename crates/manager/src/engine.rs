@@ -215,16 +215,36 @@ impl Engine {
         }
     }
 
-    /// Takes the right to run the loop on this database, or says who has it.
-    fn claim_loop(&mut self) -> Result<(), ManagerError> {
-        if self.claim.is_none() {
-            self.claim = Some(
-                self.store
-                    .try_claim_loop()?
-                    .ok_or(ManagerError::LoopElsewhere)?,
-            );
+    /// Takes the right to run the loop on this database, or says who has
+    /// it. Taken again after [`release_claim`](Self::release_claim), what
+    /// this engine knows is kept only if the committed tip did not move
+    /// meanwhile (another loop ran); wallets registered meanwhile are
+    /// followed through the registry as always.
+    async fn claim_loop(&mut self) -> Result<(), ManagerError> {
+        if self.claim.is_some() {
+            return Ok(());
+        }
+        let claim = self
+            .store
+            .try_claim_loop()?
+            .ok_or(ManagerError::LoopElsewhere)?;
+        self.claim = Some(claim);
+        if self.started {
+            let committed = self.store.read(|tx| tx.tip()).await?;
+            let ours = self.tip.map(|t| (t.height, t.hash.to_byte_array()));
+            if committed != ours {
+                self.started = false;
+            }
         }
         Ok(())
+    }
+
+    /// Lets another manager run the loop (this one registered wallets or
+    /// started an import but runs no loop): a process that only registers
+    /// must not keep a daemon from starting.
+    pub(crate) fn release_claim(&mut self) {
+        self.claim = None;
+        self.pipe = None;
     }
 
     /// The headers below `after + 1` that the difficulty rules read (none
@@ -408,6 +428,7 @@ impl Engine {
     /// Starts the engine if it has not started, without resuming imports
     /// (a registration does not wait for another wallet's import).
     async fn ensure_loaded(&mut self) -> Result<(), ManagerError> {
+        self.claim_loop().await?;
         if !self.started {
             self.start().await?;
         }
@@ -415,7 +436,7 @@ impl Engine {
     }
 
     async fn start(&mut self) -> Result<(), ManagerError> {
-        self.claim_loop()?;
+        self.claim_loop().await?;
         self.out.status.send_replace(Status::Connecting);
         let genesis = timed(&self.policy(), || self.source.block_hash(0)).await?;
         let expected = bitcoin::blockdata::constants::genesis_block(self.config.network);
@@ -425,17 +446,20 @@ impl Engine {
                 genesis,
             });
         }
-        self.books = None;
-        self.books().await?;
         let keep = self.config.recent_hashes as usize + 1;
-        let (tip, recent, registry) = self
+        // One snapshot: the wallets and the registry version they are.
+        let (books, tip, recent, registry) = self
             .store
             .read(move |tx| {
-                Ok::<_, ManagerError>((tx.tip()?, tx.recent_blocks(keep)?, tx.registry_version()?))
+                Ok::<_, ManagerError>((
+                    Books::load_active(tx)?,
+                    tx.tip()?,
+                    tx.recent_blocks(keep)?,
+                    tx.registry_version()?,
+                ))
             })
             .await?;
-        // The books were read before the version: a change in between is
-        // followed again at the next commit, which does no harm.
+        self.books = Some(books);
         self.registry_seen = Some(registry);
         self.recent = recent
             .into_iter()
@@ -986,7 +1010,7 @@ impl Engine {
                 chain: self.config.network,
             });
         }
-        let owner = match self.claim_loop() {
+        let owner = match self.claim_loop().await {
             Ok(()) => true,
             Err(ManagerError::LoopElsewhere) => false,
             Err(e) => return Err(e),
@@ -1046,7 +1070,7 @@ impl Engine {
         import: ScriptImport,
         from_height: u32,
     ) -> Result<(), ManagerError> {
-        let owner = match self.claim_loop() {
+        let owner = match self.claim_loop().await {
             Ok(()) => true,
             Err(ManagerError::LoopElsewhere) => false,
             Err(e) => return Err(e),

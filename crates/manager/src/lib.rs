@@ -285,7 +285,28 @@ impl Manager {
     /// stays marked importing and the loop finishes its import before it
     /// goes on.
     pub async fn import_wallet(&self, wallet: NewWallet) -> Result<WalletId, ManagerError> {
-        self.shared.engine.lock().await.add_wallet(wallet).await
+        let mut engine = self.shared.engine.lock().await;
+        let result = engine.add_wallet(wallet).await;
+        self.release_unless_looping(&mut engine);
+        result
+    }
+
+    /// Whether the chain loop task runs.
+    fn is_running(&self) -> bool {
+        self.shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|r| !r.task.is_finished())
+    }
+
+    /// A manager that runs no loop lets go of the database's loop claim
+    /// after registering or importing, so that a daemon can start.
+    fn release_unless_looping(&self, engine: &mut Engine) {
+        if !self.is_running() {
+            engine.release_claim();
+        }
     }
 
     /// Rescans some scripts of a registered wallet from `from_height` to
@@ -302,12 +323,10 @@ impl Manager {
         scripts: ScriptImport,
         from_height: u32,
     ) -> Result<(), ManagerError> {
-        self.shared
-            .engine
-            .lock()
-            .await
-            .import_scripts(wallet, scripts, from_height)
-            .await
+        let mut engine = self.shared.engine.lock().await;
+        let result = engine.import_scripts(wallet, scripts, from_height).await;
+        self.release_unless_looping(&mut engine);
+        result
     }
 
     /// The loop's status.
