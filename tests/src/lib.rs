@@ -23,6 +23,11 @@ pub fn p2tr(key: &SecretKey) -> ScriptBuf {
 /// What the crash test's parent (`tests/it/crash.rs`) and child
 /// (`src/bin/crash_child.rs`) agree on.
 pub mod crash {
+    use std::str::FromStr as _;
+
+    use bitcoin::BlockHash;
+    use lockstep::chain::BlockId;
+
     /// Seed of the test wallets' descriptors.
     pub const WALLET_SEED: u64 = 77;
     /// Wallets registered at start: indexes `0..WALLETS`.
@@ -40,6 +45,20 @@ pub mod crash {
             1 + index * 20
         };
         (format!("crash-{index}"), birth, 6 + index % 4)
+    }
+
+    /// The done file's text: the final tip, which the last run of the
+    /// child syncs to before it exits.
+    pub fn done_text(tip: BlockId) -> String {
+        format!("{} {}\n", tip.height, tip.hash)
+    }
+
+    /// Reads [`done_text`]'s text back; `None` if it is not that.
+    pub fn parse_done(text: &str) -> Option<BlockId> {
+        let mut words = text.split_whitespace();
+        let height = words.next()?.parse().ok()?;
+        let hash = BlockHash::from_str(words.next()?).ok()?;
+        words.next().is_none().then_some(BlockId { height, hash })
     }
 }
 
