@@ -262,7 +262,18 @@ impl Engine {
         }
         let from = (after + 1).saturating_sub(history);
         let count = after - from + 1;
-        let headers = timed(&self.policy(), || self.source.headers(from, count)).await?;
+        // In requests of `header_batch` (Core's REST serves 2,000 at most).
+        let mut headers = Vec::with_capacity(count as usize);
+        while headers.len() < count as usize {
+            let next = from + headers.len() as u32;
+            let ask = (count - headers.len() as u32).min(self.config.header_batch.max(1));
+            let got = timed(&self.policy(), || self.source.headers(next, ask)).await?;
+            if got.is_empty() {
+                break;
+            }
+            headers.extend(got);
+        }
+        headers.truncate(count as usize);
         let chains = headers.len() == count as usize
             && headers
                 .windows(2)
