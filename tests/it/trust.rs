@@ -463,6 +463,61 @@ fn wallets_registered_by_another_process_are_picked_up() {
     });
 }
 
+/// Under contention: three other processes register eight wallets each at
+/// once (born below the tip, or above it), and pay them, while the loop
+/// runs and the chain grows: the loop picks every one up and each equals
+/// the oracle.
+#[test]
+fn many_wallets_registered_elsewhere_under_contention() {
+    runtime().block_on(async {
+        let w = World::new(chain(11, MATURE + 5));
+        w.manager.register(wallet(0, 1)).await.unwrap();
+        w.manager.start();
+        let chain = w.chain();
+        let mut tasks = Vec::new();
+        for process in 0..3u32 {
+            let (store, other) = w.second_process();
+            let chain = chain.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for k in 0..8u32 {
+                    let index = 1 + process * 8 + k;
+                    let birth = if k % 2 == 0 {
+                        MATURE
+                    } else {
+                        chain.height() + 1
+                    };
+                    ids.push((index, other.register(wallet(index, birth)).await.unwrap()));
+                    let sats = 10_000 + u64::from(index);
+                    chain
+                        .pay(script(index, k % 3), Amount::from_sat(sats))
+                        .unwrap();
+                    if k % 3 == process % 3 {
+                        chain.mine(1).unwrap();
+                    }
+                }
+                drop(store);
+                ids
+            }));
+        }
+        let mut ids = Vec::new();
+        for task in tasks {
+            ids.extend(task.await.unwrap());
+        }
+        chain.mine(2).unwrap();
+        eventually(|| ids.iter().all(|(_, id)| importing(&w, *id).is_none())).await;
+        w.manager
+            .wait_for(chain.tip(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        w.manager.stop().await;
+        for (index, id) in ids {
+            assert_eq!(w.balance(id), 10_000 + u64::from(index), "wallet {index}");
+            w.check(id);
+        }
+    });
+}
+
 /// A process that only registers (a CLI run while no daemon is up) lets go
 /// of the loop's claim when done, so the daemon can start; registering
 /// again while the daemon runs only writes, and the daemon imports.
