@@ -239,6 +239,16 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether this engine runs the loop (it holds the claim, or takes it
+    /// now); `false` when another manager does, and this one only writes.
+    async fn owns_loop(&mut self) -> Result<bool, ManagerError> {
+        match self.claim_loop().await {
+            Ok(()) => Ok(true),
+            Err(ManagerError::LoopElsewhere) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Lets another manager run the loop (this one registered wallets or
     /// started an import but runs no loop): a process that only registers
     /// must not keep a daemon from starting.
@@ -589,13 +599,18 @@ impl Engine {
             Ok(outcome) => Ok(outcome),
             Err(Flow::Reorg) => {
                 let tip = self.tip_or_err();
-                let fresh = self.pipe.as_ref().is_some_and(|p| p.is_fresh(tip.height));
-                self.pipe = None;
-                if fresh && !self.handle_reorg().await? {
-                    // A branch with no more work than the loop's: wait.
-                    return Ok(StepOutcome::AtTip);
+                if !self.pipe.as_ref().is_some_and(|p| p.is_fresh(tip.height)) {
+                    // Fetched ahead on a branch that changed: look again.
+                    self.pipe = None;
+                    return Ok(StepOutcome::Progress);
                 }
-                Ok(StepOutcome::Progress)
+                if self.handle_reorg().await? {
+                    return Ok(StepOutcome::Progress);
+                }
+                // A lagging source, or a branch with no more work than the
+                // loop's: wait, keeping the pipeline (and, off regtest, the
+                // headers its difficulty rules read) for the next look.
+                Ok(StepOutcome::AtTip)
             }
             Err(Flow::Reset(missing)) => {
                 self.pipe = None;
@@ -666,11 +681,7 @@ impl Engine {
                 // at the next poll.
                 return Ok(StepOutcome::AtTip);
             }
-            let lowest = self.recent.keys().next().copied().unwrap_or(tip.height);
-            let ours = self.recent.get(&best.height).map(|(hash, _)| *hash);
-            if ours == Some(best.hash) || best.height < lowest {
-                // The source lags behind the loop on the loop's own chain
-                // (a node restarting, an index catching up): wait for it.
+            if self.source_lags(best) {
                 return Ok(StepOutcome::AtTip);
             }
             // Another branch: followed only if it has more work.
@@ -912,6 +923,16 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether the source's tip `best` is behind the loop's on the loop's
+    /// own chain (a node restarting, an index catching up), or below every
+    /// block the loop keeps: waited for, with no request to find a fork.
+    fn source_lags(&self, best: BlockId) -> bool {
+        let tip = self.tip_or_err();
+        let lowest = self.recent.keys().next().copied().unwrap_or(tip.height);
+        let ours = self.recent.get(&best.height).map(|(hash, _)| *hash);
+        best.height <= tip.height && (ours == Some(best.hash) || best.height < lowest)
+    }
+
     /// Follows a reorg: finds the highest recorded block still on the
     /// source's best chain and, if the source's branch above it has more
     /// work than the loop's, disconnects every wallet above it in one
@@ -920,18 +941,17 @@ impl Engine {
     /// when the source lags or offers a branch with no more work, which is
     /// waited for, not followed.
     pub(crate) async fn handle_reorg(&mut self) -> Result<bool, ManagerError> {
-        self.pipe = None;
         let tip = self.tip_or_err();
         let best = timed(&self.policy(), || self.source.tip()).await?;
-        let lowest = self.recent.keys().next().copied().unwrap_or(tip.height);
-        if best.height < lowest {
+        if self.source_lags(best) {
             tracing::info!(
                 source_tip = best.height,
                 tip = tip.height,
-                "the source lags far behind the loop: waiting"
+                "the source lags behind the loop: waiting"
             );
             return Ok(false);
         }
+        let lowest = self.recent.keys().next().copied().unwrap_or(tip.height);
         let recent: Vec<(u32, BlockHash)> = self
             .recent
             .iter()
@@ -960,6 +980,7 @@ impl Engine {
             );
             return Ok(false);
         }
+        self.pipe = None;
         let disconnected: Vec<(u32, BlockHash)> = self
             .recent
             .range(fork_height + 1..)
@@ -1021,11 +1042,7 @@ impl Engine {
                 chain: self.config.network,
             });
         }
-        let owner = match self.claim_loop().await {
-            Ok(()) => true,
-            Err(ManagerError::LoopElsewhere) => false,
-            Err(e) => return Err(e),
-        };
+        let owner = self.owns_loop().await?;
         if owner {
             self.ensure_loaded().await?;
         }
@@ -1081,11 +1098,7 @@ impl Engine {
         import: ScriptImport,
         from_height: u32,
     ) -> Result<(), ManagerError> {
-        let owner = match self.claim_loop().await {
-            Ok(()) => true,
-            Err(ManagerError::LoopElsewhere) => false,
-            Err(e) => return Err(e),
-        };
+        let owner = self.owns_loop().await?;
         let tip = if owner {
             self.ensure_loaded().await?;
             Some(self.tip_or_err().height)
