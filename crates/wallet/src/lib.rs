@@ -14,6 +14,8 @@
 //! keys and coin locks follow.
 
 mod descriptor;
+mod live;
+mod registry;
 mod secrets;
 mod selection;
 mod signing;
@@ -22,6 +24,8 @@ mod wallet;
 #[cfg(test)]
 mod oracle_tests;
 #[cfg(test)]
+mod registry_tests;
+#[cfg(test)]
 mod selection_tests;
 #[cfg(test)]
 mod signing_tests;
@@ -29,6 +33,8 @@ mod signing_tests;
 mod tests;
 
 pub use descriptor::{DescriptorError, Keychain, WalletDescriptors};
+pub use live::{CoinInfo, CoinState, KeychainInfo, LiveWallet, Pin, Revealed};
+pub use registry::{DEFAULT_CAPACITY, Registry, RegistryStats};
 pub use selection::{Selection, SpendRequest};
 pub use wallet::{
     Balance, Coin, DEFAULT_LOOKAHEAD, HistoryTx, IngestSummary, NewScripts, Wallet, WalletError,

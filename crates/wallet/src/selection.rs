@@ -75,12 +75,11 @@ impl Wallet {
             .filter(|(_, h)| h.is_some())
             .map(|(c, _)| c.value)
             .sum();
-        // A coinbase output is spendable from 100 blocks after its own; with
-        // no chain tip recorded yet, none is.
-        let next_height = tx.tip()?.map(|(h, _)| h + 1);
-        let mature = |c: &lockstep_store::CoinRow| {
-            !c.is_coinbase || next_height.is_some_and(|n| n >= c.height + 100)
-        };
+        // Immature coinbase outputs are left out, as Bitcoin Core's wallet
+        // counts them (and as the balance does).
+        let tip = tx.tip()?.map(|(h, _)| h);
+        let mature =
+            |c: &lockstep_store::CoinRow| !crate::wallet::is_immature(c.is_coinbase, c.height, tip);
         let free: Vec<_> = rows
             .into_iter()
             .filter(|(c, h)| h.is_none() && mature(c))

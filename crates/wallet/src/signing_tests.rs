@@ -426,11 +426,41 @@ fn immature_coinbase_coins_are_not_selected() {
         matches!(err, WalletError::InsufficientFunds { .. }),
         "{err:?}"
     );
+    // As Bitcoin Core's wallet counts it: at 299 (99 blocks on top) the
+    // coin is still immature, though consensus would take its spend in
+    // block 300; at 300 it is spendable. The balance says the same.
     let l = w.clone();
     world
         .store
         .write_blocking(|tx| tx.set_tip(299, &[0; 32]))
         .unwrap();
+    let err = world
+        .store
+        .write_blocking(move |tx| l.select_and_lock(tx, &foreign_payment(), "m"))
+        .unwrap_err();
+    assert!(
+        matches!(err, WalletError::InsufficientFunds { .. }),
+        "{err:?}"
+    );
+    let l = w.clone();
+    let balance = world
+        .store
+        .read_blocking(move |tx| l.balance_details(tx))
+        .unwrap();
+    assert_eq!(balance.immature, Amount::from_sat(500_000));
+    assert_eq!(balance.spendable(), Amount::ZERO);
+    let l = w.clone();
+    world
+        .store
+        .write_blocking(|tx| tx.set_tip(300, &[0; 32]))
+        .unwrap();
+    let balance = world
+        .store
+        .read_blocking(move |tx| l.balance_details(tx))
+        .unwrap();
+    assert_eq!(balance.immature, Amount::ZERO);
+    assert_eq!(balance.spendable(), Amount::from_sat(500_000));
+    let l = w.clone();
     let selection = world
         .store
         .write_blocking(move |tx| l.select_and_lock(tx, &foreign_payment(), "m"))

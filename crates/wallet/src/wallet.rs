@@ -89,6 +89,15 @@ pub enum WalletError {
     /// A malformed request.
     #[error("invalid request: {0}")]
     InvalidRequest(&'static str),
+    /// Loading the wallet failed; every caller that waited for the same
+    /// load gets the same error.
+    #[error("loading wallet {wallet}: {error}")]
+    LoadFailed {
+        /// The wallet.
+        wallet: WalletId,
+        /// Why.
+        error: std::sync::Arc<WalletError>,
+    },
     /// What the database holds contradicts itself or the descriptors.
     #[error("wallet {wallet_id} is corrupt in the database: {detail}")]
     Corrupt {
@@ -104,6 +113,7 @@ impl WalletError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             WalletError::Store(e) => e.kind(),
+            WalletError::LoadFailed { error, .. } => error.kind(),
             WalletError::Descriptor(_)
             | WalletError::NotFound(_)
             | WalletError::InvalidLookahead(_)
@@ -177,8 +187,11 @@ pub struct IngestSummary {
 /// A wallet's balance in parts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Balance {
-    /// Unspent confirmed coins.
+    /// Unspent confirmed coins (immature and locked ones included).
     pub confirmed: Amount,
+    /// Of those, coinbase outputs not yet spendable: as Bitcoin Core's
+    /// wallet counts them, until 100 blocks are on top of their own.
+    pub immature: Amount,
     /// Of those, what in-flight holders (actions) have locked.
     pub locked: Amount,
     /// Outputs to the wallet of its own unconfirmed broadcasts.
@@ -189,12 +202,21 @@ pub struct Balance {
 }
 
 impl Balance {
-    /// What a new payment can use now: confirmed, not locked.
+    /// What a new payment can use now: confirmed, mature, not locked.
     pub fn spendable(&self) -> Amount {
         self.confirmed
-            .checked_sub(self.locked)
+            .checked_sub(self.locked + self.immature)
             .unwrap_or(Amount::ZERO)
     }
+}
+
+/// Whether a coin created at `height` is an immature coinbase output at
+/// `tip`, as Bitcoin Core's wallet counts it (`GetBlocksToMaturity`: 100
+/// blocks must be on top of its own, one more than consensus needs for the
+/// spend to enter the next block). With no tip recorded, every coinbase
+/// output is immature.
+pub(crate) fn is_immature(is_coinbase: bool, height: u32, tip: Option<u32>) -> bool {
+    is_coinbase && tip.is_none_or(|tip| tip < height.saturating_add(100))
 }
 
 /// A coin of the wallet.
@@ -237,6 +259,26 @@ impl HistoryTx {
     pub fn net(&self) -> i64 {
         self.received.to_sat() as i64 - self.sent.to_sat() as i64
     }
+}
+
+/// A stored coin row as a [`Coin`].
+fn coin_of_row(id: WalletId, row: CoinRow) -> Result<Coin, WalletError> {
+    let keychain = Keychain::from_u8(row.keychain).ok_or_else(|| WalletError::Corrupt {
+        wallet_id: id,
+        detail: format!("keychain {}", row.keychain),
+    })?;
+    Ok(Coin {
+        outpoint: OutPoint::new(Txid::from_byte_array(row.txid), row.vout),
+        txout: TxOut {
+            value: Amount::from_sat(row.value),
+            script_pubkey: ScriptBuf::from(row.script),
+        },
+        keychain,
+        index: row.index,
+        height: row.height,
+        is_coinbase: row.is_coinbase,
+        spent: row.spent.map(|(t, h)| (Txid::from_byte_array(t), h)),
+    })
 }
 
 /// Scripts a change derived, to be added to the manager's watchlist.
@@ -367,44 +409,72 @@ impl Wallet {
         if !self.signing {
             return Err(WalletError::WatchOnly(self.id));
         }
+        let unlocked = Self::decrypt_descriptors(tx, self.id, &self.descriptors, passphrase)?;
+        self.descriptors = unlocked;
+        Ok(())
+    }
+
+    /// Decrypts wallet `id`'s private descriptors with `passphrase`; they
+    /// must be `public` with keys. No wallet is borrowed meanwhile, so a
+    /// live wallet stays usable during the key derivation's ~50 ms.
+    pub(crate) fn decrypt_descriptors(
+        tx: &ReadTx<'_>,
+        id: WalletId,
+        public: &WalletDescriptors,
+        passphrase: &str,
+    ) -> Result<WalletDescriptors, WalletError> {
         let mut secret = Vec::with_capacity(2);
         for keychain in Keychain::ALL {
-            let blob = tx
-                .keychain_secret(self.id, keychain.as_u8())?
-                .ok_or_else(|| WalletError::Corrupt {
-                    wallet_id: self.id,
-                    detail: format!("{keychain} keychain has no stored secret"),
-                })?;
+            let blob =
+                tx.keychain_secret(id, keychain.as_u8())?
+                    .ok_or_else(|| WalletError::Corrupt {
+                        wallet_id: id,
+                        detail: format!("{keychain} keychain has no stored secret"),
+                    })?;
             secret.push(
-                crate::secrets::decrypt(&blob, passphrase, &secret_context(self.id, keychain))
-                    .map_err(|e| match e {
+                crate::secrets::decrypt(&blob, passphrase, &secret_context(id, keychain)).map_err(
+                    |e| match e {
                         crate::secrets::DecryptError::WrongPassphrase => {
                             WalletError::WrongPassphrase
                         }
                         crate::secrets::DecryptError::Format => WalletError::Corrupt {
-                            wallet_id: self.id,
+                            wallet_id: id,
                             detail: "stored secret format".into(),
                         },
-                    })?,
+                    },
+                )?,
             );
         }
         let unlocked =
-            WalletDescriptors::parse(&secret[0], &secret[1], self.network()).map_err(|e| {
+            WalletDescriptors::parse(&secret[0], &secret[1], public.network()).map_err(|e| {
                 WalletError::Corrupt {
-                    wallet_id: self.id,
+                    wallet_id: id,
                     detail: format!("decrypted descriptor: {e}"),
                 }
             })?;
         for keychain in Keychain::ALL {
-            if unlocked.descriptor(keychain) != self.descriptors.descriptor(keychain) {
+            if unlocked.descriptor(keychain) != public.descriptor(keychain) {
                 return Err(WalletError::Corrupt {
-                    wallet_id: self.id,
+                    wallet_id: id,
                     detail: format!("decrypted {keychain} descriptor is not the stored one"),
                 });
             }
         }
-        self.descriptors = unlocked;
-        Ok(())
+        Ok(unlocked)
+    }
+
+    /// Takes descriptors with keys that [`Wallet::decrypt_descriptors`]
+    /// checked against this wallet's.
+    pub(crate) fn set_unlocked(&mut self, descriptors: WalletDescriptors) {
+        self.descriptors = descriptors;
+    }
+
+    /// How many scripts each keychain has derived (external, internal).
+    pub fn derived_counts(&self) -> [u32; 2] {
+        [
+            self.keychains[0].scripts.len() as u32,
+            self.keychains[1].scripts.len() as u32,
+        ]
     }
 
     /// Forgets the private keys (signing then needs [`Wallet::unlock`]).
@@ -714,19 +784,28 @@ impl Wallet {
         Ok(Amount::from_sat(tx.wallet_balance(self.id)?))
     }
 
-    /// The balance in parts: confirmed coins, what in-flight holders have
-    /// locked of them, and what the wallet's own pending broadcasts will
-    /// move (their inputs leaving, their outputs to the wallet arriving).
+    /// The balance in parts: confirmed coins, the immature coinbase outputs
+    /// and what in-flight holders have locked of them, and what the
+    /// wallet's own pending broadcasts will move (their inputs leaving,
+    /// their outputs to the wallet arriving).
     pub fn balance_details(&self, tx: &ReadTx<'_>) -> Result<Balance, WalletError> {
-        let coins = tx.unspent_coins_with_locks(self.id)?;
-        let confirmed: u64 = coins.iter().map(|(c, _)| c.value).sum();
-        let locked: u64 = coins
-            .iter()
-            .filter(|(_, h)| h.is_some())
-            .map(|(c, _)| c.value)
-            .sum();
+        Self::balance_of(tx, self.id)
+    }
+
+    pub(crate) fn balance_of(tx: &ReadTx<'_>, id: WalletId) -> Result<Balance, WalletError> {
+        let tip = tx.tip()?.map(|(h, _)| h);
+        let coins = tx.unspent_coins_with_locks(id)?;
+        let (mut confirmed, mut immature, mut locked) = (0u64, 0u64, 0u64);
+        for (coin, holder) in &coins {
+            confirmed += coin.value;
+            if holder.is_some() {
+                locked += coin.value;
+            } else if is_immature(coin.is_coinbase, coin.height, tip) {
+                immature += coin.value;
+            }
+        }
         let (mut incoming, mut outgoing) = (0u64, 0u64);
-        for row in tx.wallet_txs(self.id)? {
+        for row in tx.wallet_txs(id)? {
             if row.height.is_none() && row.conflicted_by.is_none() {
                 incoming += row.received;
                 outgoing += row.sent;
@@ -734,6 +813,7 @@ impl Wallet {
         }
         Ok(Balance {
             confirmed: Amount::from_sat(confirmed),
+            immature: Amount::from_sat(immature),
             locked: Amount::from_sat(locked),
             unconfirmed_incoming: Amount::from_sat(incoming),
             unconfirmed_outgoing: Amount::from_sat(outgoing),
@@ -742,35 +822,61 @@ impl Wallet {
 
     /// The wallet's coins (unspent only, or all), by outpoint.
     pub fn coins(&self, tx: &ReadTx<'_>, unspent_only: bool) -> Result<Vec<Coin>, WalletError> {
-        tx.wallet_coins(self.id, unspent_only)?
+        Self::coins_of(tx, self.id, unspent_only)
+    }
+
+    fn coins_of(
+        tx: &ReadTx<'_>,
+        id: WalletId,
+        unspent_only: bool,
+    ) -> Result<Vec<Coin>, WalletError> {
+        tx.wallet_coins(id, unspent_only)?
             .into_iter()
-            .map(|row| {
-                let keychain =
-                    Keychain::from_u8(row.keychain).ok_or_else(|| WalletError::Corrupt {
-                        wallet_id: self.id,
-                        detail: format!("keychain {}", row.keychain),
-                    })?;
-                Ok(Coin {
-                    outpoint: OutPoint::new(Txid::from_byte_array(row.txid), row.vout),
-                    txout: TxOut {
-                        value: Amount::from_sat(row.value),
-                        script_pubkey: ScriptBuf::from(row.script),
-                    },
-                    keychain,
-                    index: row.index,
-                    height: row.height,
-                    is_coinbase: row.is_coinbase,
-                    spent: row.spent.map(|(t, h)| (Txid::from_byte_array(t), h)),
-                })
-            })
+            .map(|row| coin_of_row(id, row))
             .collect()
+    }
+
+    /// Every coin of wallet `id` with its state at the loop's tip.
+    pub(crate) fn coins_with_state(
+        tx: &ReadTx<'_>,
+        id: WalletId,
+    ) -> Result<Vec<crate::CoinInfo>, WalletError> {
+        use crate::CoinState;
+        let tip = tx.tip()?.map(|(h, _)| h);
+        let holders: HashMap<OutPoint, String> = tx
+            .unspent_coins_with_locks(id)?
+            .into_iter()
+            .filter_map(|(c, holder)| {
+                holder.map(|h| (OutPoint::new(Txid::from_byte_array(c.txid), c.vout), h))
+            })
+            .collect();
+        Ok(Self::coins_of(tx, id, false)?
+            .into_iter()
+            .map(|coin| {
+                let state = match (coin.spent, holders.get(&coin.outpoint)) {
+                    (Some((txid, height)), _) => CoinState::Spent { txid, height },
+                    (None, Some(holder)) => CoinState::Locked {
+                        holder: holder.clone(),
+                    },
+                    (None, None) if is_immature(coin.is_coinbase, coin.height, tip) => {
+                        CoinState::Immature
+                    }
+                    (None, None) => CoinState::Spendable,
+                };
+                crate::CoinInfo { coin, state }
+            })
+            .collect())
     }
 
     /// The transactions that touched the wallet, oldest first, with what
     /// each paid it and spent of it.
     pub fn history(&self, tx: &ReadTx<'_>) -> Result<Vec<HistoryTx>, WalletError> {
+        Self::history_of(tx, self.id)
+    }
+
+    pub(crate) fn history_of(tx: &ReadTx<'_>, id: WalletId) -> Result<Vec<HistoryTx>, WalletError> {
         Ok(tx
-            .wallet_txs(self.id)?
+            .wallet_txs(id)?
             .into_iter()
             .map(|row| HistoryTx {
                 txid: Txid::from_byte_array(row.txid),
@@ -818,9 +924,7 @@ impl Wallet {
         if end <= first {
             return Ok(());
         }
-        let scripts = (first..end)
-            .map(|i| self.descriptors.script_at(keychain, i))
-            .collect::<Result<Vec<_>, _>>()?;
+        let scripts = derive_range(&self.descriptors, keychain, first..end)?;
         let raw: Vec<Vec<u8>> = scripts.iter().map(|s| s.to_bytes()).collect();
         tx.append_scripts(self.id, keychain.as_u8(), first, &raw)?;
         for (i, script) in scripts.into_iter().enumerate() {
@@ -832,4 +936,24 @@ impl Wallet {
         }
         Ok(())
     }
+}
+
+/// Scripts `range` of a keychain. Deriving costs ~70 µs a script (curve
+/// arithmetic), so a long range is spread over the cores (rayon's pool):
+/// registering a wallet with a deep window, or many wallets, is not bound
+/// to one core. Short ranges (a window moving by one) stay on this thread.
+fn derive_range(
+    descriptors: &WalletDescriptors,
+    keychain: Keychain,
+    range: std::ops::Range<u32>,
+) -> Result<Vec<ScriptBuf>, DescriptorError> {
+    use rayon::prelude::*;
+    const PARALLEL_FROM: u32 = 64;
+    if range.len() < PARALLEL_FROM as usize {
+        return range.map(|i| descriptors.script_at(keychain, i)).collect();
+    }
+    range
+        .into_par_iter()
+        .map(|i| descriptors.script_at(keychain, i))
+        .collect()
 }

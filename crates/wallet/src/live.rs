@@ -1,0 +1,398 @@
+//! A live wallet: the one instance of a wallet in a process, shared by the
+//! chain loop and by whoever hands out its addresses, reads it or spends
+//! from it (see [`crate::Registry`]).
+//!
+//! Every change runs inside a write transaction on the store's writer
+//! thread and changes the instance under its mutex in the same closure, so
+//! the database and the instance move together, one change at a time. The
+//! mutex is only ever taken inside a transaction's closure or on a
+//! blocking thread, never held across an await, so it cannot deadlock
+//! with the writer. If a transaction fails after the instance changed, the
+//! instance is reloaded from the database.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bitcoin::{Address, Network, ScriptBuf, Transaction, Txid};
+use lockstep_store::{ReadTx, Store, WalletId, WriteTx};
+
+use crate::descriptor::Keychain;
+use crate::registry::Shared;
+use crate::selection::{Selection, SpendRequest};
+use crate::wallet::{Balance, Coin, HistoryTx, Wallet, WalletError};
+
+/// The one live instance of a wallet. Handles are `Arc<LiveWallet>`, from
+/// [`crate::Registry::get_or_load`].
+pub struct LiveWallet {
+    id: WalletId,
+    name: String,
+    network: Network,
+    birth_height: u32,
+    state: Mutex<Wallet>,
+    store: Store,
+    registry: Arc<Shared>,
+    pins: AtomicUsize,
+}
+
+impl std::fmt::Debug for LiveWallet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveWallet")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An address handed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revealed {
+    /// Its keychain.
+    pub keychain: Keychain,
+    /// Its derivation index.
+    pub index: u32,
+    /// The address.
+    pub address: Address,
+}
+
+/// Where a coin stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoinState {
+    /// A coinbase output not yet spendable (Bitcoin Core's wallet rule: 100
+    /// blocks on top of its own).
+    Immature,
+    /// Free to spend.
+    Spendable,
+    /// Reserved by a holder (an action).
+    Locked {
+        /// The holder's id.
+        holder: String,
+    },
+    /// Spent on chain.
+    Spent {
+        /// The spending transaction.
+        txid: Txid,
+        /// Its block's height.
+        height: u32,
+    },
+}
+
+/// A coin and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoinInfo {
+    /// The coin.
+    pub coin: Coin,
+    /// Its state at the wallet's tip.
+    pub state: CoinState,
+}
+
+/// One keychain's indexes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeychainInfo {
+    /// The last index handed out (revealed, or used on chain), if any.
+    pub last_revealed: Option<u32>,
+    /// The highest index seen used on chain, if any.
+    pub last_used: Option<u32>,
+    /// Scripts derived and watched: `0..derived`.
+    pub derived: u32,
+}
+
+/// Keeps a wallet from being evicted while an action runs on it.
+#[derive(Debug)]
+pub struct Pin(Arc<LiveWallet>);
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.0.pins.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn lock(m: &Mutex<Wallet>) -> MutexGuard<'_, Wallet> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LiveWallet {
+    pub(crate) fn new(wallet: Wallet, store: Store, registry: Arc<Shared>) -> LiveWallet {
+        LiveWallet {
+            id: wallet.id(),
+            name: wallet.name().to_owned(),
+            network: wallet.network(),
+            birth_height: wallet.birth_height(),
+            state: Mutex::new(wallet),
+            store,
+            registry,
+            pins: AtomicUsize::new(0),
+        }
+    }
+
+    /// The wallet's id.
+    pub fn id(&self) -> WalletId {
+        self.id
+    }
+
+    /// Its unique name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its network.
+    pub fn network(&self) -> Network {
+        self.network
+    }
+
+    /// Where scanning starts for it.
+    pub fn birth_height(&self) -> u32 {
+        self.birth_height
+    }
+
+    /// The wallet itself, for code running inside a write transaction (the
+    /// chain loop). Hold it only inside a transaction's closure or on a
+    /// blocking thread, never across an await.
+    #[doc(hidden)]
+    pub fn wallet(&self) -> MutexGuard<'_, Wallet> {
+        lock(&self.state)
+    }
+
+    /// Keeps the wallet loaded (never evicted) while the pin lives.
+    pub fn pin(self: &Arc<Self>) -> Pin {
+        self.pins.fetch_add(1, Ordering::AcqRel);
+        Pin(Arc::clone(self))
+    }
+
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pins.load(Ordering::Acquire) > 0
+    }
+
+    /// Reloads the instance from `tx` in place, keeping unlocked keys.
+    pub(crate) fn reload_in(&self, tx: &ReadTx<'_>) -> Result<(), WalletError> {
+        let mut wallet = lock(&self.state);
+        let unlocked =
+            (!wallet.is_locked() && wallet.is_signing()).then(|| wallet.descriptors().clone());
+        *wallet = Wallet::load(tx, self.id)?;
+        if let Some(descriptors) = unlocked {
+            wallet.set_unlocked(descriptors);
+        }
+        Ok(())
+    }
+
+    /// After a failed write that may have changed the instance.
+    async fn reload(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        let reloaded: Result<(), WalletError> = self.store.read(move |tx| me.reload_in(tx)).await;
+        if let Err(error) = reloaded {
+            tracing::error!(wallet = %self.id, %error, "reloading a wallet after a failed write");
+        }
+    }
+
+    /// Runs `f` on the wallet in a write transaction; reloads the instance
+    /// if the transaction fails.
+    async fn change<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
+    where
+        F: FnOnce(&mut Wallet, &mut WriteTx<'_>) -> Result<T, WalletError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let me = Arc::clone(self);
+        let result = self
+            .store
+            .write(move |tx| {
+                let mut wallet = lock(&me.state);
+                let before = wallet.derived_counts();
+                let out = f(&mut wallet, tx);
+                if wallet.derived_counts() != before {
+                    // Scripts derived outside the loop: it watches them
+                    // inside its next write transaction, which SQLite runs
+                    // after this one commits.
+                    me.registry
+                        .grown
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(me.id);
+                }
+                out
+            })
+            .await;
+        if result.is_err() {
+            self.reload().await;
+        }
+        result
+    }
+
+    /// Hands out the next address of a keychain (external: to be paid;
+    /// internal: change). Its script is watched by the chain loop before
+    /// this returns, and the lookahead window moves past it; concurrent
+    /// calls never return the same address.
+    ///
+    /// # Errors
+    /// [`WalletError::IndexExhausted`], or the database's error.
+    pub async fn reveal_address(
+        self: &Arc<Self>,
+        keychain: Keychain,
+    ) -> Result<Revealed, WalletError> {
+        let network = self.network;
+        self.change(move |wallet, tx| {
+            let (index, script, _) = wallet.reveal_next(tx, keychain)?;
+            Ok(Revealed {
+                keychain,
+                index,
+                address: address_of(&script, network)?,
+            })
+        })
+        .await
+    }
+
+    /// The balance in parts: confirmed, immature, locked, spendable, and
+    /// what the wallet's own pending broadcasts move.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn balance(&self) -> Result<Balance, WalletError> {
+        let id = self.id;
+        self.store.read(move |tx| Wallet::balance_of(tx, id)).await
+    }
+
+    /// Every coin the wallet has had, with its state now.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn coins(&self) -> Result<Vec<CoinInfo>, WalletError> {
+        let id = self.id;
+        self.store
+            .read(move |tx| Wallet::coins_with_state(tx, id))
+            .await
+    }
+
+    /// The transactions that touched the wallet, oldest first.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn history(&self) -> Result<Vec<HistoryTx>, WalletError> {
+        let id = self.id;
+        self.store.read(move |tx| Wallet::history_of(tx, id)).await
+    }
+
+    /// A keychain's indexes: last handed out, last used, derived.
+    pub fn keychain(&self, keychain: Keychain) -> KeychainInfo {
+        let wallet = lock(&self.state);
+        KeychainInfo {
+            last_revealed: wallet.next_index(keychain).checked_sub(1),
+            last_used: wallet.last_used(keychain),
+            derived: wallet.derived_counts()[keychain.as_u8() as usize],
+        }
+    }
+
+    /// Whether the wallet holds private keys (stored encrypted).
+    pub fn is_signing(&self) -> bool {
+        lock(&self.state).is_signing()
+    }
+
+    /// Whether a signing wallet's keys are not in memory.
+    pub fn is_locked(&self) -> bool {
+        lock(&self.state).is_locked()
+    }
+
+    /// Decrypts the keys (Argon2id, off the async runtime) and keeps them
+    /// in memory until [`lock_keys`](Self::lock_keys) or eviction.
+    ///
+    /// # Errors
+    /// [`WalletError::WrongPassphrase`], [`WalletError::WatchOnly`].
+    pub async fn unlock(self: &Arc<Self>, passphrase: &str) -> Result<(), WalletError> {
+        let me = Arc::clone(self);
+        let passphrase = passphrase.to_owned();
+        let public = lock(&self.state).descriptors().without_secrets();
+        let signing = self.is_signing();
+        let unlocked = self
+            .store
+            .read(move |tx| {
+                if !signing {
+                    return Err(WalletError::WatchOnly(me.id));
+                }
+                Wallet::decrypt_descriptors(tx, me.id, &public, &passphrase)
+            })
+            .await?;
+        lock(&self.state).set_unlocked(unlocked);
+        Ok(())
+    }
+
+    /// Forgets the private keys.
+    pub fn lock_keys(&self) {
+        lock(&self.state).lock();
+    }
+
+    /// Chooses coins for a payment among those no holder has locked and
+    /// locks them for `holder`, in one write transaction. Change, if any,
+    /// goes to a newly revealed internal script that no other transaction
+    /// uses, watched by the loop before this returns. Coins a connected
+    /// block spent are never chosen (blocks and this run one after the
+    /// other on the writer), nor immature ones.
+    ///
+    /// # Errors
+    /// [`WalletError::InsufficientFunds`] (says what holders locked), a bad
+    /// request, or the database's error.
+    pub async fn select_and_lock(
+        self: &Arc<Self>,
+        request: SpendRequest,
+        holder: &str,
+    ) -> Result<Selection, WalletError> {
+        let holder = holder.to_owned();
+        self.change(move |wallet, tx| {
+            let selection = wallet.select_and_lock(tx, &request, &holder)?;
+            if let Some(change) = &selection.change {
+                let (_, script, _) = wallet.reveal_next(tx, Keychain::Internal)?;
+                if script != change.script_pubkey {
+                    return Err(WalletError::Corrupt {
+                        wallet_id: wallet.id(),
+                        detail: "change script is not the next internal one".into(),
+                    });
+                }
+            }
+            Ok(selection)
+        })
+        .await
+    }
+
+    /// Builds, signs and finalises the transaction of a selection, off the
+    /// async runtime. Needs the wallet unlocked (a multisig wallet signs
+    /// only its share: use [`crate::Wallet::build_psbt`] for that).
+    ///
+    /// # Errors
+    /// [`WalletError::Locked`], [`WalletError::WatchOnly`], or a signing
+    /// failure.
+    pub async fn sign(self: &Arc<Self>, selection: Selection) -> Result<Transaction, WalletError> {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let wallet = lock(&me.state);
+            let mut psbt = wallet.build_psbt(&selection)?;
+            wallet.sign(&mut psbt)?;
+            Wallet::finalize(psbt)
+        })
+        .await
+        .map_err(|e| WalletError::Sign(format!("signing task: {e}")))?
+    }
+
+    /// Releases every coin `holder` locked.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn release(self: &Arc<Self>, holder: &str) -> Result<usize, WalletError> {
+        let holder = holder.to_owned();
+        self.change(move |_, tx| Wallet::release(tx, &holder)).await
+    }
+
+    /// Records a transaction the wallet is broadcasting (unconfirmed in its
+    /// history until a block confirms or conflicts it).
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn record_broadcast(
+        self: &Arc<Self>,
+        transaction: Transaction,
+    ) -> Result<HistoryTx, WalletError> {
+        self.change(move |wallet, tx| wallet.record_broadcast(tx, &transaction))
+            .await
+    }
+}
+
+/// The address of one of the wallet's scripts.
+fn address_of(script: &ScriptBuf, network: Network) -> Result<Address, WalletError> {
+    Address::from_script(script, network)
+        .map_err(|_| WalletError::InvalidRequest("the descriptor's script has no address form"))
+}
