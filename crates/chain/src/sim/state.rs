@@ -1,44 +1,40 @@
 //! The simulator's state and its rules: block assembly, mempool acceptance,
 //! connecting and disconnecting blocks.
 //!
+//! This file holds the state and connecting/disconnecting blocks; the
+//! mempool, block assembly and replay of a saved chain are in the
+//! submodules of those names.
+//!
 //! Everything here runs under the [`super::SimChain`] lock, synchronously.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use bitcoin::absolute::LockTime;
 use bitcoin::bip158::FilterHeader;
 use bitcoin::block::{Header, Version as BlockVersion};
 use bitcoin::blockdata::constants::genesis_block;
 use bitcoin::hashes::Hash;
 use bitcoin::opcodes::all::OP_RETURN;
 use bitcoin::script::{Builder, PushBytesBuf};
-use bitcoin::transaction::Version;
 use bitcoin::{
-    Amount, Block, BlockHash, Network, OutPoint, ScriptBuf, Sequence, Transaction, TxIn,
-    TxMerkleNode, TxOut, Txid, Witness,
+    Amount, Block, BlockHash, Network, OutPoint, ScriptBuf, Transaction, TxMerkleNode, TxOut, Txid,
 };
-use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::keys::{KeySeed, Keys, OwnKind};
 use super::pool::{Pool, PoolCoin};
-use super::{ReorgReport, ReorgTxs, SimError, SimMode, SimParams};
+use super::{ReorgReport, ReorgTxs, SimError, SimParams};
 use crate::filters;
-use crate::source::{BlockId, InvalidTx, RejectReason};
-use crate::verify;
+use crate::source::BlockId;
+
+mod assembly;
+mod mempool;
+mod replay;
+
+pub(crate) use mempool::Mempool;
 
 /// Blocks a coinbase output must wait before it is spent (consensus).
 pub(crate) const COINBASE_MATURITY: u32 = 100;
-/// Regtest halves the subsidy every 150 blocks.
-const HALVING_INTERVAL: u32 = 150;
-/// Smallest output the simulator creates for itself.
-const DUST: u64 = 1_000;
-/// The simulator stops adding background transactions past this weight
-/// (consensus limit: 4,000,000).
-const MAX_BACKGROUND_WEIGHT: u64 = 3_800_000;
-/// Most inputs a payment may gather.
-const MAX_PAYMENT_INPUTS: usize = 500;
 
 /// A block of the best chain with its filter and filter header.
 #[derive(Debug, Clone)]
@@ -57,38 +53,6 @@ pub(crate) struct Utxo {
     pub(crate) coinbase: bool,
     /// How to derive its key, when the simulator owns it.
     pub(crate) key: Option<(KeySeed, u32)>,
-}
-
-/// Unconfirmed transactions, in acceptance order (which respects their
-/// dependencies), mined whole into the next block.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Mempool {
-    pub(crate) txs: Vec<Transaction>,
-    pub(crate) txids: HashSet<Txid>,
-    pub(crate) spent: HashMap<OutPoint, Txid>,
-    pub(crate) created: HashMap<OutPoint, TxOut>,
-}
-
-impl Mempool {
-    /// `txid` is `tx`'s, computed once by the caller.
-    fn insert(&mut self, tx: Transaction, txid: Txid) {
-        for input in &tx.input {
-            self.spent.insert(input.previous_output, txid);
-            self.created.remove(&input.previous_output);
-        }
-        for (vout, out) in tx.output.iter().enumerate() {
-            self.created
-                .insert(OutPoint::new(txid, vout as u32), out.clone());
-        }
-        self.txids.insert(txid);
-        self.txs.push(tx);
-    }
-
-    fn take(&mut self) -> Vec<Transaction> {
-        let txs = std::mem::take(&mut self.txs);
-        *self = Mempool::default();
-        txs
-    }
 }
 
 /// What the simulator knows.
@@ -115,14 +79,6 @@ pub(crate) struct State {
     /// Owned coinbase outputs waiting to mature, oldest first.
     pub(crate) immature: VecDeque<(u32, PoolCoin)>,
     pub(crate) scheduled: BTreeMap<u32, Vec<(ScriptBuf, Amount)>>,
-}
-
-/// A transaction output the simulator is about to create.
-enum OutSpec {
-    /// The simulator's own, to a fresh key of this kind.
-    Own(OwnKind, u64),
-    /// Somebody else's.
-    Foreign(TxOut),
 }
 
 impl State {
@@ -189,294 +145,6 @@ impl State {
     }
 
     // ----- mempool -------------------------------------------------------
-
-    /// Checks a transaction against the best chain and the mempool; returns
-    /// the outputs it spends, in input order.
-    pub(crate) fn check_tx(
-        &self,
-        tx: &Transaction,
-        txid: Txid,
-        verify_scripts: bool,
-    ) -> Result<Vec<TxOut>, RejectReason> {
-        let invalid = RejectReason::Invalid;
-        if tx.is_coinbase() {
-            return Err(invalid(InvalidTx::Coinbase));
-        }
-        if tx.input.is_empty() {
-            return Err(invalid(InvalidTx::NoInputs));
-        }
-        if tx.output.is_empty() {
-            return Err(invalid(InvalidTx::NoOutputs));
-        }
-
-        if self.txids.contains_key(&txid) {
-            return Err(RejectReason::AlreadyConfirmed);
-        }
-        let mut seen = HashSet::with_capacity(tx.input.len());
-        let next_height = self.height() + 1;
-        let mut spent = Vec::with_capacity(tx.input.len());
-        for input in &tx.input {
-            let outpoint = input.previous_output;
-            if !seen.insert(outpoint) {
-                return Err(invalid(InvalidTx::DuplicateInput(outpoint)));
-            }
-            if let Some(&spent_by) = self.mempool.spent.get(&outpoint) {
-                return Err(RejectReason::ConflictMempool { outpoint, spent_by });
-            }
-            if let Some(utxo) = self.utxos.get(&outpoint) {
-                if utxo.coinbase && utxo.height + COINBASE_MATURITY > next_height {
-                    return Err(invalid(InvalidTx::PrematureCoinbaseSpend {
-                        outpoint,
-                        mature_at: utxo.height + COINBASE_MATURITY,
-                    }));
-                }
-                spent.push(utxo.txout.clone());
-            } else if let Some(out) = self.mempool.created.get(&outpoint) {
-                spent.push(out.clone());
-            } else if self
-                .txids
-                .get(&outpoint.txid)
-                .is_some_and(|&(_, n)| outpoint.vout < n)
-            {
-                return Err(RejectReason::ConflictConfirmed { outpoint });
-            } else {
-                return Err(RejectReason::MissingInputs { outpoint });
-            }
-        }
-        let outputs = tx
-            .output
-            .iter()
-            .try_fold(Amount::ZERO, |sum, out| sum.checked_add(out.value))
-            .filter(|sum| *sum <= Amount::MAX_MONEY)
-            .ok_or(invalid(InvalidTx::ValueOutOfRange))?;
-        let inputs = spent
-            .iter()
-            .try_fold(Amount::ZERO, |sum, out| sum.checked_add(out.value))
-            .ok_or(invalid(InvalidTx::ValueOutOfRange))?;
-        if outputs > inputs {
-            return Err(invalid(InvalidTx::OutputsExceedInputs { inputs, outputs }));
-        }
-        if verify_scripts {
-            verify::verify_transaction(tx, &spent).map_err(|e| {
-                invalid(InvalidTx::Script {
-                    input: e.input,
-                    reason: e.reason,
-                })
-            })?;
-        }
-        Ok(spent)
-    }
-
-    /// Puts a checked transaction into the mempool and keeps the pool of
-    /// spendable simulator coins in step with it.
-    fn enter_mempool(&mut self, tx: Transaction, txid: Txid) -> Txid {
-        for input in &tx.input {
-            self.pool.remove(&input.previous_output);
-        }
-        let next_height = self.height() + 1;
-        for vout in 0..tx.output.len() as u32 {
-            if let Some(key) = self.ownership(&tx, txid, vout, next_height) {
-                let txout = tx.output[vout as usize].clone();
-                self.pool.insert(PoolCoin {
-                    outpoint: OutPoint::new(txid, vout),
-                    txout,
-                    key,
-                });
-            }
-        }
-        self.mempool.insert(tx, txid);
-        txid
-    }
-
-    /// Accepts a transaction from outside: every output is somebody else's.
-    pub(crate) fn submit(&mut self, tx: Transaction) -> Result<Txid, RejectReason> {
-        let txid = tx.compute_txid();
-        if self.mempool.txids.contains(&txid) {
-            return Ok(txid);
-        }
-        self.check_tx(&tx, txid, self.params.mode == SimMode::Signed)?;
-        for vout in 0..tx.output.len() as u32 {
-            self.foreign.insert(OutPoint::new(txid, vout));
-        }
-        Ok(self.enter_mempool(tx, txid))
-    }
-
-    /// Builds, signs and enters into the mempool a transaction of the
-    /// simulator's own coins.
-    fn own_tx(&mut self, inputs: Vec<PoolCoin>, outputs: Vec<OutSpec>) -> Txid {
-        let seed = KeySeed::FirstInput(inputs[0].outpoint);
-        let mut foreign = Vec::new();
-        let output: Vec<TxOut> = outputs
-            .into_iter()
-            .enumerate()
-            .map(|(vout, spec)| match spec {
-                OutSpec::Own(kind, value) => TxOut {
-                    value: Amount::from_sat(value),
-                    script_pubkey: self.keys.script(seed, vout as u32, kind),
-                },
-                OutSpec::Foreign(out) => {
-                    foreign.push(vout as u32);
-                    out
-                }
-            })
-            .collect();
-        let mut tx = Transaction {
-            version: Version::TWO,
-            lock_time: LockTime::ZERO,
-            input: inputs
-                .iter()
-                .map(|coin| TxIn {
-                    previous_output: coin.outpoint,
-                    script_sig: ScriptBuf::new(),
-                    sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
-                    witness: Witness::new(),
-                })
-                .collect(),
-            output,
-        };
-        let spent: Vec<TxOut> = inputs.iter().map(|c| c.txout.clone()).collect();
-        let own: Vec<(usize, KeySeed, u32)> = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (i, c.key.0, c.key.1))
-            .collect();
-        self.keys
-            .sign(&mut tx, &spent, &own)
-            .expect("the simulator signs only its own P2WPKH and P2TR coins");
-        let txid = tx.compute_txid();
-        for vout in foreign {
-            self.foreign.insert(OutPoint::new(txid, vout));
-        }
-        self.enter_mempool(tx, txid)
-    }
-
-    /// Pays `amount` to `script` from the simulator's coins, into the mempool.
-    pub(crate) fn pay(&mut self, script: ScriptBuf, amount: Amount) -> Result<OutPoint, SimError> {
-        if amount.to_sat() == 0 || amount > Amount::MAX_MONEY {
-            return Err(SimError::InvalidAmount(amount));
-        }
-        let mut inputs = Vec::new();
-        let mut total = 0u64;
-        let fee = |n_inputs: usize| 150 + 100 * n_inputs as u64;
-        while total < amount.to_sat() + fee(inputs.len()) + DUST {
-            match self.pool.take_random(&mut self.rng) {
-                Some(coin) if inputs.len() < MAX_PAYMENT_INPUTS => {
-                    total += coin.txout.value.to_sat();
-                    inputs.push(coin);
-                }
-                other => {
-                    let available: u64 = self.pool.iter().map(|c| c.txout.value.to_sat()).sum();
-                    for coin in inputs.into_iter().chain(other) {
-                        self.pool.insert(coin);
-                    }
-                    return Err(SimError::InsufficientFunds {
-                        needed: amount,
-                        available: Amount::from_sat(available + total),
-                    });
-                }
-            }
-        }
-        let change = total - amount.to_sat() - fee(inputs.len());
-        let outputs = vec![
-            OutSpec::Foreign(TxOut {
-                value: amount,
-                script_pubkey: script,
-            }),
-            OutSpec::Own(OwnKind::P2wpkh, change),
-        ];
-        let txid = self.own_tx(inputs, outputs);
-        Ok(OutPoint::new(txid, 0))
-    }
-
-    /// One background transaction; `false` when the simulator has no coin.
-    fn background_tx(&mut self) -> bool {
-        let (lo, hi) = (
-            *self.params.load.outputs_per_tx.start(),
-            *self.params.load.outputs_per_tx.end(),
-        );
-        let mut n_out = self.rng.gen_range(lo.max(1)..=hi.max(lo).max(1)) as u64;
-        let n_in = if self.pool.len() > self.params.pool_target {
-            n_out as usize + 1
-        } else {
-            1
-        };
-        let mut inputs = Vec::with_capacity(n_in);
-        while inputs.len() < n_in {
-            match self.pool.take_random(&mut self.rng) {
-                Some(coin) => inputs.push(coin),
-                None => break,
-            }
-        }
-        if inputs.is_empty() {
-            return false;
-        }
-        let total: u64 = inputs.iter().map(|c| c.txout.value.to_sat()).sum();
-        let fee = (110 + 68 * inputs.len() as u64 + 31 * n_out).min(total / 2);
-        let spendable = total - fee;
-        n_out = n_out.min(spendable / DUST).max(1);
-        let mut outputs = Vec::with_capacity(n_out as usize);
-        let mut left = spendable;
-        for i in 0..n_out {
-            let value = if i + 1 == n_out {
-                left
-            } else {
-                // A random share around the even split, keeping room for the rest.
-                let even = left / (n_out - i);
-                let value = self.rng.gen_range(even / 2..=even + even / 2).max(1);
-                value.min(left - (n_out - i - 1))
-            };
-            left -= value;
-            let kind = if self.rng.gen_bool(0.5) {
-                OwnKind::P2wpkh
-            } else {
-                OwnKind::P2tr
-            };
-            outputs.push(OutSpec::Own(kind, value));
-        }
-        self.own_tx(inputs, outputs);
-        true
-    }
-
-    // ----- blocks --------------------------------------------------------
-
-    /// Mines one block: the mempool, the payments scheduled at its height,
-    /// then background load.
-    pub(crate) fn mine_block(&mut self) -> Result<BlockId, SimError> {
-        let height = self.height() + 1;
-        while self
-            .immature
-            .front()
-            .is_some_and(|(h, _)| h + COINBASE_MATURITY <= height)
-        {
-            let (_, coin) = self.immature.pop_front().expect("front exists");
-            if !self.mempool.spent.contains_key(&coin.outpoint) {
-                self.pool.insert(coin);
-            }
-        }
-        if let Some(payments) = self.scheduled.remove(&height) {
-            for (script, amount) in payments {
-                self.pay(script, amount)?;
-            }
-        }
-        let (lo, hi) = (
-            *self.params.load.txs_per_block.start(),
-            *self.params.load.txs_per_block.end(),
-        );
-        let n_background = if hi == 0 {
-            0
-        } else {
-            self.rng.gen_range(lo..=hi.max(lo))
-        };
-        let mut weight: u64 = self.mempool.txs.iter().map(|tx| tx.weight().to_wu()).sum();
-        for _ in 0..n_background {
-            if weight > MAX_BACKGROUND_WEIGHT || !self.background_tx() {
-                break;
-            }
-            weight += self.mempool.txs.last().map_or(0, |tx| tx.weight().to_wu());
-        }
-        let txs = self.mempool.take();
-        self.connect(height, txs)
-    }
 
     /// Turns `txs` (valid, in dependency order) into the block at `height`
     /// and connects it.
@@ -616,118 +284,6 @@ impl State {
         Ok(BlockId { height, hash })
     }
 
-    /// The coinbase of the block at `height`: BIP34 height first in its
-    /// script, the subsidy and fees to a simulator key, and the witness
-    /// reserved value when the block will carry a witness commitment.
-    fn coinbase(&self, height: u32, fees: u64, with_witness: bool) -> Transaction {
-        let subsidy = if height / HALVING_INTERVAL >= 64 {
-            0
-        } else {
-            (50 * 100_000_000u64) >> (height / HALVING_INTERVAL)
-        };
-        let mut extra = PushBytesBuf::new();
-        extra
-            .extend_from_slice(&self.branch.to_le_bytes())
-            .expect("8 bytes fit a push");
-        let script_sig = Builder::new()
-            .push_int(i64::from(height))
-            .push_slice(extra)
-            .into_script();
-        let mut witness = Witness::new();
-        if with_witness {
-            witness.push([0u8; 32]);
-        }
-        Transaction {
-            version: Version::TWO,
-            lock_time: LockTime::ZERO,
-            input: vec![TxIn {
-                previous_output: OutPoint::null(),
-                script_sig,
-                sequence: Sequence::MAX,
-                witness,
-            }],
-            output: vec![TxOut {
-                value: Amount::from_sat(subsidy + fees),
-                script_pubkey: self
-                    .keys
-                    .script(KeySeed::Coinbase(height), 0, OwnKind::P2wpkh),
-            }],
-        }
-    }
-
-    /// Connects a block read back from a file: the same bookkeeping as
-    /// mining, without building anything.
-    pub(crate) fn replay(&mut self, stored: Stored) -> Result<(), SimError> {
-        let height = self.height() + 1;
-        let block = stored.block.clone();
-        if block.header.prev_blockhash != self.tip().hash {
-            return Err(SimError::Inconsistent(format!(
-                "block {height} does not extend the chain"
-            )));
-        }
-        let mut undo = Vec::new();
-        for (i, tx) in block.txdata.iter().enumerate() {
-            let txid = tx.compute_txid();
-            if i > 0 {
-                for input in &tx.input {
-                    let utxo = self.utxos.remove(&input.previous_output).ok_or_else(|| {
-                        SimError::Inconsistent(format!(
-                            "{txid} spends missing {}",
-                            input.previous_output
-                        ))
-                    })?;
-                    // Outputs created earlier in the same block need no undo.
-                    if utxo.height < height {
-                        undo.push((input.previous_output, utxo));
-                    }
-                }
-            }
-            self.txids.insert(txid, (height, tx.output.len() as u32));
-            for (vout, out) in tx.output.iter().enumerate() {
-                if out.script_pubkey.is_op_return() {
-                    continue;
-                }
-                let outpoint = OutPoint::new(txid, vout as u32);
-                let key = self.ownership(tx, txid, vout as u32, height);
-                if i == 0
-                    && let Some(key) = key
-                {
-                    self.immature.push_back((
-                        height,
-                        PoolCoin {
-                            outpoint,
-                            txout: out.clone(),
-                            key,
-                        },
-                    ));
-                }
-                self.utxos.insert(
-                    outpoint,
-                    Utxo {
-                        txout: out.clone(),
-                        height,
-                        coinbase: i == 0,
-                        key,
-                    },
-                );
-            }
-        }
-        self.by_hash.insert(stored.hash, height);
-        self.blocks.push(stored);
-        self.undo.push_back(undo);
-        while self.undo.len() > self.params.max_reorg_depth as usize {
-            self.undo.pop_front();
-        }
-        while self
-            .immature
-            .front()
-            .is_some_and(|(h, _)| h + COINBASE_MATURITY <= height)
-        {
-            self.immature.pop_front();
-        }
-        Ok(())
-    }
-
     /// Disconnects the tip, restoring what it spent.
     fn disconnect_tip(&mut self) -> Stored {
         let stored = self.blocks.pop().expect("the caller keeps genesis");
@@ -831,50 +387,5 @@ impl State {
             connected: new_blocks,
             dropped_txs: dropped,
         })
-    }
-
-    /// Restores a saved mempool and pool exactly (no re-selection, so a
-    /// loaded chain continues as the original would).
-    pub(crate) fn restore(
-        &mut self,
-        mempool: Vec<Transaction>,
-        pool_order: Vec<OutPoint>,
-    ) -> Result<(), SimError> {
-        for tx in mempool {
-            let txid = tx.compute_txid();
-            self.check_tx(&tx, txid, false)
-                .map_err(|e| SimError::Inconsistent(format!("saved mempool transaction: {e}")))?;
-            self.mempool.insert(tx, txid);
-        }
-        self.pool = Pool::default();
-        for outpoint in pool_order {
-            let (txout, key) = if let Some(utxo) = self.utxos.get(&outpoint) {
-                (utxo.txout.clone(), utxo.key)
-            } else if let Some(out) = self.mempool.created.get(&outpoint) {
-                let tx = self
-                    .mempool
-                    .txs
-                    .iter()
-                    .find(|tx| tx.compute_txid() == outpoint.txid)
-                    .expect("created outputs come from mempool transactions");
-                (
-                    out.clone(),
-                    self.ownership(tx, outpoint.txid, outpoint.vout, self.height() + 1),
-                )
-            } else {
-                return Err(SimError::Inconsistent(format!(
-                    "saved pool coin {outpoint} is not unspent"
-                )));
-            };
-            let key = key.ok_or_else(|| {
-                SimError::Inconsistent(format!("saved pool coin {outpoint} is not ours"))
-            })?;
-            self.pool.insert(PoolCoin {
-                outpoint,
-                txout,
-                key,
-            });
-        }
-        Ok(())
     }
 }

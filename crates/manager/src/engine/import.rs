@@ -1,0 +1,591 @@
+//! Imports: registering a wallet, rescanning some of a wallet's scripts,
+//! resuming the imports a crash or another process left waiting, and the
+//! stop-the-world scan that brings one wallet up to the loop's tip before
+//! it joins the loop's books.
+
+use std::collections::VecDeque;
+
+use bitcoin::hashes::Hash as _;
+use bitcoin::{BlockHash, ScriptBuf};
+use lockstep_chain::SourceError;
+use lockstep_store::{WalletId, WalletRow, WriteTx};
+use lockstep_wallet::{Keychain, Wallet, WalletParams};
+
+use super::Engine;
+use super::strategy::initial_path;
+use crate::books::Books;
+use crate::connect::{Mode, connect_batch};
+use crate::events::Counters;
+use crate::pipeline::{Flow, Pipeline, timed};
+use crate::{Event, ManagerError, NewWallet, ScriptImport, Status};
+
+impl Engine {
+    /// Finishes every import the database says is in progress (each
+    /// import that fails marks them pending again).
+    pub(super) async fn resume_imports(&mut self) -> Result<(), ManagerError> {
+        self.pending_imports = false;
+        let resumed = self.resume_each_import().await;
+        if resumed.is_err() {
+            self.pending_imports = true;
+        }
+        resumed
+    }
+
+    async fn resume_each_import(&mut self) -> Result<(), ManagerError> {
+        let rows: Vec<WalletRow> = self.store.read(|tx| tx.wallets()).await?;
+        for row in rows {
+            let Some(after) = row.importing_height else {
+                continue;
+            };
+            let id = row.wallet_id;
+            if let Some(books) = &mut self.books
+                && books.wallets.contains_key(&id)
+            {
+                // Its import was started elsewhere: the loop stops serving it.
+                books.remove_wallet(id);
+            }
+            let on_chain = match row.importing_hash.map(BlockHash::from_byte_array) {
+                Some(hash) if self.on_best_chain(after, hash).await? => Some(hash),
+                _ => None,
+            };
+            let (after, after_hash) = match (on_chain, row.importing_hash) {
+                (Some(hash), _) => (after, Some(hash)),
+                (None, None) => (after, None),
+                (None, Some(_)) => {
+                    // What the import scanned was reorganised away while
+                    // the process was down: scan again from the birth height.
+                    let restart = row.birth_height.saturating_sub(1);
+                    tracing::warn!(wallet = %id, "import's blocks left the best chain; rescanning from birth");
+                    self.store
+                        .write(move |tx| {
+                            tx.disconnect_wallet(id, 0)?;
+                            tx.set_importing_height(id, Some(restart))
+                        })
+                        .await?;
+                    (restart, None)
+                }
+            };
+            let wallet = self.store.read(move |tx| Wallet::load(tx, id)).await?;
+            tracing::info!(wallet = %id, from = after + 1, "resuming import");
+            self.run_import(wallet, None, after, after_hash).await?;
+        }
+        Ok(())
+    }
+
+    /// Registers a wallet. Born above the loop's tip, it joins at once;
+    /// otherwise it is imported (the world stands still meanwhile). The
+    /// same name with the same descriptors again returns the wallet (and
+    /// finishes its import if a failure interrupted it); another manager's
+    /// loop on the database picks the wallet up instead of this one.
+    pub(crate) async fn add_wallet(&mut self, spec: NewWallet) -> Result<WalletId, ManagerError> {
+        if spec.descriptors.network() != self.config.network {
+            return Err(ManagerError::WrongNetwork {
+                wallet: spec.descriptors.network(),
+                chain: self.config.network,
+            });
+        }
+        let owner = self.owns_loop().await?;
+        if owner {
+            self.ensure_loaded().await?;
+        }
+        let registered = self.store.write(move |tx| register(tx, spec)).await?;
+        let id = registered.wallet.id();
+        if !owner {
+            // The loop that owns the database imports it, or takes it in
+            // at its next commit.
+            return Ok(id);
+        }
+        let incomplete = |source: ManagerError| ManagerError::ImportIncomplete {
+            wallet: id,
+            source: Box::new(source),
+        };
+        match (registered.existing, registered.importing_after) {
+            (false, None) => {
+                let tip = self.tip_or_err();
+                let wallet = registered.wallet;
+                let joined = self
+                    .store
+                    .read(move |tx| Books::of_wallet(tx, wallet))
+                    .await?;
+                self.books().await?.merge(joined);
+                Counters::add(&self.out.counters.imports, 1);
+                self.out.publish(Event::WalletImported {
+                    wallet: id,
+                    height: tip.height,
+                });
+            }
+            (false, Some(after)) => self
+                .run_import(registered.wallet, None, after, None)
+                .await
+                .map_err(incomplete)?,
+            (true, None) => {
+                if !self.books().await?.wallets.contains_key(&id) {
+                    self.follow_registry().await?;
+                }
+            }
+            (true, Some(_)) => {
+                self.pending_imports = true;
+                self.resume_imports().await.map_err(incomplete)?;
+            }
+        }
+        Ok(id)
+    }
+
+    /// Rescans, for some scripts of a wallet only, from `from_height` to
+    /// the loop's tip. A manager that does not run the loop marks the
+    /// wallet importing, and the loop that does picks it up.
+    pub(crate) async fn import_scripts(
+        &mut self,
+        id: WalletId,
+        import: ScriptImport,
+        from_height: u32,
+    ) -> Result<(), ManagerError> {
+        let owner = self.owns_loop().await?;
+        let tip = if owner {
+            self.ensure_loaded().await?;
+            Some(self.tip_or_err().height)
+        } else {
+            self.store
+                .read(|tx| tx.tip())
+                .await?
+                .map(|(height, _)| height)
+        };
+        let after = from_height.saturating_sub(1).min(tip.unwrap_or(u32::MAX));
+        let after_hash = timed(&self.policy(), || self.source.block_hash(after)).await?;
+        if owner {
+            let books = self.books().await?;
+            if !books.wallets.contains_key(&id) {
+                self.follow_registry().await?;
+            }
+            // The loop stops serving it until its rescan joins.
+            self.books().await?.remove_wallet(id);
+        }
+        let raw_after = after_hash.to_byte_array();
+        let result = self
+            .store
+            .write(move |tx| {
+                let mut wallet = match Wallet::load(tx, id) {
+                    Err(lockstep_wallet::WalletError::NotFound(_)) => {
+                        return Err(ManagerError::UnknownWallet(id));
+                    }
+                    loaded => loaded?,
+                };
+                let scripts: Vec<(Keychain, u32, ScriptBuf)> = match import {
+                    ScriptImport::Range { keychain, end } => {
+                        wallet.derive_until(tx, keychain, end)?;
+                        wallet
+                            .watch_scripts()
+                            .filter(|(k, i, _)| *k == keychain && *i < end)
+                            .map(|(k, i, s)| (k, i, s.to_owned()))
+                            .collect()
+                    }
+                    ScriptImport::Scripts(list) => list
+                        .into_iter()
+                        .map(|script| match wallet.script_index(&script) {
+                            Some((k, i)) => Ok((k, i, script)),
+                            None => Err(ManagerError::NotWalletScript {
+                                wallet: wallet.id(),
+                                script: script.to_hex_string(),
+                            }),
+                        })
+                        .collect::<Result<_, _>>()?,
+                };
+                // Marked importing: a crash from here on resumes as a full
+                // rescan of the wallet from `after`, which ingest's
+                // idempotence makes exact.
+                tx.set_import_progress(wallet.id(), after, &raw_after)?;
+                Ok::<_, ManagerError>((wallet, scripts))
+            })
+            .await;
+        let (wallet, scripts) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                self.books = None;
+                return Err(e);
+            }
+        };
+        if !owner {
+            return Ok(());
+        }
+        tracing::info!(wallet = %id, scripts = scripts.len(), from = after + 1, "targeted import");
+        self.run_import(wallet, Some(scripts), after, Some(after_hash))
+            .await
+    }
+
+    /// Scans `after + 1 ..= loop tip` for one wallet (all its scripts, or
+    /// only `scripts`), in batches that each commit the import's progress;
+    /// then the wallet joins the loop's books at the loop's tip. If it
+    /// fails or is stopped, the wallet stays marked importing and the
+    /// import is resumed (as a rescan of all the wallet's scripts from
+    /// where it got to) before the loop goes on.
+    async fn run_import(
+        &mut self,
+        wallet: Wallet,
+        scripts: Option<Vec<(Keychain, u32, ScriptBuf)>>,
+        after: u32,
+        after_hash: Option<BlockHash>,
+    ) -> Result<(), ManagerError> {
+        let id = wallet.id();
+        let tip = self.tip_or_err().height;
+        self.out
+            .status
+            .send_replace(Status::Syncing { height: tip, tip });
+        let mut result = self.import_to_tip(wallet, scripts, after, after_hash).await;
+        if result.is_err() && self.stopping() {
+            result = Err(ManagerError::Stopped);
+        }
+        if let Err(error) = &result {
+            self.pending_imports = true;
+            tracing::warn!(wallet = %id, %error, "import interrupted; it resumes before the loop goes on");
+        }
+        result
+    }
+
+    async fn import_to_tip(
+        &mut self,
+        wallet: Wallet,
+        scripts: Option<Vec<(Keychain, u32, ScriptBuf)>>,
+        mut after: u32,
+        after_hash: Option<BlockHash>,
+    ) -> Result<(), ManagerError> {
+        let id = wallet.id();
+        let birth = wallet.birth_height();
+        let mut books = self
+            .store
+            .read(move |tx| {
+                let mut books = match scripts {
+                    None => Books::of_wallet(tx, wallet)?,
+                    Some(scripts) => {
+                        let mut books = Books::empty();
+                        for (keychain, index, script) in &scripts {
+                            books.watch.add(script, (id, *keychain, *index));
+                        }
+                        books.load_coins(tx, id)?;
+                        books.wallets.insert(id, wallet);
+                        books
+                    }
+                };
+                books.watch.compact_all();
+                Ok::<_, ManagerError>(books)
+            })
+            .await?;
+        let mut after_hash = match after_hash {
+            Some(hash) => hash,
+            None => timed(&self.policy(), || self.source.block_hash(after)).await?,
+        };
+        // The import's own recent hashes, to find its fork if the chain
+        // changes under it.
+        let mut scanned: VecDeque<(u32, BlockHash)> = VecDeque::from([(after, after_hash)]);
+        let (mut failures, mut resets) = (0u32, 0u32);
+        loop {
+            if self.stopping() {
+                return Err(ManagerError::Stopped);
+            }
+            let tip = self.tip_or_err();
+            let mut fork_needed = false;
+            if after >= tip.height {
+                if after == tip.height && after_hash == tip.hash {
+                    break;
+                }
+                if after == tip.height && !self.on_best_chain(tip.height, tip.hash).await? {
+                    // The loop's tip left the source's chain: the loop
+                    // follows (if the new branch has more work) first.
+                    if !self.handle_reorg().await? {
+                        return Err(ManagerError::SourceBehind {
+                            reached: after,
+                            tip: tip.height,
+                        });
+                    }
+                    continue;
+                }
+                if after > tip.height {
+                    self.rewind_import(&mut books, id, tip.height, tip.hash)
+                        .await?;
+                    after = tip.height;
+                    after_hash = tip.hash;
+                    continue;
+                }
+                // At the loop's tip on another block: the import's own
+                // blocks left the chain.
+                fork_needed = true;
+            }
+            let scan = if fork_needed {
+                Err(Flow::Reorg)
+            } else {
+                let pow = self.header_chain(after, after_hash).await;
+                match pow {
+                    Ok(pow) => {
+                        let mut pipe = Pipeline::new(after, after_hash, Some(tip.height), pow);
+                        self.import_batches(
+                            &mut pipe,
+                            &mut books,
+                            id,
+                            &mut after,
+                            &mut after_hash,
+                            &mut scanned,
+                        )
+                        .await
+                    }
+                    Err(ManagerError::Source(SourceError::NotFound(_))) => Err(Flow::Reorg),
+                    Err(e) => Err(Flow::Fail(e)),
+                }
+            };
+            match scan {
+                Ok(()) => {}
+                Err(Flow::Reorg | Flow::Reset(_)) => {
+                    resets += 1;
+                    if resets > self.config.request_retries.max(1) + 1 {
+                        // The source keeps missing what the import needs.
+                        return Err(ManagerError::SourceBehind {
+                            reached: after,
+                            tip: tip.height,
+                        });
+                    }
+                    // The chain changed under the import: go back to the
+                    // last block it scanned that is still on it.
+                    let fork = self.highest_on_chain(scanned.iter().rev().copied()).await?;
+                    let (height, hash) = match fork {
+                        Some(fork) => fork,
+                        None => {
+                            let height = birth.saturating_sub(1);
+                            (
+                                height,
+                                timed(&self.policy(), || self.source.block_hash(height)).await?,
+                            )
+                        }
+                    };
+                    if height < after {
+                        self.rewind_import(&mut books, id, height, hash).await?;
+                    }
+                    after = height;
+                    after_hash = hash;
+                    scanned.retain(|(h, _)| *h <= height);
+                    if scanned.is_empty() {
+                        scanned.push_back((height, hash));
+                    }
+                    // The loop's own tip may have gone with the reorg.
+                    self.follow_reorg_below_tip().await?;
+                    if resets > 1 {
+                        self.pause(self.config.initial_backoff * resets).await;
+                    }
+                }
+                Err(Flow::Stop) => return Err(ManagerError::Stopped),
+                Err(Flow::Fail(e)) => {
+                    failures += 1;
+                    if self.stopping() {
+                        return Err(ManagerError::Stopped);
+                    }
+                    if e.kind() != crate::ErrorKind::Retryable || failures > 5 {
+                        return Err(e);
+                    }
+                    self.pause(self.config.initial_backoff * failures).await;
+                }
+            }
+        }
+        // Join: the wallet's synced-to is the loop's from now on.
+        self.store
+            .write(move |tx| tx.set_importing_height(id, None))
+            .await?;
+        Counters::add(&self.out.counters.commits, 1);
+        Counters::add(&self.out.counters.imports, 1);
+        let main = self.books().await?;
+        main.merge(books);
+        self.out.publish(Event::WalletImported {
+            wallet: id,
+            height: after,
+        });
+        tracing::info!(wallet = %id, height = after, "import joined the loop");
+        Ok(())
+    }
+
+    /// Undoes an import's blocks above `height`.
+    async fn rewind_import(
+        &mut self,
+        books: &mut Books,
+        id: WalletId,
+        height: u32,
+        hash: BlockHash,
+    ) -> Result<(), ManagerError> {
+        let raw = hash.to_byte_array();
+        let taken = std::mem::replace(books, Books::empty());
+        *books = self
+            .store
+            .write(move |tx| {
+                let mut books = taken;
+                tx.disconnect_wallet(id, height + 1)?;
+                tx.set_import_progress(id, height, &raw)?;
+                books.reload_coins(tx)?;
+                Ok::<_, ManagerError>(books)
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Connects the pipeline's blocks for an import, batch by batch.
+    async fn import_batches(
+        &mut self,
+        pipe: &mut Pipeline,
+        books: &mut Books,
+        id: WalletId,
+        after: &mut u32,
+        after_hash: &mut BlockHash,
+        scanned: &mut VecDeque<(u32, BlockHash)>,
+    ) -> Result<(), Flow> {
+        // The newcomer's watchlist is small: the filter path unless forced.
+        let path = initial_path(self.config.strategy);
+        let mut filter_header = None;
+        let stop = self.stop.clone();
+        loop {
+            if self.stopping() {
+                return Err(Flow::Stop);
+            }
+            pipe.top_up_headers(&self.source, &self.config, &stop)
+                .await?;
+            if pipe.pending() == 0 {
+                let tip = self.tip_or_err().height;
+                if pipe.at_source_tip() && *after < tip {
+                    // The source's chain ends below the loop's tip: it
+                    // lags, or it is on a branch with less work.
+                    return Err(Flow::Fail(ManagerError::SourceBehind {
+                        reached: pipe.known_height(),
+                        tip,
+                    }));
+                }
+                return Ok(());
+            }
+            let (items, failure) = self
+                .next_batch(
+                    pipe,
+                    books,
+                    path,
+                    false,
+                    *after_hash,
+                    &mut filter_header,
+                    &stop,
+                )
+                .await;
+            if items.is_empty() {
+                match failure {
+                    Some(failure) => return Err(failure),
+                    None => continue,
+                }
+            }
+            let taken = std::mem::replace(books, Books::empty());
+            let (returned, mut outcome) = match self
+                .store
+                .write(move |tx| connect_batch(tx, taken, items, Mode::Import(id), None))
+                .await
+            {
+                Ok(done) => done,
+                Err(e) => {
+                    // The import's mirror may be ahead of the database:
+                    // read it again from what was committed.
+                    *books = self
+                        .store
+                        .read(move |tx| Books::of_wallet(tx, Wallet::load(tx, id)?))
+                        .await?;
+                    return Err(Flow::Fail(e));
+                }
+            };
+            *books = returned;
+            Counters::add(&self.out.counters.commits, 1);
+            self.count(&outcome);
+            pipe.unread(std::mem::take(&mut outcome.rest));
+            for block in &outcome.connected {
+                *after = block.height;
+                *after_hash = block.hash;
+                scanned.push_back((block.height, block.hash));
+                filter_header = block.filter_header;
+                self.out.publish_activity(block.height, &block.activity);
+            }
+            while scanned.len() > self.config.recent_hashes as usize + 1 {
+                scanned.pop_front();
+            }
+            let tip = self.tip_or_err().height;
+            self.out.status.send_replace(Status::Syncing {
+                height: tip,
+                tip: tip.max(pipe.known_height()),
+            });
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
+        }
+    }
+}
+
+/// What [`register`] found or made.
+struct Registered {
+    wallet: Wallet,
+    /// Registered before (a retry, or another process).
+    existing: bool,
+    /// Marked importing from after this height.
+    importing_after: Option<u32>,
+}
+
+/// In one write transaction: the wallet named `spec.name` if it has the
+/// same descriptors (a retried registration), or a new one, marked
+/// importing unless it is born above the loop's committed tip (read here,
+/// so whichever process registers agrees with the loop's commits).
+fn register(tx: &mut WriteTx<'_>, spec: NewWallet) -> Result<Registered, ManagerError> {
+    if let Some(row) = tx.wallet_by_name(&spec.name)? {
+        let wallet = Wallet::load(tx, row.wallet_id)?;
+        let same = wallet.network() == spec.descriptors.network()
+            && Keychain::ALL
+                .into_iter()
+                .all(|k| wallet.descriptors().descriptor(k) == spec.descriptors.descriptor(k));
+        if !same {
+            return Err(ManagerError::WalletNameTaken {
+                name: spec.name,
+                wallet: row.wallet_id,
+            });
+        }
+        return Ok(Registered {
+            wallet,
+            existing: true,
+            importing_after: row.importing_height,
+        });
+    }
+    let joins_now = tx.tip()?.is_some_and(|(tip, _)| spec.birth_height > tip);
+    let after = spec.birth_height.saturating_sub(1);
+    let params = WalletParams {
+        name: &spec.name,
+        birth_height: spec.birth_height,
+        lookahead: spec.lookahead,
+        passphrase: spec.passphrase.as_deref(),
+    };
+    let wallet = Wallet::create(tx, &params, spec.descriptors)?;
+    if !joins_now {
+        tx.set_importing_height(wallet.id(), Some(after))?;
+    }
+    Ok(Registered {
+        wallet,
+        existing: false,
+        importing_after: (!joins_now).then_some(after),
+    })
+}
+
+impl Books {
+    /// Takes in the wallets of an import's books: their scripts join the
+    /// watchlist, their coins replace what this map held for them.
+    pub(crate) fn merge(&mut self, other: Books) {
+        for (script, owner) in other.watch.entries() {
+            self.watch.add(script, *owner);
+        }
+        for id in other.wallets.keys() {
+            self.outpoints.retain(|_, owners| {
+                owners.retain(|o| o != id);
+                !owners.is_empty()
+            });
+        }
+        for (outpoint, owners) in other.outpoints {
+            let entry = self.outpoints.entry(outpoint).or_default();
+            for owner in owners {
+                if !entry.contains(&owner) {
+                    entry.push(owner);
+                }
+            }
+        }
+        self.wallets.extend(other.wallets);
+        self.watch.compact();
+    }
+}
