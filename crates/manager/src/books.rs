@@ -13,8 +13,8 @@ use std::sync::Arc;
 use bitcoin::hashes::Hash as _;
 use bitcoin::{OutPoint, Script, ScriptBuf, Txid};
 use lockstep_filter::{BasicFilter, Watchlist};
-use lockstep_store::{ReadTx, WalletId};
-use lockstep_wallet::{Keychain, Wallet};
+use lockstep_store::{ReadTx, WalletId, WriteTx};
+use lockstep_wallet::{Keychain, NewScripts, Registry, Wallet};
 
 use crate::ManagerError;
 
@@ -178,11 +178,22 @@ impl AggregateWatch {
     }
 }
 
+/// How many scripts of each keychain (external, internal) of a wallet the
+/// watchlist holds; `None` for a targeted import, which watches only the
+/// scripts it was given (and those its blocks derive).
+pub(crate) type Watched = Option<[u32; 2]>;
+
 /// The wallets one scan serves (the loop's active wallets, or an import's
 /// one wallet), their watchlist and their unspent coins.
+///
+/// The wallets themselves are the registry's live instances, taken inside
+/// each write transaction for the wallets a block touches: what an embedder
+/// reveals or spends on a wallet is what the loop ingests into, and a
+/// wallet the registry evicted is loaded again when a block touches it.
 #[derive(Debug)]
 pub(crate) struct Books {
-    pub(crate) wallets: BTreeMap<WalletId, Wallet>,
+    pub(crate) registry: Registry,
+    pub(crate) wallets: BTreeMap<WalletId, Watched>,
     pub(crate) watch: AggregateWatch,
     /// Each unspent coin of a wallet here, and the wallets that own it
     /// (more than one only when wallets share a script).
@@ -190,20 +201,22 @@ pub(crate) struct Books {
 }
 
 impl Books {
-    pub(crate) fn empty() -> Books {
+    pub(crate) fn empty(registry: &Registry) -> Books {
         Books {
+            registry: registry.clone(),
             wallets: BTreeMap::new(),
             watch: AggregateWatch::new(),
             outpoints: HashMap::new(),
         }
     }
 
-    /// Books of the active wallets (those not importing).
-    pub(crate) fn load_active(tx: &ReadTx<'_>) -> Result<Books, ManagerError> {
-        let mut books = Books::empty();
+    /// Books of the active wallets (those not importing), read from the
+    /// database: their stored scripts and coins (no wallet is loaded).
+    pub(crate) fn load_active(tx: &ReadTx<'_>, registry: &Registry) -> Result<Books, ManagerError> {
+        let mut books = Books::empty(registry);
         for row in tx.wallets()? {
             if row.importing_height.is_none() {
-                books.add_wallet(tx, Wallet::load(tx, row.wallet_id)?)?;
+                books.add_wallet(tx, row.wallet_id)?;
             }
         }
         books.watch.compact();
@@ -211,24 +224,94 @@ impl Books {
     }
 
     /// Books of one wallet (an import's).
-    pub(crate) fn of_wallet(tx: &ReadTx<'_>, wallet: Wallet) -> Result<Books, ManagerError> {
-        let mut books = Books::empty();
-        books.add_wallet(tx, wallet)?;
+    pub(crate) fn of_wallet(
+        tx: &ReadTx<'_>,
+        registry: &Registry,
+        id: WalletId,
+    ) -> Result<Books, ManagerError> {
+        let mut books = Books::empty(registry);
+        books.add_wallet(tx, id)?;
         Ok(books)
     }
 
-    /// Adds a wallet: all its derived scripts and its unspent coins.
-    pub(crate) fn add_wallet(
-        &mut self,
-        tx: &ReadTx<'_>,
-        wallet: Wallet,
-    ) -> Result<(), ManagerError> {
-        let id = wallet.id();
-        for (keychain, index, script) in wallet.watch_scripts() {
-            self.watch.add(script, (id, keychain, index));
+    /// Adds a wallet: all its stored scripts and its unspent coins.
+    pub(crate) fn add_wallet(&mut self, tx: &ReadTx<'_>, id: WalletId) -> Result<(), ManagerError> {
+        if tx.wallet(id)?.is_none() {
+            return Err(ManagerError::UnknownWallet(id));
+        }
+        let mut counts = [0u32; 2];
+        for keychain in Keychain::ALL {
+            let scripts = tx.keychain_scripts(id, keychain.as_u8())?;
+            counts[keychain.as_u8() as usize] = scripts.len() as u32;
+            for (index, script) in scripts.into_iter().enumerate() {
+                self.watch.add(
+                    Script::from_bytes(&script),
+                    (id, keychain, index as u32),
+                );
+            }
         }
         self.load_coins(tx, id)?;
-        self.wallets.insert(id, wallet);
+        self.wallets.insert(id, Some(counts));
+        Ok(())
+    }
+
+    /// Watches what wallet `id` derived since the watchlist last looked
+    /// (an address or change revealed outside the loop, a window moved by
+    /// a block): for a wallet watched whole, every script past what the
+    /// watchlist holds; for a targeted import, `derived`. Appends the
+    /// scripts newly watched to `added`.
+    pub(crate) fn watch_derived(
+        &mut self,
+        id: WalletId,
+        wallet: &Wallet,
+        derived: &NewScripts,
+        added: &mut Vec<ScriptBuf>,
+    ) {
+        match self.wallets.get_mut(&id) {
+            Some(Some(counts)) => {
+                for keychain in Keychain::ALL {
+                    let scripts = wallet.scripts(keychain);
+                    let count = &mut counts[keychain.as_u8() as usize];
+                    for (index, script) in scripts.iter().enumerate().skip(*count as usize) {
+                        if self.watch.add(script, (id, keychain, index as u32)) {
+                            added.push(script.clone());
+                        }
+                    }
+                    *count = (*count).max(scripts.len() as u32);
+                }
+            }
+            Some(None) => {
+                for (keychain, index, script) in &derived.0 {
+                    if self.watch.add(script, (id, *keychain, *index)) {
+                        added.push(script.clone());
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Watches what the wallets here derived outside the loop (addresses
+    /// and change revealed) since the last call: inside a write
+    /// transaction, which SQLite runs after the one that revealed them
+    /// committed, so no block is committed unchecked against an address
+    /// already handed out. With `all`, every wallet here is looked at (an
+    /// import's one wallet), not only those the registry reports.
+    pub(crate) fn watch_revealed(&mut self, tx: &WriteTx<'_>, all: bool) -> Result<(), ManagerError> {
+        let ids: Vec<WalletId> = if all {
+            self.wallets.keys().copied().collect()
+        } else {
+            self.registry.take_grown()
+        };
+        let mut added = Vec::new();
+        for id in ids {
+            if !self.wallets.contains_key(&id) {
+                continue;
+            }
+            let live = self.registry.get_in(tx, id)?;
+            let wallet = live.wallet();
+            self.watch_derived(id, &wallet, &NewScripts::default(), &mut added);
+        }
         Ok(())
     }
 
@@ -280,7 +363,7 @@ impl Books {
             match (row.importing_height, self.wallets.contains_key(&id)) {
                 (None, false) => {
                     tracing::info!(wallet = %id, name = %row.name, "a wallet registered elsewhere joins the loop");
-                    self.add_wallet(tx, Wallet::load(tx, id)?)?;
+                    self.add_wallet(tx, id)?;
                 }
                 (Some(_), true) => {
                     tracing::info!(wallet = %id, "an import of this wallet was started elsewhere");

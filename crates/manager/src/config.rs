@@ -60,6 +60,9 @@ pub struct ManagerConfig {
     /// source's genesis block must be its genesis, and every wallet's
     /// descriptors must be for it.
     pub network: Network,
+    /// Wallets the registry keeps loaded when none of them is in use
+    /// (least recently used evicted first; a wallet in use never is).
+    pub registry_capacity: usize,
 }
 
 impl Default for ManagerConfig {
@@ -77,6 +80,7 @@ impl Default for ManagerConfig {
             strategy: Strategy::Auto,
             start_height: 0,
             network: Network::Regtest,
+            registry_capacity: lockstep_wallet::DEFAULT_CAPACITY,
         }
     }
 }

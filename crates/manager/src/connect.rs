@@ -75,6 +75,10 @@ pub(crate) fn connect_batch(
         outcome.imports_waiting = books.follow_registry(tx, &mut seen)?;
         outcome.registry = seen;
     }
+    // Addresses handed out since the last batch are watched before any
+    // block of this one is taken (a block matched without them is matched
+    // again below, and fetched if it must be).
+    books.watch_revealed(tx, matches!(mode, Mode::Import(_)))?;
     let last_height = items.last().map_or(0, |i| i.height);
     let mut items = items.into_iter();
     while let Some(item) = items.next() {
@@ -159,6 +163,7 @@ fn connect_block(
 ) -> Result<Vec<(WalletId, IngestSummary)>, ManagerError> {
     let mut per_tx: BTreeMap<(WalletId, usize), IngestSummary> = BTreeMap::new();
     let mut touched: Vec<WalletId> = Vec::new();
+    let mut added: Vec<ScriptBuf> = Vec::new();
     for _pass in 0..64 {
         let mut derived: HashSet<ScriptBuf> = HashSet::new();
         let mut last_derivation = None;
@@ -181,9 +186,11 @@ fn connect_block(
             touched.dedup();
             let txid = t.compute_txid();
             for &id in &touched {
-                let Some(wallet) = books.wallets.get_mut(&id) else {
+                if !books.wallets.contains_key(&id) {
                     continue;
-                };
+                }
+                let live = books.registry.get_in(tx, id)?;
+                let mut wallet = live.wallet();
                 let summary = wallet.ingest(tx, height, std::slice::from_ref(t))?;
                 if !t.is_coinbase() {
                     for input in &t.input {
@@ -209,11 +216,12 @@ fn connect_block(
                         }
                     }
                 }
-                for (keychain, index, script) in &summary.new_scripts.0 {
-                    if books.watch.add(script, (id, *keychain, *index)) {
-                        derived.insert(script.clone());
-                        last_derivation = Some(position);
-                    }
+                added.clear();
+                books.watch_derived(id, &wallet, &summary.new_scripts, &mut added);
+                drop(wallet);
+                if !added.is_empty() {
+                    derived.extend(added.drain(..));
+                    last_derivation = Some(position);
                 }
                 let slot = per_tx.entry((id, position)).or_default();
                 let created = slot.coins_created + summary.coins_created;

@@ -16,7 +16,7 @@ use bitcoin::hashes::Hash as _;
 use bitcoin::pow::CompactTarget;
 use lockstep_chain::{BlockId, ChainSource, Missing, SourceError};
 use lockstep_store::{LoopClaim, Store, WalletId};
-use lockstep_wallet::IngestSummary;
+use lockstep_wallet::{IngestSummary, Registry};
 use tokio::sync::{broadcast, watch};
 
 use crate::books::Books;
@@ -86,6 +86,8 @@ pub(crate) struct Engine {
     pub(crate) config: ManagerConfig,
     pub(crate) hook: Option<Arc<dyn BlockHook>>,
     pub(crate) out: Arc<Outputs>,
+    /// The one live instance of each wallet, shared with the embedder.
+    pub(crate) registry: Registry,
     /// The active wallets; `None` after a failed write, until reloaded.
     books: Option<Books>,
     tip: Option<Tip>,
@@ -121,6 +123,7 @@ impl Engine {
         config: ManagerConfig,
         out: Arc<Outputs>,
         stop: watch::Receiver<bool>,
+        registry: Registry,
     ) -> Engine {
         let path = initial_path(config.strategy);
         Engine {
@@ -129,6 +132,7 @@ impl Engine {
             config,
             hook: None,
             out,
+            registry,
             books: None,
             tip: None,
             tip_filter_header: None,
@@ -309,7 +313,17 @@ impl Engine {
     async fn take_books(&mut self) -> Result<Books, ManagerError> {
         match self.books.take() {
             Some(books) => Ok(books),
-            None => self.store.read(Books::load_active).await,
+            None => {
+                // A failed write may have left live wallets ahead of the
+                // database: they are read again too, on the writer.
+                let registry = self.registry.clone();
+                self.store
+                    .write(move |tx| {
+                        registry.reload_in(tx)?;
+                        Books::load_active(tx, &registry)
+                    })
+                    .await
+            }
         }
     }
 
@@ -349,11 +363,12 @@ impl Engine {
         }
         let keep = self.config.recent_hashes as usize + 1;
         // One snapshot: the wallets and the registry version they are.
+        let wallets = self.registry.clone();
         let (books, tip, recent, registry) = self
             .store
             .read(move |tx| {
                 Ok::<_, ManagerError>((
-                    Books::load_active(tx)?,
+                    Books::load_active(tx, &wallets)?,
                     tx.tip()?,
                     tx.recent_blocks(keep)?,
                     tx.registry_version()?,

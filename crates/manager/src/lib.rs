@@ -48,7 +48,9 @@ use std::time::{Duration, SystemTime};
 use bitcoin::{BlockHash, ScriptBuf};
 use lockstep_chain::{BlockId, ChainSource};
 use lockstep_store::{Store, WalletId, WriteTx};
-use lockstep_wallet::{Keychain, WalletDescriptors};
+use lockstep_wallet::{
+    DEFAULT_LOOKAHEAD, Keychain, LiveWallet, Registry, WalletDescriptors, WalletError,
+};
 use tokio::sync::{Mutex, broadcast, watch};
 use tokio::task::JoinHandle;
 
@@ -77,7 +79,8 @@ pub trait BlockHook: Send + Sync + 'static {
     fn blocks_disconnected(&self, tx: &mut WriteTx<'_>, fork_height: u32) -> Result<(), HookError>;
 }
 
-/// A wallet to register.
+/// A wallet to register: [`NewWallet::new`] gives the defaults (scanned
+/// from the genesis block, [`DEFAULT_LOOKAHEAD`], watch-only).
 #[derive(Debug, Clone)]
 pub struct NewWallet {
     /// A unique name.
@@ -90,6 +93,84 @@ pub struct NewWallet {
     pub lookahead: u32,
     /// Encrypts a signing wallet's keys at rest.
     pub passphrase: Option<String>,
+}
+
+impl NewWallet {
+    /// A wallet with the defaults: born at height 0 (the whole chain is
+    /// scanned for it: never a missed payment, at the cost of the scan;
+    /// give the height the wallet was made at with [`born_at`](Self::born_at)),
+    /// [`DEFAULT_LOOKAHEAD`] scripts past the last used one, and no
+    /// passphrase (needed if the descriptors carry private keys).
+    pub fn new(name: impl Into<String>, descriptors: WalletDescriptors) -> NewWallet {
+        NewWallet {
+            name: name.into(),
+            descriptors,
+            birth_height: 0,
+            lookahead: DEFAULT_LOOKAHEAD,
+            passphrase: None,
+        }
+    }
+
+    /// The first height that can hold its transactions.
+    pub fn born_at(mut self, height: u32) -> NewWallet {
+        self.birth_height = height;
+        self
+    }
+
+    /// Scripts kept derived past the last used one.
+    pub fn lookahead(mut self, scripts: u32) -> NewWallet {
+        self.lookahead = scripts;
+        self
+    }
+
+    /// Encrypts a signing wallet's keys at rest with `passphrase`.
+    pub fn passphrase(mut self, passphrase: impl Into<String>) -> NewWallet {
+        self.passphrase = Some(passphrase.into());
+        self
+    }
+}
+
+/// Why [`Manager::wait_for`] returned without the height.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// The loop had not committed the height when the time was up.
+    #[error("timed out waiting for height {height} (the loop is at {reached:?})")]
+    Timeout {
+        /// The height waited for.
+        height: u32,
+        /// Where the loop's committed tip was.
+        reached: Option<BlockId>,
+    },
+    /// The chain loop ended with a fatal error: it will not get there.
+    #[error("the chain loop failed: {error}")]
+    LoopFailed {
+        /// Why.
+        error: String,
+    },
+}
+
+impl WaitError {
+    /// What the caller can do: a timeout may be retried, a failed loop not.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            WaitError::Timeout { .. } => ErrorKind::Retryable,
+            WaitError::LoopFailed { .. } => ErrorKind::Fatal,
+        }
+    }
+}
+
+/// A registered wallet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletInfo {
+    /// Its id.
+    pub id: WalletId,
+    /// Its unique name.
+    pub name: String,
+    /// The first height scanned for it.
+    pub birth_height: u32,
+    /// While it is being imported: the height its scan has reached.
+    pub importing: Option<u32>,
 }
 
 /// Which scripts of a wallet a targeted import rescans.
@@ -114,6 +195,7 @@ struct Running {
 
 struct Shared {
     engine: Mutex<Engine>,
+    registry: Registry,
     out: Arc<Outputs>,
     running: std::sync::Mutex<Option<Running>>,
     /// Set by [`Manager::stop`] until everything holding the engine (the
@@ -149,16 +231,19 @@ impl Manager {
             tip: watch::channel(None).0,
         });
         let stop = watch::channel(false).0;
+        let registry = Registry::new(store.clone(), config.registry_capacity);
         let engine = Engine::new(
             store.clone(),
             source,
             config.clone(),
             Arc::clone(&out),
             stop.subscribe(),
+            registry.clone(),
         );
         Manager {
             shared: Arc::new(Shared {
                 engine: Mutex::new(engine),
+                registry,
                 out,
                 running: std::sync::Mutex::new(None),
                 stop,
@@ -176,6 +261,57 @@ impl Manager {
     /// The database.
     pub fn store(&self) -> &Store {
         &self.shared.store
+    }
+
+    /// The one live instance of each wallet, shared with the chain loop.
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// The live instance of wallet `id` (loaded once; see [`Registry`]).
+    ///
+    /// # Errors
+    /// [`WalletError::NotFound`], or the load's error.
+    pub async fn wallet(&self, id: WalletId) -> Result<Arc<LiveWallet>, WalletError> {
+        self.shared.registry.get_or_load(id).await
+    }
+
+    /// The live instance of the wallet named `name`.
+    ///
+    /// # Errors
+    /// [`WalletError::InvalidRequest`] if no wallet has the name, or the
+    /// load's error.
+    pub async fn wallet_named(&self, name: &str) -> Result<Arc<LiveWallet>, WalletError> {
+        let name = name.to_owned();
+        let row = self
+            .shared
+            .store
+            .read(move |tx| Ok::<_, WalletError>(tx.wallet_by_name(&name)?))
+            .await?
+            .ok_or(WalletError::InvalidRequest("no wallet has this name"))?;
+        self.wallet(row.wallet_id).await
+    }
+
+    /// Every registered wallet, by id.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn wallets(&self) -> Result<Vec<WalletInfo>, WalletError> {
+        self.shared
+            .store
+            .read(|tx| {
+                Ok(tx
+                    .wallets()?
+                    .into_iter()
+                    .map(|row| WalletInfo {
+                        id: row.wallet_id,
+                        name: row.name,
+                        birth_height: row.birth_height,
+                        importing: row.importing_height,
+                    })
+                    .collect())
+            })
+            .await
     }
 
     /// Starts the chain loop (a tokio task). Does nothing if it runs.
@@ -255,26 +391,19 @@ impl Manager {
         }
     }
 
-    /// Registers a wallet. A wallet born above the loop's tip joins at
-    /// once; otherwise this is [`import_wallet`](Self::import_wallet).
+    /// Registers a wallet, the one way to add one. Born above the loop's
+    /// tip, it joins at once. Born at or below it, it is imported,
+    /// stopping the world: the loop pauses at a block boundary; the blocks
+    /// from the wallet's birth height to the loop's tip are scanned for its
+    /// scripts only (other wallets receive nothing meanwhile, and lose
+    /// nothing); the wallet joins with its synced-to equal to the loop's;
+    /// the loop resumes. Either way it returns once the wallet is synced.
     ///
     /// Safe to retry: the same name with the same descriptors returns the
     /// registered wallet (finishing its import if one was interrupted).
     /// If another process runs the loop on this database, the wallet is
     /// written and that loop imports it (or takes it in) at its next
     /// commit at the latest; this returns at once.
-    ///
-    /// # Errors
-    /// As [`import_wallet`](Self::import_wallet).
-    pub async fn register(&self, wallet: NewWallet) -> Result<WalletId, ManagerError> {
-        self.import_wallet(wallet).await
-    }
-
-    /// Imports a wallet, stopping the world: the loop pauses at a block
-    /// boundary; the blocks from the wallet's birth height to the loop's
-    /// tip are scanned for its scripts only (other wallets receive
-    /// nothing meanwhile, and lose nothing); the wallet joins with its
-    /// synced-to equal to the loop's; the loop resumes.
     ///
     /// # Errors
     /// [`ManagerError::WrongNetwork`] (descriptors of another network than
@@ -284,7 +413,7 @@ impl Manager {
     /// written, [`ManagerError::ImportIncomplete`] with its id: the wallet
     /// stays marked importing and the loop finishes its import before it
     /// goes on.
-    pub async fn import_wallet(&self, wallet: NewWallet) -> Result<WalletId, ManagerError> {
+    pub async fn register(&self, wallet: NewWallet) -> Result<WalletId, ManagerError> {
         let mut engine = self.shared.engine.lock().await;
         let result = engine.add_wallet(wallet).await;
         self.release_unless_looping(&mut engine);
@@ -349,17 +478,70 @@ impl Manager {
         self.shared.out.counters.snapshot()
     }
 
-    /// Waits until the loop has committed the block `target` (its height
-    /// and hash), or `timeout` passes.
+    /// Waits until the loop has committed a block at `height` or above,
+    /// and returns its tip then. A reorg cannot strand it: it waits for a
+    /// height, not for a block, so whichever branch reaches the height
+    /// ends the wait.
     ///
     /// # Errors
-    /// [`ManagerError::Stopped`] on timeout.
-    pub async fn wait_for(&self, target: BlockId, timeout: Duration) -> Result<(), ManagerError> {
+    /// [`WaitError::Timeout`] when `timeout` passes first (with where the
+    /// loop got to); [`WaitError::LoopFailed`] as soon as the loop ends with
+    /// a fatal error.
+    pub async fn wait_for(&self, height: u32, timeout: Duration) -> Result<BlockId, WaitError> {
+        self.wait_until(|t| t.height >= height, height, timeout)
+            .await
+    }
+
+    /// Waits until the loop's committed tip is exactly `target` (its
+    /// height and hash): for callers that know which block they expect
+    /// (tests of reorgs). Errors as [`wait_for`](Self::wait_for).
+    ///
+    /// # Errors
+    /// As [`wait_for`](Self::wait_for).
+    pub async fn wait_for_block(
+        &self,
+        target: BlockId,
+        timeout: Duration,
+    ) -> Result<(), WaitError> {
+        self.wait_until(|t| *t == target, target.height, timeout)
+            .await
+            .map(|_| ())
+    }
+
+    async fn wait_until(
+        &self,
+        reached: impl Fn(&BlockId) -> bool,
+        height: u32,
+        timeout: Duration,
+    ) -> Result<BlockId, WaitError> {
         let mut tip = self.tip();
-        let reached = tokio::time::timeout(timeout, tip.wait_for(|t| *t == Some(target))).await;
-        match reached {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(ManagerError::Stopped),
+        let mut status = self.status();
+        let wait = async {
+            loop {
+                if let Some(t) = *tip.borrow_and_update()
+                    && reached(&t)
+                {
+                    return Ok(t);
+                }
+                if let Status::Failed { error } = &*status.borrow_and_update() {
+                    return Err(WaitError::LoopFailed {
+                        error: error.clone(),
+                    });
+                }
+                tokio::select! {
+                    changed = tip.changed() => if changed.is_err() {
+                        return Err(WaitError::LoopFailed { error: "the manager was dropped".into() });
+                    },
+                    _ = status.changed() => {}
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(WaitError::Timeout {
+                height,
+                reached: *self.shared.out.tip.borrow(),
+            }),
         }
     }
 }

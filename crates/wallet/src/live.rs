@@ -177,7 +177,10 @@ impl LiveWallet {
     /// After a failed write that may have changed the instance.
     async fn reload(self: &Arc<Self>) {
         let me = Arc::clone(self);
-        let reloaded: Result<(), WalletError> = self.store.read(move |tx| me.reload_in(tx)).await;
+        // On the writer, so that no write slips between the read and the
+        // instance taking it.
+        let reloaded: Result<(), WalletError> =
+            self.store.write(move |tx| me.reload_in(tx)).await;
         if let Err(error) = reloaded {
             tracing::error!(wallet = %self.id, %error, "reloading a wallet after a failed write");
         }

@@ -393,6 +393,12 @@ impl Registry {
         lock(&self.shared.grown).drain().collect()
     }
 
+    /// Has the chain loop look at wallet `id`'s scripts again inside its
+    /// next write transaction.
+    pub fn mark_grown(&self, id: WalletId) {
+        lock(&self.shared.grown).insert(id);
+    }
+
     /// Whether wallet `id` is loaded now.
     pub fn is_loaded(&self, id: WalletId) -> bool {
         matches!(

@@ -469,6 +469,11 @@ impl Wallet {
         self.descriptors = descriptors;
     }
 
+    /// A keychain's derived scripts, by index.
+    pub fn scripts(&self, keychain: Keychain) -> &[ScriptBuf] {
+        &self.state(keychain).scripts
+    }
+
     /// How many scripts each keychain has derived (external, internal).
     pub fn derived_counts(&self) -> [u32; 2] {
         [

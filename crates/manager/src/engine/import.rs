@@ -9,7 +9,7 @@ use bitcoin::hashes::Hash as _;
 use bitcoin::{BlockHash, ScriptBuf};
 use lockstep_chain::SourceError;
 use lockstep_store::{WalletId, WalletRow, WriteTx};
-use lockstep_wallet::{Keychain, Wallet, WalletParams};
+use lockstep_wallet::{Keychain, Registry, WalletParams};
 
 use super::Engine;
 use super::strategy::initial_path;
@@ -65,9 +65,9 @@ impl Engine {
                     (restart, None)
                 }
             };
-            let wallet = self.store.read(move |tx| Wallet::load(tx, id)).await?;
             tracing::info!(wallet = %id, from = after + 1, "resuming import");
-            self.run_import(wallet, None, after, after_hash).await?;
+            self.run_import(id, row.birth_height, None, after, after_hash)
+                .await?;
         }
         Ok(())
     }
@@ -88,8 +88,12 @@ impl Engine {
         if owner {
             self.ensure_loaded().await?;
         }
-        let registered = self.store.write(move |tx| register(tx, spec)).await?;
-        let id = registered.wallet.id();
+        let registry = self.registry.clone();
+        let registered = self
+            .store
+            .write(move |tx| register(tx, &registry, spec))
+            .await?;
+        let id = registered.id;
         if !owner {
             // The loop that owns the database imports it, or takes it in
             // at its next commit.
@@ -102,10 +106,10 @@ impl Engine {
         match (registered.existing, registered.importing_after) {
             (false, None) => {
                 let tip = self.tip_or_err();
-                let wallet = registered.wallet;
+                let registry = self.registry.clone();
                 let joined = self
                     .store
-                    .read(move |tx| Books::of_wallet(tx, wallet))
+                    .read(move |tx| Books::of_wallet(tx, &registry, id))
                     .await?;
                 self.books().await?.merge(joined);
                 Counters::add(&self.out.counters.imports, 1);
@@ -115,7 +119,7 @@ impl Engine {
                 });
             }
             (false, Some(after)) => self
-                .run_import(registered.wallet, None, after, None)
+                .run_import(id, registered.birth, None, after, None)
                 .await
                 .map_err(incomplete)?,
             (true, None) => {
@@ -161,15 +165,17 @@ impl Engine {
             self.books().await?.remove_wallet(id);
         }
         let raw_after = after_hash.to_byte_array();
+        let registry = self.registry.clone();
         let result = self
             .store
             .write(move |tx| {
-                let mut wallet = match Wallet::load(tx, id) {
+                let live = match registry.get_in(tx, id) {
                     Err(lockstep_wallet::WalletError::NotFound(_)) => {
                         return Err(ManagerError::UnknownWallet(id));
                     }
                     loaded => loaded?,
                 };
+                let mut wallet = live.wallet();
                 let scripts: Vec<(Keychain, u32, ScriptBuf)> = match import {
                     ScriptImport::Range { keychain, end } => {
                         wallet.derive_until(tx, keychain, end)?;
@@ -194,10 +200,10 @@ impl Engine {
                 // rescan of the wallet from `after`, which ingest's
                 // idempotence makes exact.
                 tx.set_import_progress(wallet.id(), after, &raw_after)?;
-                Ok::<_, ManagerError>((wallet, scripts))
+                Ok::<_, ManagerError>((wallet.birth_height(), scripts))
             })
             .await;
-        let (wallet, scripts) = match result {
+        let (birth, scripts) = match result {
             Ok(done) => done,
             Err(e) => {
                 self.books = None;
@@ -208,7 +214,7 @@ impl Engine {
             return Ok(());
         }
         tracing::info!(wallet = %id, scripts = scripts.len(), from = after + 1, "targeted import");
-        self.run_import(wallet, Some(scripts), after, Some(after_hash))
+        self.run_import(id, birth, Some(scripts), after, Some(after_hash))
             .await
     }
 
@@ -220,17 +226,19 @@ impl Engine {
     /// where it got to) before the loop goes on.
     async fn run_import(
         &mut self,
-        wallet: Wallet,
+        id: WalletId,
+        birth: u32,
         scripts: Option<Vec<(Keychain, u32, ScriptBuf)>>,
         after: u32,
         after_hash: Option<BlockHash>,
     ) -> Result<(), ManagerError> {
-        let id = wallet.id();
         let tip = self.tip_or_err().height;
         self.out
             .status
             .send_replace(Status::Syncing { height: tip, tip });
-        let mut result = self.import_to_tip(wallet, scripts, after, after_hash).await;
+        let mut result = self
+            .import_to_tip(id, birth, scripts, after, after_hash)
+            .await;
         if result.is_err() && self.stopping() {
             result = Err(ManagerError::Stopped);
         }
@@ -243,25 +251,25 @@ impl Engine {
 
     async fn import_to_tip(
         &mut self,
-        wallet: Wallet,
+        id: WalletId,
+        birth: u32,
         scripts: Option<Vec<(Keychain, u32, ScriptBuf)>>,
         mut after: u32,
         after_hash: Option<BlockHash>,
     ) -> Result<(), ManagerError> {
-        let id = wallet.id();
-        let birth = wallet.birth_height();
+        let registry = self.registry.clone();
         let mut books = self
             .store
             .read(move |tx| {
                 let mut books = match scripts {
-                    None => Books::of_wallet(tx, wallet)?,
+                    None => Books::of_wallet(tx, &registry, id)?,
                     Some(scripts) => {
-                        let mut books = Books::empty();
+                        let mut books = Books::empty(&registry);
                         for (keychain, index, script) in &scripts {
                             books.watch.add(script, (id, *keychain, *index));
                         }
                         books.load_coins(tx, id)?;
-                        books.wallets.insert(id, wallet);
+                        books.wallets.insert(id, None);
                         books
                     }
                 };
@@ -407,7 +415,7 @@ impl Engine {
         hash: BlockHash,
     ) -> Result<(), ManagerError> {
         let raw = hash.to_byte_array();
-        let taken = std::mem::replace(books, Books::empty());
+        let taken = std::mem::replace(books, Books::empty(&self.registry));
         *books = self
             .store
             .write(move |tx| {
@@ -470,7 +478,7 @@ impl Engine {
                     None => continue,
                 }
             }
-            let taken = std::mem::replace(books, Books::empty());
+            let taken = std::mem::replace(books, Books::empty(&self.registry));
             let (returned, mut outcome) = match self
                 .store
                 .write(move |tx| connect_batch(tx, taken, items, Mode::Import(id), None))
@@ -480,9 +488,13 @@ impl Engine {
                 Err(e) => {
                     // The import's mirror may be ahead of the database:
                     // read it again from what was committed.
+                    let registry = self.registry.clone();
                     *books = self
                         .store
-                        .read(move |tx| Books::of_wallet(tx, Wallet::load(tx, id)?))
+                        .write(move |tx| {
+                            registry.reload_in(tx)?;
+                            Books::of_wallet(tx, &registry, id)
+                        })
                         .await?;
                     return Err(Flow::Fail(e));
                 }
@@ -515,7 +527,8 @@ impl Engine {
 
 /// What [`register`] found or made.
 struct Registered {
-    wallet: Wallet,
+    id: WalletId,
+    birth: u32,
     /// Registered before (a retry, or another process).
     existing: bool,
     /// Marked importing from after this height.
@@ -526,9 +539,14 @@ struct Registered {
 /// same descriptors (a retried registration), or a new one, marked
 /// importing unless it is born above the loop's committed tip (read here,
 /// so whichever process registers agrees with the loop's commits).
-fn register(tx: &mut WriteTx<'_>, spec: NewWallet) -> Result<Registered, ManagerError> {
+fn register(
+    tx: &mut WriteTx<'_>,
+    registry: &Registry,
+    spec: NewWallet,
+) -> Result<Registered, ManagerError> {
     if let Some(row) = tx.wallet_by_name(&spec.name)? {
-        let wallet = Wallet::load(tx, row.wallet_id)?;
+        let live = registry.get_in(tx, row.wallet_id)?;
+        let wallet = live.wallet();
         let same = wallet.network() == spec.descriptors.network()
             && Keychain::ALL
                 .into_iter()
@@ -540,7 +558,8 @@ fn register(tx: &mut WriteTx<'_>, spec: NewWallet) -> Result<Registered, Manager
             });
         }
         return Ok(Registered {
-            wallet,
+            id: row.wallet_id,
+            birth: row.birth_height,
             existing: true,
             importing_after: row.importing_height,
         });
@@ -553,12 +572,13 @@ fn register(tx: &mut WriteTx<'_>, spec: NewWallet) -> Result<Registered, Manager
         lookahead: spec.lookahead,
         passphrase: spec.passphrase.as_deref(),
     };
-    let wallet = Wallet::create(tx, &params, spec.descriptors)?;
+    let id = registry.create_in(tx, &params, spec.descriptors)?.id();
     if !joins_now {
-        tx.set_importing_height(wallet.id(), Some(after))?;
+        tx.set_importing_height(id, Some(after))?;
     }
     Ok(Registered {
-        wallet,
+        id,
+        birth: spec.birth_height,
         existing: false,
         importing_after: (!joins_now).then_some(after),
     })
@@ -585,7 +605,14 @@ impl Books {
                 }
             }
         }
-        self.wallets.extend(other.wallets);
+        for (id, watched) in other.wallets {
+            // A targeted import watched only some scripts: the loop looks
+            // at all of the wallet's again at its next write.
+            if watched.is_none() {
+                self.registry.mark_grown(id);
+            }
+            self.wallets.insert(id, Some(watched.unwrap_or([0, 0])));
+        }
         self.watch.compact();
     }
 }
