@@ -1,4 +1,3 @@
-#![allow(missing_docs)] // criterion_group! generates undocumented functions.
 //! Generating, saving and loading simulated chains.
 //!
 //! - 1,000 unsigned blocks of 500 transactions, on top of the 100 blocks
@@ -6,6 +5,7 @@
 //! - 1,000 signed blocks of 50 transactions, likewise;
 //! - saving and loading the standard 2,000-block chain (filters of about
 //!   1,300 elements), whose file size is printed.
+#![allow(missing_docs)] // criterion_group! generates undocumented functions.
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use lockstep_benches::{cache_dir, standard_chain};

@@ -1,7 +1,7 @@
-#![allow(missing_docs)] // criterion_group! generates undocumented functions.
 //! Filter matching: ours vs rust-bitcoin's `match_any` vs the floor, in one
 //! run, on a 3,000-element filter and Q watched scripts (none present, the
 //! usual case); the same on two cores; and the full-block matcher.
+#![allow(missing_docs)] // criterion_group! generates undocumented functions.
 
 use std::hint::black_box;
 

@@ -41,17 +41,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bitcoin::hashes::Hash as _;
-use lockstep::chain::metered::{LinkModel, Meter, Metered};
-use lockstep::chain::{ChainSource, SimChain};
-use lockstep::filter::{BasicFilter, Watchlist, hash_floor, matches};
-use lockstep::manager::{Manager, ManagerConfig, NewWallet, Stats, Strategy};
-use lockstep::oracle::{check_wallet, test_descriptors};
-use lockstep::store::{Store, StoreOptions, WalletId};
-use lockstep::wallet::Wallet;
 use lockstep_benches::{
     SYNC_FROM, SYNC_PAYMENTS_PER_WALLET, SYNC_WALLET_SEED, SYNC_WALLETS, cache_dir, sync_chain,
     sync_payments,
 };
+use lockstep_chain::metered::{LinkModel, Meter, Metered};
+use lockstep_chain::{ChainSource, SimChain};
+use lockstep_filter::{BasicFilter, Watchlist, hash_floor, matches};
+use lockstep_manager::{Manager, ManagerConfig, NewWallet, Stats, Strategy};
+use lockstep_store::{Store, StoreOptions, WalletId};
+use lockstep_testkit::oracle::{check_wallet, test_descriptors};
+use lockstep_wallet::Wallet;
 use tokio::task::JoinHandle;
 
 /// Runs whose median is reported for (a), (c) and the import row.
@@ -357,7 +357,7 @@ impl Fresh {
                     let wallet = Wallet::load(tx, id)?;
                     out.extend(wallet.watch_scripts().map(|(_, _, s)| s.to_bytes()));
                 }
-                Ok::<_, lockstep::wallet::WalletError>(out)
+                Ok::<_, lockstep_wallet::WalletError>(out)
             })
             .await?;
         Ok(scripts)
@@ -978,7 +978,7 @@ fn main() {
         .filter(|h| {
             chain
                 .filter_at(*h)
-                .and_then(|f| lockstep::chain::filters::filter_element_count(&f))
+                .and_then(|f| lockstep_chain::filters::filter_element_count(&f))
                 .is_some_and(|n| n < 1_000)
         })
         .collect::<Vec<u32>>();

@@ -1,4 +1,3 @@
-#![allow(missing_docs)] // criterion_group! generates undocumented functions.
 //! Wallet costs, each inside one committed database transaction (WAL,
 //! synchronous=FULL, so each includes a durable commit):
 //!
@@ -6,6 +5,7 @@
 //!   derived scripts 10 times (the manager routes only those 10);
 //! - disconnecting that block;
 //! - `select_and_lock` (and release) on a wallet of 10,000 coins.
+#![allow(missing_docs)] // criterion_group! generates undocumented functions.
 
 use bitcoin::bip32::Xpriv;
 use bitcoin::hashes::Hash;

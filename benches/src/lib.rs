@@ -36,7 +36,7 @@ pub fn standard_chain() -> SimChain {
 }
 
 /// Seed of the sync benchmark's wallets
-/// ([`lockstep::oracle::test_descriptors`]`(SYNC_WALLET_SEED, index)`).
+/// ([`lockstep_testkit::oracle::test_descriptors`]`(SYNC_WALLET_SEED, index)`).
 pub const SYNC_WALLET_SEED: u64 = 6;
 
 /// Wallets the sync benchmark's chain pays (indexes `0..SYNC_WALLETS`).
@@ -110,8 +110,8 @@ pub fn sync_payments() -> Vec<SyncPayment> {
 
 /// The script a payment pays.
 pub fn sync_payment_script(payment: &SyncPayment) -> ScriptBuf {
-    lockstep::oracle::test_descriptors(SYNC_WALLET_SEED, payment.wallet)
-        .script_at(lockstep::wallet::Keychain::External, payment.index)
+    lockstep_testkit::oracle::test_descriptors(SYNC_WALLET_SEED, payment.wallet)
+        .script_at(lockstep_wallet::Keychain::External, payment.index)
         .expect("test descriptors derive")
 }
 

@@ -1,5 +1,5 @@
 //! The oracle catches a broken engine: each fault switch of
-//! `lockstep::store::faults` breaks one rule the engine must keep, and a
+//! `lockstep_store::faults` breaks one rule the engine must keep, and a
 //! scenario built to exercise that rule passes the oracle with the fault
 //! off and fails it with the fault on.
 //!
@@ -7,11 +7,11 @@
 //! binary and run one after another in ONE test: no other test can run
 //! while a fault is on.
 
-use lockstep::chain::ReorgTxs;
-use lockstep::oracle::{WalletCheck, check_wallet_own_scripts};
-use lockstep::store::faults::{self, Fault};
-use lockstep::wallet::Keychain;
+use lockstep_chain::ReorgTxs;
+use lockstep_store::faults::{self, Fault};
+use lockstep_testkit::oracle::{WalletCheck, check_wallet_own_scripts};
 use lockstep_tests::rig::{Rig, runtime};
+use lockstep_wallet::Keychain;
 
 /// Turns a fault on for as long as it lives, and every fault off when it
 /// goes (also when the scenario panics).

@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use bitcoin::hashes::Hash as _;
 use bitcoin::{Amount, BlockHash, OutPoint, TxOut};
-use lockstep::chain::{ReorgTxs, SimChain, SimParams};
-use lockstep::oracle::{check_wallet, test_descriptors};
-use lockstep::store::{Store, StoreOptions, WalletRow};
-use lockstep::wallet::Keychain;
+use lockstep_chain::{ReorgTxs, SimChain, SimParams};
+use lockstep_store::{Store, StoreOptions, WalletRow};
+use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_tests::crash::{LATE_WALLET, WALLET_SEED, done_text, wallet_spec};
+use lockstep_wallet::Keychain;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -169,7 +169,7 @@ fn check_database(db: &Path, chains: &[SimChain]) -> Committed {
                 let check = check_wallet(tx, chain, row.wallet_id, height)?;
                 assert!(check.ok(), "after a kill at loop tip {tip}: {check:#?}");
             }
-            Ok::<_, lockstep::wallet::WalletError>(Committed {
+            Ok::<_, lockstep_wallet::WalletError>(Committed {
                 tip: Some(tip),
                 wallets,
             })

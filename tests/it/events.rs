@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 
 use bitcoin::{Amount, OutPoint, ScriptBuf, TxOut, Txid};
-use lockstep::chain::SimChain;
-use lockstep::manager::Event;
-use lockstep::store::WalletId;
-use lockstep::wallet::Keychain;
+use lockstep_chain::SimChain;
+use lockstep_manager::Event;
+use lockstep_store::WalletId;
 use lockstep_tests::rig::{Rig, runtime};
+use lockstep_wallet::Keychain;
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

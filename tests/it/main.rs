@@ -4,4 +4,5 @@ mod crash;
 mod events;
 mod foundation;
 mod manager;
+mod tidy;
 mod trust;

@@ -12,17 +12,17 @@ use async_trait::async_trait;
 use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
 use bitcoin::{Amount, Block, BlockHash, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
-use lockstep::chain::metered::Metered;
-use lockstep::chain::{
+use lockstep_chain::metered::Metered;
+use lockstep_chain::{
     BlockId, BroadcastError, ChainSource, ReorgTxs, SimChain, SimParams, SourceError,
     SourceErrorKind,
 };
-use lockstep::manager::{
+use lockstep_manager::{
     Event, Manager, ManagerConfig, ManagerError, NewWallet, ScriptImport, Status,
 };
-use lockstep::oracle::{check_wallet_imported, test_descriptors};
-use lockstep::store::{Store, StoreOptions, WalletId};
-use lockstep::wallet::Keychain;
+use lockstep_store::{Store, StoreOptions, WalletId};
+use lockstep_testkit::oracle::{check_wallet_imported, test_descriptors};
+use lockstep_wallet::Keychain;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -222,7 +222,7 @@ impl World {
                         imported,
                     )?);
                 }
-                Ok::<_, lockstep::wallet::WalletError>(checks)
+                Ok::<_, lockstep_wallet::WalletError>(checks)
             })
             .unwrap();
         assert_eq!(checks.len(), self.wallets.len());
@@ -635,7 +635,7 @@ fn a_flaky_source_is_retried_until_synced() {
                         w.wallets.insert(id, (i, 10));
                         break;
                     }
-                    Err(e) => assert_eq!(e.kind(), lockstep::manager::ErrorKind::Retryable, "{e}"),
+                    Err(e) => assert_eq!(e.kind(), lockstep_manager::ErrorKind::Retryable, "{e}"),
                 }
             }
         }
@@ -732,7 +732,7 @@ fn a_short_batch_of_filter_headers_is_a_typed_error() {
             matches!(&err, ManagerError::Source(e) if e.kind() == SourceErrorKind::Invalid),
             "{err:?}"
         );
-        assert_eq!(err.kind(), lockstep::manager::ErrorKind::Invalid);
+        assert_eq!(err.kind(), lockstep_manager::ErrorKind::Invalid);
         assert_eq!(*w.manager.tip().borrow(), Some(before));
         liar.short_batches.store(false, Ordering::SeqCst);
         w.sync().await;
@@ -894,7 +894,7 @@ fn a_lying_source_gets_a_typed_error_and_nothing_is_committed() {
                 _ => false,
             };
             assert!(expected, "{lie:?} gave {err:?}");
-            assert_eq!(err.kind(), lockstep::manager::ErrorKind::Invalid);
+            assert_eq!(err.kind(), lockstep_manager::ErrorKind::Invalid);
             // Nothing at or past the bad block was committed.
             assert_eq!(*w.manager.tip().borrow(), Some(good), "{lie:?}");
             let committed = w.store.read_blocking(|tx| tx.tip()).unwrap().unwrap();
@@ -943,7 +943,7 @@ fn a_reorg_during_an_import_ends_consistent() {
 
 #[test]
 fn every_strategy_gives_the_oracle() {
-    use lockstep::manager::Strategy;
+    use lockstep_manager::Strategy;
     runtime().block_on(async {
         let mut fetched = Vec::new();
         for strategy in [Strategy::Filters, Strategy::Blocks, Strategy::Auto] {
@@ -986,13 +986,13 @@ struct Hook {
     disconnected: AtomicU64,
 }
 
-impl lockstep::manager::BlockHook for Hook {
+impl lockstep_manager::BlockHook for Hook {
     fn block_connected(
         &self,
-        _tx: &mut lockstep::store::WriteTx<'_>,
+        _tx: &mut lockstep_store::WriteTx<'_>,
         height: u32,
         _hash: &BlockHash,
-    ) -> Result<(), lockstep::manager::HookError> {
+    ) -> Result<(), lockstep_manager::HookError> {
         if u64::from(height) == self.fail_at.load(Ordering::SeqCst) {
             return Err("the hook refuses this block".into());
         }
@@ -1002,9 +1002,9 @@ impl lockstep::manager::BlockHook for Hook {
 
     fn blocks_disconnected(
         &self,
-        _tx: &mut lockstep::store::WriteTx<'_>,
+        _tx: &mut lockstep_store::WriteTx<'_>,
         _fork_height: u32,
-    ) -> Result<(), lockstep::manager::HookError> {
+    ) -> Result<(), lockstep_manager::HookError> {
         self.disconnected.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -1031,7 +1031,7 @@ fn the_block_hook_commits_with_the_block_or_not_at_all() {
         hook.fail_at.store(u64::from(fail_at), Ordering::SeqCst);
         let err = w.manager.sync().await.unwrap_err();
         assert!(matches!(err, ManagerError::Hook(_)), "{err}");
-        assert_eq!(err.kind(), lockstep::manager::ErrorKind::Fatal);
+        assert_eq!(err.kind(), lockstep_manager::ErrorKind::Fatal);
         let (tip, _) = w.store.read_blocking(|tx| tx.tip()).unwrap().unwrap();
         assert!(
             tip < fail_at,

@@ -21,18 +21,18 @@ use bitcoin::{
     Amount, Block, BlockHash, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxMerkleNode,
     TxOut, Txid, Witness,
 };
-use lockstep::chain::filters::{basic_filter, filter_header};
-use lockstep::chain::{
+use lockstep_chain::filters::{basic_filter, filter_header};
+use lockstep_chain::{
     BlockId, BroadcastError, ChainSource, Missing, SimChain, SimParams, SourceError,
 };
-use lockstep::manager::{
+use lockstep_manager::{
     BlockHook, ErrorKind, Event, HookError, Manager, ManagerConfig, ManagerError, NewWallet,
     ScriptImport, Status,
 };
-use lockstep::oracle::{check_wallet, test_descriptors};
-use lockstep::store::{Store, StoreOptions, WalletId, WriteTx};
-use lockstep::wallet::{Keychain, WalletDescriptors};
+use lockstep_store::{Store, StoreOptions, WalletId, WriteTx};
+use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_tests::rig::runtime;
+use lockstep_wallet::{Keychain, WalletDescriptors};
 
 const SEED: u64 = 131;
 const MATURE: u32 = 101;

@@ -26,7 +26,7 @@ pub mod crash {
     use std::str::FromStr as _;
 
     use bitcoin::BlockHash;
-    use lockstep::chain::BlockId;
+    use lockstep_chain::BlockId;
 
     /// Seed of the test wallets' descriptors.
     pub const WALLET_SEED: u64 = 77;
@@ -71,11 +71,11 @@ pub mod rig {
     use std::time::Duration;
 
     use bitcoin::{Amount, OutPoint, ScriptBuf};
-    use lockstep::chain::{SimChain, SimParams};
-    use lockstep::manager::{Manager, ManagerConfig, NewWallet};
-    use lockstep::oracle::{WalletCheck, check_wallet, test_descriptors};
-    use lockstep::store::{Store, StoreOptions, WalletId};
-    use lockstep::wallet::Keychain;
+    use lockstep_chain::{SimChain, SimParams};
+    use lockstep_manager::{Manager, ManagerConfig, NewWallet};
+    use lockstep_store::{Store, StoreOptions, WalletId};
+    use lockstep_testkit::oracle::{WalletCheck, check_wallet, test_descriptors};
+    use lockstep_wallet::Keychain;
 
     /// Seed of the rig's wallet descriptors.
     pub const WALLET_SEED: u64 = 91;

@@ -69,6 +69,6 @@ fn main() -> anyhow::Result<()> {
             }
             cargo(&args)
         }
-        Task::Demo => cargo(&["run", "--release", "--", "demo"]),
+        Task::Demo => cargo(&["run", "--release", "-p", "lockstep-cli", "--", "demo"]),
     }
 }

@@ -9,11 +9,7 @@
 //! - [`filter`], [`wallet`], [`manager`]: the matcher, the wallets, the one
 //!   chain loop for all of them;
 //! - [`dispatcher`], [`actions`]: action slots and durable actions, filled
-//!   in by their issues;
-//! - [`oracle`]: deterministic test wallets, and checking a wallet against
-//!   the simulated chain's oracle (the demo and the tests use it).
-
-pub mod oracle;
+//!   in by their issues.
 
 pub use lockstep_actions as actions;
 pub use lockstep_chain as chain;

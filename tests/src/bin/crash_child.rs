@@ -21,10 +21,10 @@ use async_trait::async_trait;
 use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
 use bitcoin::{Block, BlockHash, Transaction, Txid};
-use lockstep::chain::{BlockId, BroadcastError, ChainSource, SimChain, SourceError};
-use lockstep::manager::{BlockHook, Event, HookError, Manager, ManagerConfig, NewWallet};
-use lockstep::oracle::test_descriptors;
-use lockstep::store::{Store, StoreOptions, WriteTx};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, SimChain, SourceError};
+use lockstep_manager::{BlockHook, Event, HookError, Manager, ManagerConfig, NewWallet};
+use lockstep_store::{Store, StoreOptions, WriteTx};
+use lockstep_testkit::oracle::test_descriptors;
 use lockstep_tests::crash::{
     LATE_WALLET, LATE_WALLET_AT, WALLET_SEED, WALLETS, parse_done, wallet_spec,
 };

@@ -15,12 +15,12 @@ use anyhow::bail;
 use bitcoin::{Amount, OutPoint, ScriptBuf, TxOut};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use lockstep::chain::metered::Metered;
-use lockstep::chain::{ChainSource, ReorgTxs, SimChain, SimParams};
-use lockstep::manager::{Manager, ManagerConfig, NewWallet, ScriptImport};
-use lockstep::oracle::{KINDS, WalletCheck, check_wallet_imported, test_descriptors};
-use lockstep::store::{Store, StoreOptions, WalletId};
-use lockstep::wallet::Keychain;
+use lockstep_chain::metered::Metered;
+use lockstep_chain::{ChainSource, ReorgTxs, SimChain, SimParams};
+use lockstep_manager::{Manager, ManagerConfig, NewWallet, ScriptImport};
+use lockstep_store::{Store, StoreOptions, WalletId};
+use lockstep_testkit::oracle::{KINDS, WalletCheck, check_wallet_imported, test_descriptors};
+use lockstep_wallet::Keychain;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -326,7 +326,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
                             check_wallet_imported(tx, &chain, *id, chain_tip.height, imported)?;
                         Ok((*i, check))
                     })
-                    .collect::<Result<Vec<_>, lockstep::wallet::WalletError>>()
+                    .collect::<Result<Vec<_>, lockstep_wallet::WalletError>>()
             })
             .await?
     };
