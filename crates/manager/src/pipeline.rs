@@ -406,9 +406,7 @@ impl Pipeline {
         self.inflight.pop_front();
         Some(match joined {
             Ok(result) => result,
-            Err(e) => Err(Flow::Fail(ManagerError::Source(SourceError::Unavailable {
-                reason: format!("fetch task failed: {e}"),
-            }))),
+            Err(e) => Err(task_failed("fetch", &e)),
         })
     }
 }
@@ -437,26 +435,33 @@ async fn fetch(
     }
     if snapshot.path == Path::Filters {
         let raw = timed(&policy, || source.filter(hash)).await?;
-        let start = Instant::now();
-        let filter_hash = FilterHash::hash(&raw);
-        let decoded =
-            BasicFilter::decode_for(&hash, &raw, snapshot.base.len()).map_err(|source| {
-                ManagerError::BadFilter {
-                    height,
-                    hash,
-                    source,
-                }
-            })?;
-        // On this task's thread: blocks are matched in parallel across
-        // tasks already, and handing the work to rayon would park a tokio
-        // worker (and the timers and fetches it drives) while it waits.
-        let matched = !snapshot.base.is_empty() && !matches(&decoded, &snapshot.base).is_empty();
+        // Decoding and matching cost CPU in proportion to the watchlist
+        // (milliseconds a block at a million scripts): on tokio's blocking
+        // pool, so that a runtime embedding lockstep never has a worker
+        // stalled by it. Timed inside, so the cost model sees CPU, not the
+        // wait for a blocking thread.
+        let base = Arc::clone(&snapshot.base);
+        let (filter_hash, decoded, matched, match_nanos) = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let filter_hash = FilterHash::hash(&raw);
+            let decoded = BasicFilter::decode_for(&hash, &raw, base.len())?;
+            let matched = !base.is_empty() && !matches(&decoded, &base).is_empty();
+            let nanos = start.elapsed().as_nanos() as u64;
+            Ok((filter_hash, decoded, matched, nanos))
+        })
+        .await
+        .map_err(|e| task_failed("filter matching", &e))?
+        .map_err(|source| ManagerError::BadFilter {
+            height,
+            hash,
+            source,
+        })?;
         fetched.filter = Some(FetchedFilter {
             decoded,
             filter_hash,
             checked: snapshot.checked,
             matched,
-            match_nanos: start.elapsed().as_nanos() as u64,
+            match_nanos,
         });
         if !matched {
             return Ok(fetched);
@@ -466,4 +471,14 @@ async fn fetch(
     fetched.block = Some(block);
     fetched.block_timing = Some(timing);
     Ok(fetched)
+}
+
+/// A task that did not return (it panicked, or the runtime is shutting
+/// down): a fetch task, or CPU work run on the blocking pool. The same
+/// retryable failure for both, as it was when the CPU work ran inside the
+/// fetch task.
+pub(crate) fn task_failed(what: &str, e: &tokio::task::JoinError) -> Flow {
+    Flow::Fail(ManagerError::Source(SourceError::Unavailable {
+        reason: format!("{what} task failed: {e}"),
+    }))
 }

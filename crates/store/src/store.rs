@@ -23,9 +23,12 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 /// connections. See the crate docs for the design.
 ///
 /// When the last handle is dropped, the writer thread finishes the jobs
-/// already queued, closes the database and exits; the drop waits for that
-/// (unless it happens on the writer thread itself), so the file can be
-/// reopened as soon as the drop returns.
+/// already queued, closes the database and exits. Outside a tokio runtime
+/// the drop waits for that (unless it happens on the writer thread itself),
+/// so everything is flushed and the file closed when the drop returns.
+/// Inside a runtime it does not wait (it may be on a worker thread, which a
+/// long write would stall): the writer still finishes every queued job, and
+/// the database stays consistent whenever the process exits.
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -60,9 +63,32 @@ impl Drop for Inner {
         };
         // A closure that held the last handle drops it on the writer thread,
         // which must not wait for itself: it exits once the job returns.
-        if writer.thread().id() != thread::current().id() && writer.join().is_err() {
-            error!(path = %self.path.display(), "store writer thread panicked");
+        if writer.thread().id() == thread::current().id() {
+            return;
         }
+        let path = std::mem::take(&mut self.path);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Inside a runtime this may be a worker thread: waiting for the
+            // writer to drain its queue (a slow write, a checkpoint) would
+            // stall every task on it. The writer finishes on its own once
+            // the channel is closed; a detached thread waits for it, only to
+            // report a panic.
+            let joiner = thread::Builder::new()
+                .name("lockstep-store-joiner".to_owned())
+                .spawn(move || join_writer(writer, &path));
+            if let Err(e) = joiner {
+                warn!(error = %e, "no thread to wait for the store writer; it exits on its own");
+            }
+            return;
+        }
+        join_writer(writer, &path);
+    }
+}
+
+/// Waits for the writer thread to finish its queue and exit.
+fn join_writer(writer: JoinHandle<()>, path: &Path) {
+    if writer.join().is_err() {
+        error!(path = %path.display(), "store writer thread panicked");
     }
 }
 

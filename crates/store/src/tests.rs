@@ -932,3 +932,50 @@ fn a_read_only_file_is_refused_at_open() {
     assert_eq!(err.kind(), ErrorKind::Invalid);
     assert_eq!(fs::read(&path).unwrap(), before, "left as it was");
 }
+
+/// Dropping the last handle on a runtime's worker does not wait for the
+/// writer: with a 500 ms write in progress, the task that drops it returns
+/// at once; the write still commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_on_a_worker_does_not_wait_for_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let store = open(&path);
+    let (started, has_started) = tokio::sync::oneshot::channel();
+    let writer = store.clone();
+    let write = tokio::spawn(async move {
+        writer
+            .write(move |tx| {
+                let _ = started.send(());
+                std::thread::sleep(Duration::from_millis(500));
+                tx.set_tip(7, &hash(7))
+            })
+            .await
+    });
+    has_started.await.unwrap();
+    // The write is on the writer thread; its caller goes away (the
+    // transaction still runs), leaving `store` the last handle.
+    write.abort();
+    assert!(write.await.unwrap_err().is_cancelled());
+    let took = tokio::spawn(async move {
+        let start = std::time::Instant::now();
+        drop(store);
+        start.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(took < Duration::from_millis(200), "drop took {took:?}");
+    // The writer finishes the write on its own: reopened, it is there.
+    let reopened = tokio::task::spawn_blocking(move || open(&path))
+        .await
+        .unwrap();
+    let mut tip = None;
+    for _ in 0..100 {
+        tip = reopened.read(|tx| tx.tip()).await.unwrap();
+        if tip.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(tip, Some((7, hash(7))));
+}
