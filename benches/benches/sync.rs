@@ -591,7 +591,7 @@ async fn must_fetch(
 }
 
 /// The import row, one run: 99 wallets registered and synced (not
-/// measured), then `import_wallet` of the 100th (born at the first scanned
+/// measured), then `register` of the 100th (born at the first scanned
 /// height), measured: creating it (deriving its 1,000 scripts) and
 /// scanning to the tip for it.
 async fn import_run(chain: &SimChain, link: Link, first: bool, row: &mut Row) -> Res<Measured> {
@@ -606,10 +606,7 @@ async fn import_run(chain: &SimChain, link: Link, first: bool, row: &mut Row) ->
     }
     let (m0, s0) = (f.metered.meter(), f.manager.stats());
     let start = Instant::now();
-    let id = f
-        .manager
-        .import_wallet(new_wallet(SYNC_WALLETS - 1))
-        .await?;
+    let id = f.manager.register(new_wallet(SYNC_WALLETS - 1)).await?;
     let wall = start.elapsed();
     let (m1, s1) = (f.metered.meter(), f.manager.stats());
     if s1.imports - s0.imports != 1 {
@@ -1139,7 +1136,7 @@ fn main() {
 fn import_tables(out: &mut String, tip: u32, imports: &[(Link, Row, Row)]) {
     let _ = writeln!(
         out,
-        "## Import one wallet (w{}, born at the first scanned height) while 99 are synced\n\nBoth rows are measured from the call that creates the wallet (deriving its 1,000 scripts) to the end of its scan: `import_wallet` into a manager whose 99 wallets are synced to {tip}, against a fresh manager that registers it alone and runs `sync()`.\n",
+        "## Import one wallet (w{}, born at the first scanned height) while 99 are synced\n\nBoth rows are measured from the call that creates the wallet (deriving its 1,000 scripts) to the end of its scan: `register` into a manager whose 99 wallets are synced to {tip}, against a fresh manager that registers it alone and runs `sync()`.\n",
         SYNC_WALLETS - 1
     );
     out.push_str(

@@ -3,6 +3,7 @@
 mod crash;
 mod events;
 mod foundation;
+mod live;
 mod manager;
 mod tidy;
 mod trust;

@@ -512,7 +512,7 @@ fn stop_and_start_many_times() {
         }
         w.manager.start();
         w.manager
-            .wait_for(w.chain.tip(), Duration::from_secs(30))
+            .wait_for_block(w.chain.tip(), Duration::from_secs(30))
             .await
             .unwrap();
         w.manager.stop().await;
@@ -685,7 +685,7 @@ fn a_flaky_source_is_retried_until_synced() {
         flaky.down.store(false, Ordering::Relaxed);
         w.activity(30);
         w.manager
-            .wait_for(w.chain.tip(), Duration::from_secs(60))
+            .wait_for_block(w.chain.tip(), Duration::from_secs(60))
             .await
             .unwrap();
         w.manager.stop().await;

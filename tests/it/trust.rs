@@ -395,14 +395,14 @@ fn wallets_registered_by_another_process_are_picked_up() {
         w.manager.start();
         let chain = w.chain();
         w.manager
-            .wait_for(chain.tip(), Duration::from_secs(30))
+            .wait_for_block(chain.tip(), Duration::from_secs(30))
             .await
             .unwrap();
         // A payment the newcomer born below the tip must find by import.
         chain.pay(script(2, 1), Amount::from_sat(222_000)).unwrap();
         chain.mine(1).unwrap();
         w.manager
-            .wait_for(chain.tip(), Duration::from_secs(30))
+            .wait_for_block(chain.tip(), Duration::from_secs(30))
             .await
             .unwrap();
         let (_other_store, other) = w.second_process();
@@ -420,7 +420,7 @@ fn wallets_registered_by_another_process_are_picked_up() {
             .unwrap();
         chain.mine(2).unwrap();
         w.manager
-            .wait_for(chain.tip(), Duration::from_secs(30))
+            .wait_for_block(chain.tip(), Duration::from_secs(30))
             .await
             .unwrap();
         eventually(|| importing(&w, below).is_none()).await;
@@ -444,7 +444,7 @@ fn wallets_registered_by_another_process_are_picked_up() {
             .unwrap();
         chain.mine(1).unwrap();
         w.manager
-            .wait_for(chain.tip(), Duration::from_secs(30))
+            .wait_for_block(chain.tip(), Duration::from_secs(30))
             .await
             .unwrap();
         // The loop ran the other process's targeted import.
@@ -507,7 +507,7 @@ fn many_wallets_registered_elsewhere_under_contention() {
         chain.mine(2).unwrap();
         eventually(|| ids.iter().all(|(_, id)| importing(&w, *id).is_none())).await;
         w.manager
-            .wait_for(chain.tip(), Duration::from_secs(60))
+            .wait_for_block(chain.tip(), Duration::from_secs(60))
             .await
             .unwrap();
         w.manager.stop().await;
@@ -1011,7 +1011,7 @@ fn stop_returns_promptly_while_requests_hang() {
         w.rig.hang.store(false, Ordering::SeqCst);
         w.manager.start();
         w.manager
-            .wait_for(chain.tip(), Duration::from_secs(30))
+            .wait_for_block(chain.tip(), Duration::from_secs(30))
             .await
             .unwrap();
         eventually(|| importing(&w, id).is_none()).await;

@@ -260,7 +260,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     bar.set_message(format!("importing wallet {late} from height {birth}"));
     let importing = Instant::now();
     let late_id = manager
-        .import_wallet(wallet_spec(args.seed, late, birth, lookahead))
+        .register(wallet_spec(args.seed, late, birth, lookahead))
         .await?;
     let import_time = importing.elapsed();
     ids.insert(late, late_id);
@@ -276,7 +276,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     scenario.mine_to(final_height)?;
     let chain_tip = chain.tip();
     manager
-        .wait_for(chain_tip, Duration::from_secs(600))
+        .wait_for_block(chain_tip, Duration::from_secs(600))
         .await?;
     bar.set_message(format!(
         "targeted import of {} from height {gap_height}",
@@ -301,7 +301,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     scenario.mine_to(chain.height() + 2)?;
     let chain_tip = chain.tip();
     manager
-        .wait_for(chain_tip, Duration::from_secs(600))
+        .wait_for_block(chain_tip, Duration::from_secs(600))
         .await?;
     manager.stop().await;
     progress.abort();

@@ -244,10 +244,8 @@ impl Books {
             let scripts = tx.keychain_scripts(id, keychain.as_u8())?;
             counts[keychain.as_u8() as usize] = scripts.len() as u32;
             for (index, script) in scripts.into_iter().enumerate() {
-                self.watch.add(
-                    Script::from_bytes(&script),
-                    (id, keychain, index as u32),
-                );
+                self.watch
+                    .add(Script::from_bytes(&script), (id, keychain, index as u32));
             }
         }
         self.load_coins(tx, id)?;
@@ -297,7 +295,11 @@ impl Books {
     /// committed, so no block is committed unchecked against an address
     /// already handed out. With `all`, every wallet here is looked at (an
     /// import's one wallet), not only those the registry reports.
-    pub(crate) fn watch_revealed(&mut self, tx: &WriteTx<'_>, all: bool) -> Result<(), ManagerError> {
+    pub(crate) fn watch_revealed(
+        &mut self,
+        tx: &WriteTx<'_>,
+        all: bool,
+    ) -> Result<(), ManagerError> {
         let ids: Vec<WalletId> = if all {
             self.wallets.keys().copied().collect()
         } else {

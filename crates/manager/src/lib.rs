@@ -20,7 +20,7 @@
 //! - **Strategy**: when hashing every watched script costs more per block
 //!   than fetching and routing the block (measured as the loop runs), the
 //!   loop fetches every block instead; it logs each switch.
-//! - **Import** ([`Manager::import_wallet`], [`Manager::import_scripts`])
+//! - **Import** ([`Manager::register`], [`Manager::import_scripts`])
 //!   stops the world at a block boundary, scans from the wallet's birth (or
 //!   the given height) for the newcomer's scripts only, in batches that
 //!   record the import's progress, and joins the newcomer at the loop's tip.

@@ -1,6 +1,6 @@
 //! Fault switches for tests that must show a checker catches a broken
 //! engine. Not an API: a test turns ONE fault on, runs a scenario, and
-//! expects the oracle (`lockstep::oracle`) to report a mismatch; with every
+//! expects the oracle (`lockstep_testkit::oracle`) to report a mismatch; with every
 //! switch off (the default, and always in production) nothing changes.
 //!
 //! Why compiled into production code rather than behind a cargo feature: a

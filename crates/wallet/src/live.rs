@@ -179,8 +179,7 @@ impl LiveWallet {
         let me = Arc::clone(self);
         // On the writer, so that no write slips between the read and the
         // instance taking it.
-        let reloaded: Result<(), WalletError> =
-            self.store.write(move |tx| me.reload_in(tx)).await;
+        let reloaded: Result<(), WalletError> = self.store.write(move |tx| me.reload_in(tx)).await;
         if let Err(error) = reloaded {
             tracing::error!(wallet = %self.id, %error, "reloading a wallet after a failed write");
         }

@@ -386,6 +386,20 @@ impl Registry {
         Ok(())
     }
 
+    /// Reloads wallet `id`'s live instance from `tx` in place, if it is
+    /// loaded: another process changed its rows (a targeted import it
+    /// started derived scripts), so what this process holds is behind.
+    ///
+    /// # Errors
+    /// The wallet failed to load.
+    pub fn refresh_in(&self, tx: &ReadTx<'_>, id: WalletId) -> Result<(), WalletError> {
+        let live = match lock(&self.shared.slots).slots.get(&id) {
+            Some(Slot::Live { wallet, .. }) => Arc::clone(wallet),
+            _ => return Ok(()),
+        };
+        live.reload_in(tx)
+    }
+
     /// The wallets whose scripts grew outside the chain loop since the last
     /// call (addresses and change revealed): the loop watches their new
     /// scripts inside its next write transaction.

@@ -357,7 +357,7 @@ fn main() {
                 .expect("the loop runs");
             phases.importing(true);
             manager
-                .import_wallet(NewWallet {
+                .register(NewWallet {
                     name,
                     descriptors: test_descriptors(WALLET_SEED, LATE_WALLET),
                     birth_height: birth,

@@ -65,6 +65,12 @@ impl Engine {
                     (restart, None)
                 }
             };
+            // Another process may have started this import and derived
+            // scripts for it: this process's instance reads them again.
+            let registry = self.registry.clone();
+            self.store
+                .write(move |tx| registry.refresh_in(tx, id))
+                .await?;
             tracing::info!(wallet = %id, from = after + 1, "resuming import");
             self.run_import(id, row.birth_height, None, after, after_hash)
                 .await?;
