@@ -411,3 +411,67 @@ fn wait_for_follows_a_height_across_a_reorg_and_times_out_with_its_own_error() {
         manager.stop().await;
     });
 }
+
+#[test]
+fn addresses_another_process_hands_out_are_watched_and_never_handed_out_again() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let (chain, manager) = started(dir.path(), SimParams::unsigned(144), 105).await;
+        let id = manager
+            .register(
+                NewWallet::new("shared", test_descriptors(144, 0))
+                    .born_at(106)
+                    .lookahead(5),
+            )
+            .await
+            .unwrap();
+        let ours = manager.wallet(id).await.unwrap();
+        let first = ours.reveal_address(Keychain::External).await.unwrap();
+        // A block later, this process has nothing of its own left to tell
+        // its loop.
+        chain.mine(1).unwrap();
+        synced(&manager, &chain).await;
+        // A second process (its own store handle, registry and instance)
+        // hands out 20 addresses: four windows past what this loop watched.
+        let store = Store::open(&dir.path().join("w.db"), StoreOptions::default()).unwrap();
+        let other = Manager::new(store, Arc::new(chain.clone()), config());
+        let theirs = other.wallet(id).await.unwrap();
+        assert!(
+            !Arc::ptr_eq(&ours, &theirs),
+            "another process, another instance"
+        );
+        let mut handed = vec![first.clone()];
+        for _ in 0..20 {
+            handed.push(theirs.reveal_address(Keychain::External).await.unwrap());
+        }
+        let last = handed.last().unwrap().clone();
+        assert_eq!(last.index, 20);
+        // This process hands out the next address at once, not one of
+        // theirs (its instance is behind: it reads the keychains first).
+        let next = ours.reveal_address(Keychain::External).await.unwrap();
+        assert_eq!(next.index, 21);
+        assert!(handed.iter().all(|h| h.address != next.address));
+        // Paid in the next block: this process's loop credits it.
+        let paid = pay(&chain, last.address.script_pubkey(), 7_000);
+        chain.mine(1).unwrap();
+        synced(&manager, &chain).await;
+        let coins = ours.coins().await.unwrap();
+        assert!(coins.iter().any(|c| c.coin.outpoint == paid), "credited");
+        assert!(
+            !matches!(
+                *manager.status().borrow(),
+                lockstep_manager::Status::Failed { .. }
+            ),
+            "the loop goes on"
+        );
+        let tip = chain.tip().height;
+        let check = manager
+            .store()
+            .read(move |tx| check_wallet(tx, &chain, id, tip))
+            .await
+            .unwrap();
+        assert!(check.ok(), "{:?}", check.mismatch);
+        manager.stop().await;
+    });
+}

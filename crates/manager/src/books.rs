@@ -198,6 +198,11 @@ pub(crate) struct Books {
     /// Each unspent coin of a wallet here, and the wallets that own it
     /// (more than one only when wallets share a script).
     pub(crate) outpoints: HashMap<OutPoint, Vec<WalletId>>,
+    /// Each wallet's count of addresses handed out, as last read, and the
+    /// registry version it was read at: a count that moved means some
+    /// process revealed addresses of the wallet.
+    reveals: HashMap<WalletId, u64>,
+    reveals_read_at: Option<u64>,
 }
 
 impl Books {
@@ -207,6 +212,8 @@ impl Books {
             wallets: BTreeMap::new(),
             watch: AggregateWatch::new(),
             outpoints: HashMap::new(),
+            reveals: HashMap::new(),
+            reveals_read_at: None,
         }
     }
 
@@ -236,9 +243,10 @@ impl Books {
 
     /// Adds a wallet: all its stored scripts and its unspent coins.
     pub(crate) fn add_wallet(&mut self, tx: &ReadTx<'_>, id: WalletId) -> Result<(), ManagerError> {
-        if tx.wallet(id)?.is_none() {
+        let Some(row) = tx.wallet(id)? else {
             return Err(ManagerError::UnknownWallet(id));
-        }
+        };
+        self.reveals.insert(id, row.reveals);
         let mut counts = [0u32; 2];
         for keychain in Keychain::ALL {
             let scripts = tx.keychain_scripts(id, keychain.as_u8())?;
@@ -295,23 +303,41 @@ impl Books {
     /// committed, so no block is committed unchecked against an address
     /// already handed out. With `all`, every wallet here is looked at (an
     /// import's one wallet), not only those the registry reports.
+    ///
+    /// Addresses another process revealed count in the database and bump
+    /// the registry version: when it moved, the wallets whose count moved
+    /// are read again (their live instances too, which are behind) and
+    /// their new scripts watched.
     pub(crate) fn watch_revealed(
         &mut self,
         tx: &WriteTx<'_>,
         all: bool,
     ) -> Result<(), ManagerError> {
-        let ids: Vec<WalletId> = if all {
+        let mut ids: std::collections::BTreeSet<WalletId> = if all {
             self.wallets.keys().copied().collect()
         } else {
-            self.registry.take_grown()
+            self.registry.take_grown().into_iter().collect()
         };
+        let version = tx.registry_version()?;
+        if self.reveals_read_at != Some(version) {
+            for row in tx.wallets()? {
+                let id = row.wallet_id;
+                if self.wallets.contains_key(&id)
+                    && self.reveals.insert(id, row.reveals) != Some(row.reveals)
+                {
+                    ids.insert(id);
+                }
+            }
+            self.reveals_read_at = Some(version);
+        }
         let mut added = Vec::new();
         for id in ids {
             if !self.wallets.contains_key(&id) {
                 continue;
             }
             let live = self.registry.get_in(tx, id)?;
-            let wallet = live.wallet();
+            let mut wallet = live.wallet();
+            wallet.refresh_if_moved(tx)?;
             self.watch_derived(id, &wallet, &NewScripts::default(), &mut added);
         }
         Ok(())

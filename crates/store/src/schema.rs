@@ -185,6 +185,19 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         UPDATE registry_version SET version = version + 1 WHERE id = 0;
     END;
     ",
+    // v9: how many addresses each wallet has handed out. A process that
+    // reveals an address bumps it, and through the trigger the registry
+    // version: the chain loop (perhaps in another process) reads its live
+    // instance of that wallet again and watches the new scripts before it
+    // commits another block.
+    "
+    ALTER TABLE wallets ADD COLUMN reveals INTEGER NOT NULL DEFAULT 0 CHECK (reveals >= 0);
+
+    CREATE TRIGGER wallet_revealed AFTER UPDATE OF reveals ON wallets
+    BEGIN
+        UPDATE registry_version SET version = version + 1 WHERE id = 0;
+    END;
+    ",
 ];
 
 /// The latest schema version this build knows.

@@ -53,11 +53,14 @@ pub struct WalletRow {
     pub importing_hash: Option<BlockHash>,
     /// When the wallet was registered, in seconds since the Unix epoch.
     pub created_at: i64,
+    /// How many addresses it has handed out (any process): a change tells
+    /// a loop that holds the wallet to read it again.
+    pub reveals: u64,
 }
 
 impl WalletRow {
     const COLUMNS: &'static str =
-        "wallet_id, name, birth_height, importing_height, created_at, importing_hash";
+        "wallet_id, name, birth_height, importing_height, created_at, importing_hash, reveals";
 
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
@@ -67,6 +70,7 @@ impl WalletRow {
             importing_height: row.get(3)?,
             created_at: row.get(4)?,
             importing_hash: row.get(5)?,
+            reveals: row.get::<_, i64>(6)?.unsigned_abs(),
         })
     }
 }
@@ -326,6 +330,21 @@ impl WriteTx<'_> {
             .or_store()?
             .execute([height])
             .or_store()
+    }
+
+    /// Counts an address handed out by wallet `wallet_id` (which bumps the
+    /// registry version, so that a loop in any process reads the wallet
+    /// again).
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn count_reveal(&mut self, wallet_id: WalletId) -> Result<(), StoreError> {
+        self.tx()
+            .prepare_cached("UPDATE wallets SET reveals = reveals + 1 WHERE wallet_id = ?1")
+            .or_store()?
+            .execute([wallet_id.0])
+            .or_store()?;
+        Ok(())
     }
 
     /// Registers a wallet and returns its new id. `importing_height` is `None`

@@ -336,6 +336,8 @@ impl LiveWallet {
     ) -> Result<Selection, WalletError> {
         let holder = holder.to_owned();
         self.change(move |wallet, tx| {
+            // Its change index must be the one the reveal below takes.
+            wallet.refresh_if_moved(tx)?;
             let selection = wallet.select_and_lock(tx, &request, &holder)?;
             if let Some(change) = &selection.change {
                 let (_, script, _) = wallet.reveal_next(tx, Keychain::Internal)?;

@@ -387,8 +387,9 @@ impl Registry {
     }
 
     /// Reloads wallet `id`'s live instance from `tx` in place, if it is
-    /// loaded: another process changed its rows (a targeted import it
-    /// started derived scripts), so what this process holds is behind.
+    /// loaded and its stored keychains moved without it: another process
+    /// changed its rows (revealed addresses, or derived scripts for a
+    /// targeted import it started), so what this process holds is behind.
     ///
     /// # Errors
     /// The wallet failed to load.
@@ -397,7 +398,8 @@ impl Registry {
             Some(Slot::Live { wallet, .. }) => Arc::clone(wallet),
             _ => return Ok(()),
         };
-        live.reload_in(tx)
+        live.wallet().refresh_if_moved(tx)?;
+        Ok(())
     }
 
     /// The wallets whose scripts grew outside the chain loop since the last

@@ -561,11 +561,20 @@ impl Wallet {
 
     /// Reveals the next script of a keychain (an address to hand out), and
     /// derives what keeps the lookahead window full past it.
+    ///
+    /// Another process may have handed out addresses of this wallet since
+    /// it was loaded: the stored keychains are read first, and the wallet
+    /// is loaded again if they moved, so no address is handed out twice.
+    /// The reveal is counted in the database (see
+    /// [`WriteTx::count_reveal`]), so a chain loop in any process watches
+    /// the scripts it derives before it commits another block.
     pub fn reveal_next(
         &mut self,
         tx: &mut WriteTx<'_>,
         keychain: Keychain,
     ) -> Result<(u32, ScriptBuf, NewScripts), WalletError> {
+        self.refresh_if_moved(tx)?;
+        tx.count_reveal(self.id)?;
         let index = self.state(keychain).next_index;
         if index >= (1 << 31) - 1 {
             return Err(WalletError::IndexExhausted(keychain));
@@ -579,6 +588,28 @@ impl Wallet {
             self.state(keychain).scripts[index as usize].clone(),
             new,
         ))
+    }
+
+    /// Loads the wallet again (keeping unlocked keys) if its stored
+    /// keychains moved without it: another process revealed addresses or
+    /// derived scripts. Returns whether it did.
+    pub fn refresh_if_moved(&mut self, tx: &ReadTx<'_>) -> Result<bool, WalletError> {
+        let rows = tx.keychains(self.id)?;
+        let moved = rows.len() != 2
+            || rows.iter().zip(Keychain::ALL).any(|(row, keychain)| {
+                let state = self.state(keychain);
+                row.derived_to as usize != state.scripts.len()
+                    || row.next_index != state.next_index
+                    || row.last_used != state.last_used
+            });
+        if moved {
+            let unlocked = (!self.is_locked() && self.signing).then(|| self.descriptors.clone());
+            *self = Wallet::load(tx, self.id)?;
+            if let Some(descriptors) = unlocked {
+                self.descriptors = descriptors;
+            }
+        }
+        Ok(moved)
     }
 
     /// Records that a block used `index` of a keychain, and moves the
