@@ -336,7 +336,7 @@ impl Books {
                 continue;
             }
             let live = self.registry.get_in(tx, id)?;
-            let mut wallet = live.wallet();
+            let mut wallet = live.wallet_in(tx);
             wallet.refresh_if_moved(tx)?;
             self.watch_derived(id, &wallet, &NewScripts::default(), &mut added);
         }

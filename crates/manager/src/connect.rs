@@ -190,7 +190,7 @@ fn connect_block(
                     continue;
                 }
                 let live = books.registry.get_in(tx, id)?;
-                let mut wallet = live.wallet();
+                let mut wallet = live.wallet_in(tx);
                 let summary = wallet.ingest(tx, height, std::slice::from_ref(t))?;
                 if !t.is_coinbase() {
                     for input in &t.input {

@@ -144,11 +144,12 @@ impl LiveWallet {
         self.birth_height
     }
 
-    /// The wallet itself, for code running inside a write transaction (the
-    /// chain loop). Hold it only inside a transaction's closure or on a
-    /// blocking thread, never across an await.
+    /// The wallet itself, for lockstep's code running inside a write
+    /// transaction (the chain loop ingesting a block): the transaction is
+    /// asked for so that the guard is only ever taken on the writer thread,
+    /// where no await can hold it.
     #[doc(hidden)]
-    pub fn wallet(&self) -> MutexGuard<'_, Wallet> {
+    pub fn wallet_in(&self, _tx: &WriteTx<'_>) -> MutexGuard<'_, Wallet> {
         lock(&self.state)
     }
 

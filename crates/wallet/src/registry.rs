@@ -393,12 +393,12 @@ impl Registry {
     ///
     /// # Errors
     /// The wallet failed to load.
-    pub fn refresh_in(&self, tx: &ReadTx<'_>, id: WalletId) -> Result<(), WalletError> {
+    pub fn refresh_in(&self, tx: &WriteTx<'_>, id: WalletId) -> Result<(), WalletError> {
         let live = match lock(&self.shared.slots).slots.get(&id) {
             Some(Slot::Live { wallet, .. }) => Arc::clone(wallet),
             _ => return Ok(()),
         };
-        live.wallet().refresh_if_moved(tx)?;
+        live.wallet_in(tx).refresh_if_moved(tx)?;
         Ok(())
     }
 

@@ -181,7 +181,7 @@ impl Engine {
                     }
                     loaded => loaded?,
                 };
-                let mut wallet = live.wallet();
+                let mut wallet = live.wallet_in(tx);
                 let scripts: Vec<(Keychain, u32, ScriptBuf)> = match import {
                     ScriptImport::Range { keychain, end } => {
                         wallet.derive_until(tx, keychain, end)?;
@@ -552,7 +552,7 @@ fn register(
 ) -> Result<Registered, ManagerError> {
     if let Some(row) = tx.wallet_by_name(&spec.name)? {
         let live = registry.get_in(tx, row.wallet_id)?;
-        let wallet = live.wallet();
+        let wallet = live.wallet_in(tx);
         let same = wallet.network() == spec.descriptors.network()
             && Keychain::ALL
                 .into_iter()
