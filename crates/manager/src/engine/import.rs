@@ -117,7 +117,7 @@ impl Engine {
                     .store
                     .read(move |tx| Books::of_wallet(tx, &registry, id))
                     .await?;
-                self.books().await?.merge(joined);
+                self.merge_books(joined).await?;
                 Counters::add(&self.out.counters.imports, 1);
                 self.out.publish(Event::WalletImported {
                     wallet: id,
@@ -402,13 +402,31 @@ impl Engine {
             .await?;
         Counters::add(&self.out.counters.commits, 1);
         Counters::add(&self.out.counters.imports, 1);
-        let main = self.books().await?;
-        main.merge(books);
+        self.merge_books(books).await?;
         self.out.publish(Event::WalletImported {
             wallet: id,
             height: after,
         });
         tracing::info!(wallet = %id, height = after, "import joined the loop");
+        Ok(())
+    }
+
+    /// Joins an import's books to the loop's, on the blocking pool: with
+    /// many wallets the watchlist's base may be rebuilt, milliseconds of
+    /// CPU that must not stall a tokio worker.
+    async fn merge_books(&mut self, joined: Books) -> Result<(), ManagerError> {
+        let mut main = self.take_books().await?;
+        let merged = tokio::task::spawn_blocking(move || {
+            main.merge(joined);
+            main
+        })
+        .await
+        .map_err(|e| {
+            ManagerError::Source(SourceError::Unavailable {
+                reason: format!("merging an import's books: {e}"),
+            })
+        })?;
+        self.books = Some(merged);
         Ok(())
     }
 
