@@ -402,6 +402,34 @@ impl Registry {
         Ok(())
     }
 
+    /// Drops live instances whose wallet is not in the database: one made
+    /// by [`create_in`](Self::create_in) inside a transaction that rolled
+    /// back. Returns how many.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub fn forget_missing(&self, tx: &ReadTx<'_>) -> Result<usize, WalletError> {
+        let ids: Vec<WalletId> = lock(&self.shared.slots)
+            .slots
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Live { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut missing = Vec::new();
+        for id in ids {
+            if tx.wallet(id)?.is_none() {
+                missing.push(id);
+            }
+        }
+        let mut slots = lock(&self.shared.slots);
+        for id in &missing {
+            if matches!(slots.slots.get(id), Some(Slot::Live { .. })) {
+                slots.slots.remove(id);
+            }
+        }
+        Ok(missing.len())
+    }
+
     /// The wallets whose scripts grew outside the chain loop since the last
     /// call (addresses and change revealed): the loop watches their new
     /// scripts inside its next write transaction.

@@ -250,3 +250,28 @@ fn concurrent_reveals_never_hand_out_one_address_twice() {
     assert_eq!(reloaded.next_index(Keychain::External), 75);
     assert_eq!(reloaded.next_index(Keychain::Internal), 25);
 }
+
+#[test]
+fn a_wallet_created_in_a_rolled_back_transaction_does_not_stay_live() {
+    let (_dir, store, _) = store_with(0);
+    let registry = Registry::new(store.clone(), 10);
+    let inner = registry.clone();
+    let failed: Result<WalletId, WalletError> = store.write_blocking(move |tx| {
+        let params = WalletParams {
+            name: "gone",
+            birth_height: 0,
+            lookahead: 5,
+            passphrase: None,
+        };
+        let id = inner.create_in(tx, &params, descriptors(50))?.id();
+        assert!(inner.is_loaded(id));
+        Err(WalletError::InvalidRequest("rolled back after the create"))
+    });
+    assert!(failed.is_err());
+    assert_eq!(registry.stats().loaded, 1, "still there until forgotten");
+    let forgotten = store
+        .read_blocking(|tx| registry.forget_missing(tx))
+        .unwrap();
+    assert_eq!(forgotten, 1);
+    assert_eq!(registry.stats().loaded, 0);
+}

@@ -98,7 +98,23 @@ impl Engine {
         let registered = self
             .store
             .write(move |tx| register(tx, &registry, spec))
-            .await?;
+            .await;
+        let registered = match registered {
+            Ok(registered) => registered,
+            Err(error) => {
+                // The instance made inside the rolled-back transaction
+                // must not outlive it.
+                let registry = self.registry.clone();
+                let forgotten: Result<usize, ManagerError> = self
+                    .store
+                    .write(move |tx| Ok(registry.forget_missing(tx)?))
+                    .await;
+                if let Err(e) = forgotten {
+                    tracing::warn!(error = %e, "forgetting a rolled-back wallet");
+                }
+                return Err(error);
+            }
+        };
         let id = registered.id;
         if !owner {
             // The loop that owns the database imports it, or takes it in
