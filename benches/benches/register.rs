@@ -30,7 +30,8 @@
 //! row would take minutes per row, so this harness runs every row once per
 //! round, [`ROUNDS`] rounds, and reports medians; the rows of a round run
 //! back to back, so the machine's drift reaches all of them alike and
-//! their ratios hold. Output: a markdown report on stdout, also written to
+//! their ratios hold. Each row also reports the process's CPU time, which
+//! a busy machine does not inflate as it does wall time. Output: a markdown report on stdout, also written to
 //! `target/lockstep-bench/register-results.md`; progress on stderr.
 
 use std::fmt::Write as _;
@@ -84,8 +85,38 @@ struct Round {
     restart_open: Duration,
     restart_sync: Duration,
     registry_load: Duration,
+    /// CPU time (user + system, every thread of the process) of the rows.
+    cpu: Cpu,
     /// What the checked round found (its first).
     notes: Vec<String>,
+}
+
+/// CPU time of a round's rows.
+#[derive(Debug, Clone, Default)]
+struct Cpu {
+    serial: Duration,
+    parallel: Duration,
+    register: Duration,
+    floor: Duration,
+    restart: Duration,
+    registry_load: Duration,
+}
+
+/// The process's CPU time so far, user + system, from `/proc/self/stat`
+/// (in ticks of 10 ms: Linux's `USER_HZ` is 100); zero where unreadable.
+fn cpu_now() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name (which may hold spaces): state is
+            // field 3, utime 14, stime 15.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let mut fields = rest.split_whitespace().skip(11);
+            let user: u64 = fields.next()?.parse().ok()?;
+            let system: u64 = fields.next()?.parse().ok()?;
+            Some(user + system)
+        });
+    Duration::from_millis(ticks.unwrap_or(0) * 10)
 }
 
 impl Round {
@@ -163,8 +194,8 @@ async fn register(
     manager: &Manager,
     wallets: &[WalletDescriptors],
     born: u32,
-) -> Res<(Duration, Vec<WalletId>)> {
-    let began = Instant::now();
+) -> Res<(Duration, Duration, Vec<WalletId>)> {
+    let (began, cpu) = (Instant::now(), cpu_now());
     let mut ids = Vec::with_capacity(wallets.len());
     for (i, d) in wallets.iter().enumerate() {
         let wallet = NewWallet::new(name(i), d.clone())
@@ -172,7 +203,7 @@ async fn register(
             .lookahead(LOOKAHEAD);
         ids.push(manager.register(wallet).await?);
     }
-    Ok((began.elapsed(), ids))
+    Ok((began.elapsed(), cpu_now() - cpu, ids))
 }
 
 /// The database's part: what `Wallet::create` writes, from precomputed
@@ -182,7 +213,7 @@ async fn floor(
     wallets: &[WalletDescriptors],
     scripts: &[Scripts],
     born: u32,
-) -> Res<Duration> {
+) -> Res<(Duration, Duration)> {
     // Serialized outside the timing: the wallet does this too, but it is
     // not the database's work.
     let rows: Vec<WalletRows> = wallets
@@ -198,7 +229,7 @@ async fn floor(
         })
         .collect();
     let network = wallets[0].network().to_core_arg();
-    let began = Instant::now();
+    let (began, cpu) = (Instant::now(), cpu_now());
     for (name, descriptors, scripts) in rows {
         store
             .write(move |tx| {
@@ -217,7 +248,7 @@ async fn floor(
             })
             .await?;
     }
-    Ok(began.elapsed())
+    Ok((began.elapsed(), cpu_now() - cpu))
 }
 
 /// One round of every row. `check`: compare what each path produced
@@ -227,15 +258,17 @@ async fn round(chain: &SimChain, wallets: &[WalletDescriptors], check: bool) -> 
     let born = chain.height() + 1;
 
     eprintln!("  serial derivation");
-    let began = Instant::now();
+    let (began, cpu) = (Instant::now(), cpu_now());
     let (scripts, by_kind) = serial(wallets)?;
     r.serial = began.elapsed();
+    r.cpu.serial = cpu_now() - cpu;
     r.serial_by_kind = by_kind;
 
     eprintln!("  rayon derivation");
-    let began = Instant::now();
+    let (began, cpu) = (Instant::now(), cpu_now());
     let spread = black_box(parallel(wallets)?);
     r.parallel = began.elapsed();
+    r.cpu.parallel = cpu_now() - cpu;
     if check {
         assert!(spread == scripts, "rayon and serial derivations differ");
     }
@@ -244,8 +277,8 @@ async fn round(chain: &SimChain, wallets: &[WalletDescriptors], check: bool) -> 
     eprintln!("  register");
     let dir = tempfile::tempdir()?;
     let manager = synced_manager(&dir, chain).await?;
-    let (took, ids) = register(&manager, wallets, born).await?;
-    r.register = took;
+    let (took, cpu, ids) = register(&manager, wallets, born).await?;
+    (r.register, r.cpu.register) = (took, cpu);
     if check {
         r.notes.push(format!(
             "register: {} wallets joined without an import scan, {} loaded in the registry",
@@ -258,18 +291,19 @@ async fn round(chain: &SimChain, wallets: &[WalletDescriptors], check: bool) -> 
     eprintln!("  database floor");
     let floor_dir = tempfile::tempdir()?;
     let store = open(&floor_dir)?;
-    r.floor = floor(&store, wallets, &scripts, born).await?;
+    (r.floor, r.cpu.floor) = floor(&store, wallets, &scripts, born).await?;
     drop(store);
     drop(floor_dir);
 
     eprintln!("  restart");
-    let began = Instant::now();
+    let (began, cpu) = (Instant::now(), cpu_now());
     let store = open(&dir)?;
     r.restart_open = began.elapsed();
     let began = Instant::now();
     let manager = new_manager(store.clone(), chain);
     let tip = manager.sync().await?;
     r.restart_sync = began.elapsed();
+    r.cpu.restart = cpu_now() - cpu;
     assert_eq!(tip, chain.height());
     if check {
         r.notes.push(format!(
@@ -282,7 +316,7 @@ async fn round(chain: &SimChain, wallets: &[WalletDescriptors], check: bool) -> 
 
     eprintln!("  registry load");
     let registry = Registry::new(store.clone(), DEFAULT_CAPACITY);
-    let began = Instant::now();
+    let (began, cpu) = (Instant::now(), cpu_now());
     let loads: Vec<_> = ids
         .iter()
         .map(|&id| {
@@ -295,6 +329,7 @@ async fn round(chain: &SimChain, wallets: &[WalletDescriptors], check: bool) -> 
         live.push(load.await??);
     }
     r.registry_load = began.elapsed();
+    r.cpu.registry_load = cpu_now() - cpu;
     if check {
         for (w, s) in live.iter().zip(&scripts) {
             let w = w.wallet();
@@ -385,39 +420,65 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "- medians of {ROUNDS} rounds; every row runs once per round, back to back\n"
+        "- medians of {ROUNDS} rounds; every row runs once per round, back to back; CPU = user + system time of the whole process (every thread) during the row, in 10 ms ticks: unlike wall time, it does not grow when another process takes a core\n"
     );
-    out.push_str("| row | median | per script | rounds |\n|---|---:|---:|---|\n");
-    let rows: [(&str, Timing); 7] = [
-        ("serial derivation (one core, no database)", |r| r.serial),
-        ("rayon derivation (no database)", |r| r.parallel),
-        ("**register** (`Manager::register` × 100)", |r| r.register),
+    out.push_str(
+        "| row | wall (median) | wall per script | rounds (wall) | CPU (median) | CPU per script |\n|---|---:|---:|---|---:|---:|\n",
+    );
+    let rows: [(&str, Timing, Option<Timing>); 7] = [
+        (
+            "serial derivation (one core, no database)",
+            |r| r.serial,
+            Some(|r| r.cpu.serial),
+        ),
+        (
+            "rayon derivation (no database)",
+            |r| r.parallel,
+            Some(|r| r.cpu.parallel),
+        ),
+        (
+            "**register** (`Manager::register` × 100)",
+            |r| r.register,
+            Some(|r| r.cpu.register),
+        ),
         (
             "database floor (the rows `Wallet::create` writes, scripts precomputed)",
             |r| r.floor,
+            Some(|r| r.cpu.floor),
         ),
         (
             "**restart**: `Store::open` + `Manager::new` + first `sync()`",
             |r| r.restart(),
+            Some(|r| r.cpu.restart),
         ),
-        ("… of which `Store::open` (integrity check)", |r| {
-            r.restart_open
-        }),
+        (
+            "… of which `Store::open` (integrity check)",
+            |r| r.restart_open,
+            None,
+        ),
         (
             "registry load (`get_or_load` × 100, fresh registry)",
             |r| r.registry_load,
+            Some(|r| r.cpu.registry_load),
         ),
     ];
-    for (label, f) in rows {
-        let m = median(&rounds, f);
+    for (label, wall, cpu) in rows {
+        let m = median(&rounds, wall);
         let all = rounds
             .iter()
-            .map(|r| ms(f(r)))
+            .map(|r| ms(wall(r)))
             .collect::<Vec<_>>()
             .join(" / ");
+        let cpu = cpu.map_or_else(
+            || " | ".to_owned(),
+            |cpu| {
+                let c = median(&rounds, cpu);
+                format!("{} | {:.1} µs", ms(c), per_script(c))
+            },
+        );
         let _ = writeln!(
             out,
-            "| {label} | {} | {:.1} µs | {all} |",
+            "| {label} | {} | {:.1} µs | {all} | {cpu} |",
             ms(m),
             per_script(m)
         );
@@ -440,7 +501,7 @@ fn main() {
     let ratio =
         |a: Timing, b: Timing| median(&rounds, a).as_secs_f64() / median(&rounds, b).as_secs_f64();
     out.push_str("| ratio | medians |\n|---|---:|\n");
-    let ratios: [(&str, f64); 6] = [
+    let ratios: [(&str, f64); 8] = [
         (
             "serial derivation / register (what registering gains over one core)",
             ratio(|r| r.serial, |r| r.register),
@@ -461,6 +522,14 @@ fn main() {
         (
             "registry load / register",
             ratio(|r| r.registry_load, |r| r.register),
+        ),
+        (
+            "CPU: register / serial derivation (work beyond deriving)",
+            ratio(|r| r.cpu.register, |r| r.cpu.serial),
+        ),
+        (
+            "CPU: rayon / serial derivation",
+            ratio(|r| r.cpu.parallel, |r| r.cpu.serial),
         ),
     ];
     for (label, r) in ratios {
