@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use bitcoin::hashes::Hash as _;
 use lockstep_benches::{
-    SYNC_FROM, SYNC_PAYMENTS_PER_WALLET, SYNC_WALLET_SEED, SYNC_WALLETS, cache_dir, sync_chain,
-    sync_payments,
+    SYNC_FROM, SYNC_PAYMENTS_PER_WALLET, SYNC_WALLET_SEED, SYNC_WALLETS, load_average,
+    publish_report, sync_chain, sync_payments, thousands,
 };
 use lockstep_chain::metered::{LinkModel, Meter, Metered};
 use lockstep_chain::{ChainSource, SimChain};
@@ -792,18 +792,6 @@ async fn run_case(chain: &SimChain, link: Link, w: u32, with_b: bool) -> Case {
     case
 }
 
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn secs(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64())
 }
@@ -954,13 +942,6 @@ fn case_tables(out: &mut String, link: Link, cases: &[Case]) {
         );
     }
     out.push('\n');
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
 }
 
 fn main() {
@@ -1124,13 +1105,7 @@ fn main() {
     if !imports.is_empty() {
         import_tables(&mut out, tip, &imports);
     }
-    let _ = writeln!(
-        out,
-        "\nTotal run time {:.0} s; load average (1 min) at the end {}.",
-        begun.elapsed().as_secs_f64(),
-        load_average()
-    );
-    finish(&out);
+    publish_report(out, "sync-results.md", begun);
 }
 
 fn import_tables(out: &mut String, tip: u32, imports: &[(Link, Row, Row)]) {
@@ -1169,16 +1144,5 @@ fn import_tables(out: &mut String, tip: u32, imports: &[(Link, Row, Row)]) {
                 );
             }
         }
-    }
-}
-
-/// Prints the report and writes it to `target/lockstep-bench/`.
-fn finish(out: &str) {
-    println!("{out}");
-    let path = cache_dir().join("sync-results.md");
-    let _ = std::fs::create_dir_all(cache_dir());
-    match std::fs::write(&path, out) {
-        Ok(()) => eprintln!("written to {}", path.display()),
-        Err(e) => eprintln!("could not write {}: {e}", path.display()),
     }
 }

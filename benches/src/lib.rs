@@ -5,7 +5,9 @@
 //! (see [`SimChain::load_or_generate`]), so a benchmark run measures the
 //! operation, not the chain's generation.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use bitcoin::{Amount, ScriptBuf};
 use lockstep_chain::{SimChain, SimParams};
@@ -16,6 +18,47 @@ pub fn cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     target.join("lockstep-bench")
+}
+
+/// `n` with thousands separated by commas (`100,000`), for reports.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The machine's load average over the last minute, from `/proc/loadavg`
+/// (`?` where there is none).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Ends a benchmark's markdown report with its run time (from `begun`)
+/// and the load average, prints it and writes it to
+/// `target/lockstep-bench/<file>`.
+pub fn publish_report(mut out: String, file: &str, begun: Instant) {
+    let _ = writeln!(
+        out,
+        "\nTotal run time {:.0} s; load average (1 min) at the end {}.",
+        begun.elapsed().as_secs_f64(),
+        load_average()
+    );
+    println!("{out}");
+    let path = cache_dir().join(file);
+    let _ = std::fs::create_dir_all(cache_dir());
+    match std::fs::write(&path, &out) {
+        Ok(()) => eprintln!("written to {}", path.display()),
+        Err(e) => eprintln!("could not write {}: {e}", path.display()),
+    }
 }
 
 /// Parameters of the standard benchmark chain: unsigned, 400 background

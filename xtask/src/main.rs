@@ -17,11 +17,13 @@ struct Cli {
 enum Task {
     /// What CI runs: format check, clippy with warnings denied, every test.
     Ci,
-    /// Criterion benchmarks (all, or those of one bench target: chain, ...).
+    /// Benchmarks: all, or one bench target of lockstep-benches. Criterion's:
+    /// chain, filter, wallet; with their own harness (minutes, a markdown
+    /// report): sync, register.
     Bench {
         /// A bench target of the lockstep-benches package.
         name: Option<String>,
-        /// Passed on to criterion (e.g. a benchmark filter).
+        /// Passed on to the bench (a criterion filter, or sync's options).
         #[arg(last = true)]
         criterion_args: Vec<String>,
     },
