@@ -45,7 +45,7 @@ use lockstep_chain::{ChainSource, SimChain, SimParams};
 use lockstep_manager::{Manager, ManagerConfig, NewWallet};
 use lockstep_store::{NewKeychain, Store, StoreError, StoreOptions, WalletId};
 use lockstep_testkit::oracle::{KINDS, test_descriptors};
-use lockstep_wallet::{DEFAULT_CAPACITY, Keychain, Registry, WalletDescriptors};
+use lockstep_wallet::{DEFAULT_CAPACITY, Keychain, Registry, WalletDescriptors, WalletError};
 use rayon::prelude::*;
 
 /// Rounds; every row's median is over these.
@@ -332,7 +332,12 @@ async fn round(chain: &SimChain, wallets: &[WalletDescriptors], check: bool) -> 
     r.cpu.registry_load = cpu_now() - cpu;
     if check {
         for (w, s) in live.iter().zip(&scripts) {
-            let w = w.wallet();
+            // The live instance's scripts, read on the writer as the loop does.
+            let live = Arc::clone(w);
+            let w = registry
+                .store()
+                .write(move |tx| Ok::<_, WalletError>(live.wallet_in(tx).clone()))
+                .await?;
             for k in Keychain::ALL {
                 assert!(
                     w.scripts(k) == s[k.as_u8() as usize].as_slice(),
