@@ -49,7 +49,7 @@ use bitcoin::{BlockHash, ScriptBuf};
 use lockstep_chain::{BlockId, ChainSource};
 use lockstep_store::{Store, WalletId, WriteTx};
 use lockstep_wallet::{
-    DEFAULT_LOOKAHEAD, Keychain, LiveWallet, Registry, WalletDescriptors, WalletError,
+    DEFAULT_LOOKAHEAD, FirstScripts, Keychain, LiveWallet, Registry, WalletDescriptors, WalletError,
 };
 use tokio::sync::{Mutex, broadcast, watch};
 use tokio::task::JoinHandle;
@@ -414,8 +414,18 @@ impl Manager {
     /// stays marked importing and the loop finishes its import before it
     /// goes on.
     pub async fn register(&self, wallet: NewWallet) -> Result<WalletId, ManagerError> {
+        // Its first scripts are derived before the world is held still and
+        // outside the writer: registrations made at once derive in
+        // parallel, and the loop's commits do not wait for the curve
+        // arithmetic. A failure here is reported by the registration itself.
+        let (descriptors, lookahead) = (wallet.descriptors.clone(), wallet.lookahead);
+        let first =
+            tokio::task::spawn_blocking(move || FirstScripts::derive(&descriptors, lookahead))
+                .await
+                .ok()
+                .and_then(Result::ok);
         let mut engine = self.shared.engine.lock().await;
-        let result = engine.add_wallet(wallet).await;
+        let result = engine.add_wallet(wallet, first).await;
         self.release_unless_looping(&mut engine);
         result
     }

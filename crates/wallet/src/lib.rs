@@ -37,6 +37,6 @@ pub use live::{CoinInfo, CoinState, KeychainInfo, LiveWallet, Pin, Revealed};
 pub use registry::{DEFAULT_CAPACITY, Registry, RegistryStats};
 pub use selection::{Selection, SpendRequest};
 pub use wallet::{
-    Balance, Coin, DEFAULT_LOOKAHEAD, HistoryTx, IngestSummary, NewScripts, Wallet, WalletError,
-    WalletParams,
+    Balance, Coin, DEFAULT_LOOKAHEAD, FirstScripts, HistoryTx, IngestSummary, NewScripts, Wallet,
+    WalletError, WalletParams,
 };

@@ -306,7 +306,8 @@ impl Registry {
         Ok(live)
     }
 
-    /// Registers a new wallet in the caller's transaction and makes it live.
+    /// Registers a new wallet in the caller's transaction and makes it live
+    /// (with its first scripts derived beforehand, if given).
     ///
     /// # Errors
     /// As [`Wallet::create`].
@@ -315,8 +316,9 @@ impl Registry {
         tx: &mut WriteTx<'_>,
         params: &crate::WalletParams<'_>,
         descriptors: crate::WalletDescriptors,
+        first: Option<crate::FirstScripts>,
     ) -> Result<Arc<LiveWallet>, WalletError> {
-        let wallet = Wallet::create(tx, params, descriptors)?;
+        let wallet = Wallet::create_with(tx, params, descriptors, first)?;
         let live = Arc::new(LiveWallet::new(
             wallet,
             self.store.clone(),

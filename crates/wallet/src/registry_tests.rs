@@ -263,7 +263,7 @@ fn a_wallet_created_in_a_rolled_back_transaction_does_not_stay_live() {
             lookahead: 5,
             passphrase: None,
         };
-        let id = inner.create_in(tx, &params, descriptors(50))?.id();
+        let id = inner.create_in(tx, &params, descriptors(50), None)?.id();
         assert!(inner.is_loaded(id));
         Err(WalletError::InvalidRequest("rolled back after the create"))
     });
@@ -274,4 +274,35 @@ fn a_wallet_created_in_a_rolled_back_transaction_does_not_stay_live() {
         .unwrap();
     assert_eq!(forgotten, 1);
     assert_eq!(registry.stats().loaded, 0);
+}
+
+#[test]
+fn first_scripts_derived_ahead_are_used_only_for_their_own_descriptors() {
+    let (_dir, store, _) = store_with(0);
+    let ahead = FirstScripts::derive(&descriptors(60), 7).unwrap();
+    for (name, seed, lookahead) in [("same", 60, 7), ("other keys", 61, 7), ("deeper", 60, 9)] {
+        let first = ahead.clone();
+        let wallet = store
+            .write_blocking(move |tx| {
+                let params = WalletParams {
+                    name,
+                    birth_height: 0,
+                    lookahead,
+                    passphrase: None,
+                };
+                Wallet::create_with(tx, &params, descriptors(seed), Some(first))
+            })
+            .unwrap();
+        let expected = descriptors(seed);
+        for keychain in Keychain::ALL {
+            let derived: Vec<_> = (0..lookahead)
+                .map(|i| expected.script_at(keychain, i).unwrap())
+                .collect();
+            assert_eq!(
+                wallet.scripts(keychain),
+                derived.as_slice(),
+                "{name} {keychain}"
+            );
+        }
+    }
 }

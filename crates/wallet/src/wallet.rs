@@ -294,6 +294,18 @@ impl Wallet {
         params: &WalletParams<'_>,
         descriptors: WalletDescriptors,
     ) -> Result<Wallet, WalletError> {
+        Self::create_with(tx, params, descriptors, None)
+    }
+
+    /// [`Wallet::create`] with its first scripts derived beforehand (see
+    /// [`FirstScripts`]); scripts for other descriptors or another
+    /// lookahead are ignored and derived here.
+    pub fn create_with(
+        tx: &mut WriteTx<'_>,
+        params: &WalletParams<'_>,
+        descriptors: WalletDescriptors,
+        first: Option<FirstScripts>,
+    ) -> Result<Wallet, WalletError> {
         if params.lookahead == 0 {
             return Err(WalletError::InvalidLookahead(0));
         }
@@ -335,7 +347,17 @@ impl Wallet {
                     crate::secrets::encrypt(&secret, passphrase, &secret_context(id, keychain));
                 tx.set_keychain_secret(id, keychain.as_u8(), &blob)?;
             }
-            wallet.derive_to(tx, keychain, params.lookahead)?;
+            match first
+                .as_ref()
+                .filter(|f| f.fits(&wallet.descriptors, params.lookahead))
+            {
+                Some(first) => wallet.store_scripts(
+                    tx,
+                    keychain,
+                    first.scripts[keychain.as_u8() as usize].clone(),
+                )?,
+                None => wallet.derive_to(tx, keychain, params.lookahead)?,
+            }
         }
         Ok(wallet)
     }
@@ -961,6 +983,17 @@ impl Wallet {
             return Ok(());
         }
         let scripts = derive_range(&self.descriptors, keychain, first..end)?;
+        self.store_scripts(tx, keychain, scripts)
+    }
+
+    /// Stores `scripts` as the next ones of a keychain.
+    fn store_scripts(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        keychain: Keychain,
+        scripts: Vec<ScriptBuf>,
+    ) -> Result<(), WalletError> {
+        let first = self.state(keychain).scripts.len() as u32;
         let raw: Vec<Vec<u8>> = scripts.iter().map(|s| s.to_bytes()).collect();
         tx.append_scripts(self.id, keychain.as_u8(), first, &raw)?;
         for (i, script) in scripts.into_iter().enumerate() {
@@ -971,6 +1004,47 @@ impl Wallet {
                 .push(script);
         }
         Ok(())
+    }
+}
+
+/// The first `lookahead` scripts of both keychains of a wallet to be
+/// registered, derived before its write transaction: off the store's
+/// writer thread (which every other write waits for) and, for many
+/// registrations, while another one commits.
+#[derive(Debug, Clone)]
+pub struct FirstScripts {
+    descriptors: [miniscript::Descriptor<miniscript::DescriptorPublicKey>; 2],
+    lookahead: u32,
+    scripts: [Vec<ScriptBuf>; 2],
+}
+
+impl FirstScripts {
+    /// Derives the first `lookahead` scripts of each keychain (spread over
+    /// the cores; seconds of CPU for deep windows: call it on a blocking
+    /// thread).
+    ///
+    /// # Errors
+    /// A script cannot be derived.
+    pub fn derive(
+        descriptors: &WalletDescriptors,
+        lookahead: u32,
+    ) -> Result<FirstScripts, DescriptorError> {
+        Ok(FirstScripts {
+            descriptors: Keychain::ALL.map(|k| descriptors.descriptor(k).clone()),
+            lookahead,
+            scripts: [
+                derive_range(descriptors, Keychain::External, 0..lookahead)?,
+                derive_range(descriptors, Keychain::Internal, 0..lookahead)?,
+            ],
+        })
+    }
+
+    /// Whether these are the scripts `descriptors` would give.
+    fn fits(&self, descriptors: &WalletDescriptors, lookahead: u32) -> bool {
+        self.lookahead == lookahead
+            && Keychain::ALL
+                .iter()
+                .all(|k| descriptors.descriptor(*k) == &self.descriptors[k.as_u8() as usize])
     }
 }
 

@@ -9,7 +9,7 @@ use bitcoin::hashes::Hash as _;
 use bitcoin::{BlockHash, ScriptBuf};
 use lockstep_chain::SourceError;
 use lockstep_store::{WalletId, WalletRow, WriteTx};
-use lockstep_wallet::{Keychain, Registry, WalletParams};
+use lockstep_wallet::{FirstScripts, Keychain, Registry, WalletParams};
 
 use super::Engine;
 use super::strategy::initial_path;
@@ -83,7 +83,11 @@ impl Engine {
     /// same name with the same descriptors again returns the wallet (and
     /// finishes its import if a failure interrupted it); another manager's
     /// loop on the database picks the wallet up instead of this one.
-    pub(crate) async fn add_wallet(&mut self, spec: NewWallet) -> Result<WalletId, ManagerError> {
+    pub(crate) async fn add_wallet(
+        &mut self,
+        spec: NewWallet,
+        first: Option<FirstScripts>,
+    ) -> Result<WalletId, ManagerError> {
         if spec.descriptors.network() != self.config.network {
             return Err(ManagerError::WrongNetwork {
                 wallet: spec.descriptors.network(),
@@ -97,7 +101,7 @@ impl Engine {
         let registry = self.registry.clone();
         let registered = self
             .store
-            .write(move |tx| register(tx, &registry, spec))
+            .write(move |tx| register(tx, &registry, spec, first))
             .await;
         let registered = match registered {
             Ok(registered) => registered,
@@ -583,6 +587,7 @@ fn register(
     tx: &mut WriteTx<'_>,
     registry: &Registry,
     spec: NewWallet,
+    first: Option<FirstScripts>,
 ) -> Result<Registered, ManagerError> {
     if let Some(row) = tx.wallet_by_name(&spec.name)? {
         let live = registry.get_in(tx, row.wallet_id)?;
@@ -612,7 +617,9 @@ fn register(
         lookahead: spec.lookahead,
         passphrase: spec.passphrase.as_deref(),
     };
-    let id = registry.create_in(tx, &params, spec.descriptors)?.id();
+    let id = registry
+        .create_in(tx, &params, spec.descriptors, first)?
+        .id();
     if !joins_now {
         tx.set_importing_height(id, Some(after))?;
     }
