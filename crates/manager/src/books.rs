@@ -100,15 +100,19 @@ impl AggregateWatch {
     /// Folds the tail into a new base once it is large enough that
     /// re-checking it per filter costs more than rebuilding.
     pub(crate) fn compact(&mut self) {
+        if self.wants_compaction() {
+            self.compact_all();
+        }
+    }
+
+    /// Whether the tail is large enough to fold into a new base.
+    pub(crate) fn wants_compaction(&self) -> bool {
         let tail = self.log.len() - self.base_len;
         // Re-checking the tail runs the base's kernel on a small watchlist
         // (a fixed cost per filter, then ~3 ns per script, as the base);
         // rebuilding the base copies it. A tail of 1/64 of the base keeps
         // the re-check a small part of the match and rebuilds rare.
-        if tail < 64.max(self.base_len / 64) {
-            return;
-        }
-        self.compact_all();
+        tail >= 64.max(self.base_len / 64)
     }
 
     /// Folds the whole tail into a new base.

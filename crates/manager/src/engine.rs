@@ -530,7 +530,20 @@ impl Engine {
             // Another branch: followed only if it has more work.
             return Err(Flow::Reorg);
         }
-        let books = self.take_books().await?;
+        let mut books = self.take_books().await?;
+        if books.watch.wants_compaction() {
+            // Wallets joined since the last commit (registrations add their
+            // scripts to the tail, uncompacted): the prefetch tasks must
+            // match against a base that holds them, or the loop would
+            // re-check every filter against the tail on its own task. On the
+            // blocking pool: rebuilding a large base is milliseconds of CPU.
+            books = tokio::task::spawn_blocking(move || {
+                books.watch.compact();
+                books
+            })
+            .await
+            .map_err(|e| crate::pipeline::task_failed("compacting the watchlist", &e))?;
+        }
         let mut filter_header = self.tip_filter_header;
         let stop = self.stop.clone();
         let (items, failure) = self

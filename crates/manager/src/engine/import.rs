@@ -663,7 +663,6 @@ impl Books {
         // Not compacted here: registering many wallets in a row would
         // rebuild the watchlist's base once per wallet (the tail of one
         // wallet's 1,000 scripts passes 1/64 of any base under 64,000).
-        // The loop's next commit compacts once; until then the tail is
-        // matched by the same kernel (its epoch).
+        // The loop compacts once, before it starts its next batch.
     }
 }

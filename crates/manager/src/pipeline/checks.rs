@@ -10,7 +10,7 @@ use bitcoin::hashes::Hash as _;
 use bitcoin::{Block, BlockHash};
 use lockstep_chain::ChainSource;
 
-use super::{BlockTiming, Flow, Policy, task_failed, timed};
+use super::{BlockTiming, Flow, Policy, on_cpu_pool, task_failed, timed};
 use crate::ManagerError;
 
 /// Fetches and checks one block, as the source committed to it.
@@ -30,10 +30,10 @@ pub(crate) async fn fetch_block(
             reason: "its header does not hash to the block asked for",
         }));
     }
-    // Hashing every transaction is CPU over the whole block: on tokio's
-    // blocking pool, timed inside (the cost model wants CPU, not the wait).
+    // Hashing every transaction is CPU over the whole block: on rayon's
+    // pool, timed inside (the cost model wants CPU, not the wait).
     let checked = Arc::clone(&block);
-    let (verdict, check_nanos) = tokio::task::spawn_blocking(move || {
+    let (verdict, check_nanos) = on_cpu_pool(move || {
         let start = Instant::now();
         let verdict = check_merkle_root(&checked).and_then(|()| check_amounts(&checked));
         (verdict, start.elapsed().as_nanos() as u64)
