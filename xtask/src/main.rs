@@ -47,15 +47,17 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Ci => {
             cargo(&["fmt", "--all", "--check"])?;
+            // As `.ci/run`: the lock file must be up to date.
             cargo(&[
                 "clippy",
                 "--workspace",
                 "--all-targets",
+                "--locked",
                 "--",
                 "-D",
                 "warnings",
             ])?;
-            cargo(&["test", "--workspace"])
+            cargo(&["test", "--workspace", "--locked"])
         }
         Task::Bench {
             name,
