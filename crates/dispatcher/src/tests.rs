@@ -29,6 +29,17 @@ async fn eventually(mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Bounds a wait, so that a regression fails the test instead of hanging it.
+trait Within: Future + Sized {
+    async fn within(self) -> Self::Output {
+        tokio::time::timeout(Duration::from_secs(10), self)
+            .await
+            .expect("still waiting after 10 s")
+    }
+}
+
+impl<F: Future> Within for F {}
+
 /// An action that runs until it is stopped or `go` is notified.
 async fn park(go: Arc<Notify>) -> Result<()> {
     go.notified().await;
@@ -106,7 +117,7 @@ async fn stress_one_action_per_wallet_and_busy_names_a_running_action() {
                 match dispatched {
                     Ok(handle) => {
                         let id = handle.id();
-                        assert_eq!(handle.outcome().await, Outcome::Completed(()));
+                        assert_eq!(handle.outcome().within().await, Outcome::Completed(()));
                         let after = seq.fetch_add(1, Ordering::SeqCst);
                         record
                             .lock()
@@ -212,7 +223,7 @@ async fn dispatch_wait_grants_in_arrival_order_and_quitters_lose_no_turns() {
                     timeout,
                 )
                 .await?;
-            Ok::<_, DispatchError<u32>>(handle.outcome().await)
+            Ok::<_, DispatchError<u32>>(handle.outcome().within().await)
         }));
         eventually(|| d.queue_len(&1) == i + 1).await;
     }
@@ -222,7 +233,7 @@ async fn dispatch_wait_grants_in_arrival_order_and_quitters_lose_no_turns() {
     eventually(|| d.queue_len(&1) == 8).await;
     assert!(d.is_busy(&1));
     go.notify_one();
-    assert_eq!(holder.outcome().await, Outcome::Completed(()));
+    assert_eq!(holder.outcome().within().await, Outcome::Completed(()));
     for (i, waiter) in waiters.into_iter().enumerate() {
         match (i, waiter.await) {
             (3, Err(join)) => assert!(join.is_cancelled()),
@@ -265,7 +276,7 @@ async fn busy_names_the_holder_and_a_timeout_is_typed() {
     let other = d
         .try_dispatch("b", spec(ActionKind::SEND), |_| async { Ok::<_, ()>(7) })
         .unwrap();
-    assert_eq!(other.outcome().await, Outcome::Completed(7));
+    assert_eq!(other.outcome().within().await, Outcome::Completed(7));
     let waited = d
         .dispatch_wait(
             "a",
@@ -280,7 +291,7 @@ async fn busy_names_the_holder_and_a_timeout_is_typed() {
     );
     assert_eq!(d.queue_len(&"a"), 0);
     go.notify_one();
-    assert_eq!(first.outcome().await, Outcome::Completed(()));
+    assert_eq!(first.outcome().within().await, Outcome::Completed(()));
     let stats = d.stats();
     assert_eq!(
         (stats.busy_rejections, stats.timeouts, stats.completed),
@@ -304,8 +315,8 @@ async fn every_exit_path_frees_the_wallet() {
             Err::<(), _>("no coins")
         })
         .unwrap();
-    assert_eq!(failed.outcome().await, Outcome::Failed("no coins"));
-    assert_eq!(free(&d).outcome().await, Outcome::Completed(()));
+    assert_eq!(failed.outcome().within().await, Outcome::Failed("no coins"));
+    assert_eq!(free(&d).outcome().within().await, Outcome::Completed(()));
 
     // Panicked.
     let panicked = d
@@ -318,10 +329,10 @@ async fn every_exit_path_frees_the_wallet() {
         })
         .unwrap();
     assert_eq!(
-        panicked.outcome().await,
+        panicked.outcome().within().await,
         Outcome::Panicked("boom".to_owned())
     );
-    assert_eq!(free(&d).outcome().await, Outcome::Completed(()));
+    assert_eq!(free(&d).outcome().within().await, Outcome::Completed(()));
 
     // Cancelled.
     let dropped = Arc::new(AtomicBool::new(false));
@@ -336,9 +347,9 @@ async fn every_exit_path_frees_the_wallet() {
         .unwrap();
     assert!(d.is_busy(&1));
     cancelled.cancel();
-    assert_eq!(cancelled.outcome().await, Outcome::Cancelled);
+    assert_eq!(cancelled.outcome().within().await, Outcome::Cancelled);
     assert!(dropped.load(Ordering::SeqCst));
-    assert_eq!(free(&d).outcome().await, Outcome::Completed(()));
+    assert_eq!(free(&d).outcome().within().await, Outcome::Completed(()));
 
     // Handle dropped.
     let dropped = Arc::new(AtomicBool::new(false));
@@ -354,7 +365,7 @@ async fn every_exit_path_frees_the_wallet() {
     drop(handle);
     eventually(|| !d.is_busy(&1)).await;
     assert!(dropped.load(Ordering::SeqCst), "the action stopped running");
-    assert_eq!(free(&d).outcome().await, Outcome::Completed(()));
+    assert_eq!(free(&d).outcome().within().await, Outcome::Completed(()));
 
     // Detached: runs to its end, then frees the wallet.
     let go = Arc::new(Notify::new());
@@ -376,7 +387,7 @@ async fn every_exit_path_frees_the_wallet() {
     go.notify_one();
     eventually(|| !d.is_busy(&1)).await;
     assert!(done.load(Ordering::SeqCst));
-    assert_eq!(free(&d).outcome().await, Outcome::Completed(()));
+    assert_eq!(free(&d).outcome().within().await, Outcome::Completed(()));
 
     let stats = d.stats();
     assert_eq!(
@@ -421,7 +432,7 @@ async fn an_expired_action_is_stopped_its_wallet_freed_and_its_callback_run_once
     assert_eq!(d.set_tip(104), 0);
     assert!(d.is_busy(&5));
     assert_eq!(d.set_tip(105), 1);
-    assert_eq!(handle.outcome().await, Outcome::Expired);
+    assert_eq!(handle.outcome().within().await, Outcome::Expired);
     assert!(dropped.load(Ordering::SeqCst));
     assert!(!d.is_busy(&5));
     assert!(d.is_busy(&6));
@@ -429,7 +440,7 @@ async fn an_expired_action_is_stopped_its_wallet_freed_and_its_callback_run_once
     // Setting the tip again does not expire it twice.
     assert_eq!(d.set_tip(105), 0);
     go.notify_one();
-    assert_eq!(later.outcome().await, Outcome::Completed(()));
+    assert_eq!(later.outcome().within().await, Outcome::Completed(()));
     assert_eq!(expired.lock().unwrap().len(), 1, "the callback ran once");
     assert_eq!(d.stats().expirations, 1);
     // A deadline the tip already reached is refused.
@@ -449,7 +460,7 @@ async fn an_expired_action_is_stopped_its_wallet_freed_and_its_callback_run_once
     let ok = d
         .try_dispatch(5, spec(ActionKind::SEND), |_| async { Ok::<_, ()>(()) })
         .unwrap();
-    assert_eq!(ok.outcome().await, Outcome::Completed(()));
+    assert_eq!(ok.outcome().within().await, Outcome::Completed(()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,10 +489,16 @@ async fn early_release_lets_the_next_action_start_while_the_first_goes_on() {
             Ok::<_, ()>("second")
         })
         .expect("the second starts while the first runs");
-    assert_eq!(second.outcome().await, Outcome::Completed("second"));
+    assert_eq!(
+        second.outcome().within().await,
+        Outcome::Completed("second")
+    );
     assert!(!first.is_finished());
     go.notify_one();
-    assert_eq!(first.outcome().await, Outcome::Completed("broadcast"));
+    assert_eq!(
+        first.outcome().within().await,
+        Outcome::Completed("broadcast")
+    );
 
     // Without the spec's permission, release_early does nothing.
     let go = Arc::new(Notify::new());
@@ -498,7 +515,7 @@ async fn early_release_lets_the_next_action_start_while_the_first_goes_on() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(d.is_busy(&1));
     go.notify_one();
-    assert_eq!(exclusive.outcome().await, Outcome::Completed(()));
+    assert_eq!(exclusive.outcome().within().await, Outcome::Completed(()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,7 +547,7 @@ async fn an_early_released_action_still_expires() {
     released.notified().await;
     assert!(!d.is_busy(&1));
     d.set_tip(12);
-    assert_eq!(handle.outcome().await, Outcome::Expired);
+    assert_eq!(handle.outcome().within().await, Outcome::Expired);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
@@ -592,9 +609,9 @@ async fn a_shared_signer_signs_one_at_a_time_while_other_work_goes_on() {
         "all wait for the held permit"
     );
     go.notify_one();
-    assert_eq!(signer.outcome().await, Outcome::Completed(()));
+    assert_eq!(signer.outcome().within().await, Outcome::Completed(()));
     for handle in handles {
-        assert_eq!(handle.outcome().await, Outcome::Completed(()));
+        assert_eq!(handle.outcome().within().await, Outcome::Completed(()));
     }
     assert_eq!(most.load(Ordering::SeqCst), 1, "never two signing at once");
 
@@ -604,7 +621,7 @@ async fn a_shared_signer_signs_one_at_a_time_while_other_work_goes_on() {
         })
         .unwrap();
     assert!(matches!(
-        unknown.outcome().await,
+        unknown.outcome().within().await,
         Outcome::Failed(DispatchError::UnknownSigner(name)) if name == "trezor"
     ));
 }
@@ -622,7 +639,7 @@ async fn signing_is_refused_within_the_kinds_margin() {
         .unwrap()
     };
     assert!(matches!(
-        sign(106, ActionKind::SEND).outcome().await,
+        sign(106, ActionKind::SEND).outcome().within().await,
         Outcome::Failed(DispatchError::TooLateToSign {
             tip: 100,
             deadline: 106,
@@ -630,18 +647,18 @@ async fn signing_is_refused_within_the_kinds_margin() {
         })
     ));
     assert_eq!(
-        sign(107, ActionKind::SEND).outcome().await,
+        sign(107, ActionKind::SEND).outcome().within().await,
         Outcome::Completed(())
     );
     // The margin is per kind: sweeps have none.
     assert_eq!(
-        sign(101, ActionKind::SWEEP).outcome().await,
+        sign(101, ActionKind::SWEEP).outcome().within().await,
         Outcome::Completed(())
     );
     // As the tip moves, the same action becomes too late.
     d.set_tip(101);
     assert!(matches!(
-        sign(107, ActionKind::SEND).outcome().await,
+        sign(107, ActionKind::SEND).outcome().within().await,
         Outcome::Failed(DispatchError::TooLateToSign { tip: 101, .. })
     ));
 }
