@@ -51,6 +51,9 @@ impl<K: Eq + Hash + Clone + Debug + Send + Sync + 'static> WalletKey for K {}
 /// [`Dispatcher::on_expired`]).
 type ExpiredCallback<K> = Arc<dyn Fn(&K, ActionId, &ActionKind) + Send + Sync>;
 
+/// The value of `Inner::tip` before the first `set_tip`.
+const NO_TIP: u64 = u64::MAX;
+
 /// Why an action's task was stopped from outside, if it was.
 const RUNNING: u8 = 0;
 /// Its handle cancelled it (or was dropped without `detach`).
@@ -114,6 +117,9 @@ struct Inner<K> {
     /// The tip and the deadline index. One lock, taken only by actions that
     /// have a deadline (at start and end) and by `set_tip`.
     deadlines: Mutex<Deadlines<K>>,
+    /// A copy of the tip for lock-free reads (`NO_TIP`: none yet), written
+    /// under the `deadlines` lock.
+    tip: AtomicU64,
     /// Signing safety margin per kind, in blocks.
     margins: RwLock<HashMap<ActionKind, u32>>,
     /// Named signer limits shared by every wallet.
@@ -122,6 +128,13 @@ struct Inner<K> {
     on_expired: RwLock<Option<ExpiredCallback<K>>>,
     /// Counters.
     counters: Counters,
+}
+
+impl<K> Inner<K> {
+    /// The last height given to `set_tip` (no lock taken).
+    fn tip(&self) -> Option<u32> {
+        u32::try_from(self.tip.load(Ordering::SeqCst)).ok()
+    }
 }
 
 /// One running action, shared by its task, its context and its handle.
@@ -167,10 +180,29 @@ struct Lease<K: WalletKey> {
     finished: Option<bool>,
 }
 
+/// Frees an action's slot when dropped (if the action still holds it).
+struct FreeSlot<'a, K: WalletKey> {
+    inner: &'a Inner<K>,
+    shared: &'a ActionShared<K>,
+}
+
+impl<K: WalletKey> Drop for FreeSlot<'_, K> {
+    fn drop(&mut self) {
+        self.inner
+            .slots
+            .release(&self.shared.wallet, self.shared.id);
+    }
+}
+
 impl<K: WalletKey> Drop for Lease<K> {
     fn drop(&mut self) {
         let shared = &self.shared;
-        self.inner.slots.release(&shared.wallet, shared.id);
+        // Freed last, after the expiry callback (so that the next action
+        // sees the coins it released), and even if that callback panics.
+        let _free = FreeSlot {
+            inner: &self.inner,
+            shared,
+        };
         if let Some(deadline) = shared.deadline_height {
             lock(&self.inner.deadlines)
                 .pending
@@ -292,7 +324,7 @@ impl<K: WalletKey> ActionCtx<K> {
         let Some(deadline) = self.shared.deadline_height else {
             return Ok(());
         };
-        let Some(tip) = lock(&self.inner.deadlines).tip else {
+        let Some(tip) = self.inner.tip() else {
             return Ok(());
         };
         let margin = read(&self.inner.margins)
@@ -387,6 +419,7 @@ impl<K: WalletKey> Dispatcher<K> {
                     tip: None,
                     pending: BTreeMap::new(),
                 }),
+                tip: AtomicU64::new(NO_TIP),
                 margins: RwLock::new(HashMap::new()),
                 signers: RwLock::new(HashMap::new()),
                 on_expired: RwLock::new(None),
@@ -594,18 +627,19 @@ impl<K: WalletKey> Dispatcher<K> {
 
     /// The last height given to [`Dispatcher::set_tip`].
     pub fn tip(&self) -> Option<u32> {
-        lock(&self.inner.deadlines).tip
+        self.inner.tip()
     }
 
     /// Sets the chain tip. Every action whose deadline is at or below
     /// `height` is stopped: its task is aborted (it stops at its next
-    /// `.await`), which frees its slot, runs the [`Dispatcher::on_expired`]
-    /// callback and makes its outcome [`Outcome::Expired`]. Returns how many
+    /// `.await`), which runs the [`Dispatcher::on_expired`] callback, then
+    /// frees its slot, and makes its outcome [`Outcome::Expired`]. Returns how many
     /// actions this call expired.
     pub fn set_tip(&self, height: u32) -> usize {
         let expired: Vec<Arc<ActionShared<K>>> = {
             let mut deadlines = lock(&self.inner.deadlines);
             deadlines.tip = Some(height);
+            self.inner.tip.store(u64::from(height), Ordering::SeqCst);
             let later = deadlines
                 .pending
                 .split_off(&(height.saturating_add(1), ActionId::new(0)));
@@ -635,8 +669,9 @@ impl<K: WalletKey> Dispatcher<K> {
     }
 
     /// Sets the callback run once for each expired action, inside its task
-    /// as it is dropped (e.g. to free the coins it reserved). Replaces the
-    /// previous one.
+    /// as it is dropped, before its wallet is freed (e.g. to free the coins
+    /// it reserved, so that the next action on the wallet sees them free).
+    /// Replaces the previous one.
     pub fn on_expired(&self, callback: impl Fn(&K, ActionId, &ActionKind) + Send + Sync + 'static) {
         *write(&self.inner.on_expired) = Some(Arc::new(callback));
     }

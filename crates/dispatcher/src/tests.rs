@@ -248,6 +248,61 @@ async fn dispatch_wait_grants_in_arrival_order_and_quitters_lose_no_turns() {
     assert_eq!(d.stats().deepest_queue, 10);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dispatch_wait_is_fifo_on_many_wallets_at_once() {
+    const WALLETS: u32 = 100;
+    const WAITERS: usize = 20;
+    let d: Dispatcher<u32> = Dispatcher::new();
+    for _ in 0..5 {
+        let mut wallets = Vec::new();
+        for wallet in 0..WALLETS {
+            let d = d.clone();
+            wallets.push(tokio::spawn(async move {
+                let go = Arc::new(Notify::new());
+                let holder = d
+                    .try_dispatch(wallet, spec(ActionKind::SEND), {
+                        let go = Arc::clone(&go);
+                        move |_| park(go)
+                    })
+                    .unwrap();
+                let order = Arc::new(Mutex::new(Vec::new()));
+                let mut waiters = Vec::new();
+                for i in 0..WAITERS {
+                    let d2 = d.clone();
+                    let order = Arc::clone(&order);
+                    waiters.push(tokio::spawn(async move {
+                        let action = move |_| async move {
+                            order.lock().unwrap().push(i);
+                            tokio::task::yield_now().await;
+                            Ok::<_, ()>(())
+                        };
+                        let spec = spec(ActionKind::SEND);
+                        let handle = d2
+                            .dispatch_wait(wallet, spec, action, Duration::from_secs(10))
+                            .await
+                            .unwrap();
+                        handle.outcome().within().await
+                    }));
+                    // Arrival order: each waiter is queued before the next
+                    // is spawned.
+                    eventually(|| d.queue_len(&wallet) == i + 1).await;
+                }
+                go.notify_one();
+                assert_eq!(holder.outcome().within().await, Outcome::Completed(()));
+                for waiter in waiters {
+                    assert_eq!(waiter.await.unwrap(), Outcome::Completed(()));
+                }
+                assert_eq!(*order.lock().unwrap(), (0..WAITERS).collect::<Vec<_>>());
+                assert!(!d.is_busy(&wallet));
+            }));
+        }
+        for wallet in wallets {
+            wallet.await.unwrap();
+        }
+    }
+    assert_eq!(d.stats().deepest_queue, WAITERS as u64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_names_the_holder_and_a_timeout_is_typed() {
     let d: Dispatcher<&'static str> = Dispatcher::new();
@@ -407,7 +462,16 @@ async fn an_expired_action_is_stopped_its_wallet_freed_and_its_callback_run_once
     let expired = Arc::new(Mutex::new(Vec::new()));
     d.on_expired({
         let expired = Arc::clone(&expired);
-        move |wallet, id, kind| expired.lock().unwrap().push((*wallet, id, kind.clone()))
+        // (A clone inside its own callback: a cycle, harmless in a test.)
+        let d = d.clone();
+        move |wallet, id, kind| {
+            // Runs before the wallet is freed.
+            let busy = d.is_busy(wallet);
+            expired
+                .lock()
+                .unwrap()
+                .push((*wallet, id, kind.clone(), busy))
+        }
     });
     d.set_tip(100);
     let dropped = Arc::new(AtomicBool::new(false));
@@ -436,7 +500,10 @@ async fn an_expired_action_is_stopped_its_wallet_freed_and_its_callback_run_once
     assert!(dropped.load(Ordering::SeqCst));
     assert!(!d.is_busy(&5));
     assert!(d.is_busy(&6));
-    assert_eq!(*expired.lock().unwrap(), vec![(5, id, ActionKind::SWEEP)]);
+    assert_eq!(
+        *expired.lock().unwrap(),
+        vec![(5, id, ActionKind::SWEEP, true)]
+    );
     // Setting the tip again does not expire it twice.
     assert_eq!(d.set_tip(105), 0);
     go.notify_one();
