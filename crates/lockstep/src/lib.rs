@@ -22,6 +22,10 @@ use std::time::Duration;
 
 pub use bitcoin;
 pub use lockstep_chain as chain;
+pub use lockstep_dispatcher::{
+    ActionCtx, ActionHandle, ActionId, ActionKind, ActionSpec, DispatchError, Outcome, SignPermit,
+    Stats as DispatchStats,
+};
 pub use lockstep_manager::{
     ErrorKind, Event, ManagerConfig as Config, ManagerError, NewWallet, ScriptImport, Stats,
     Status, Strategy, WaitError, WalletInfo,
@@ -34,16 +38,46 @@ pub use lockstep_wallet::{
 };
 pub use miniscript;
 
+use std::future::Future;
+
 use lockstep_chain::{BlockId, ChainSource};
+use lockstep_dispatcher::Dispatcher;
 use lockstep_manager::Manager;
 use lockstep_store::Store;
 use tokio::sync::{broadcast, watch};
 
-/// Many wallets, one chain loop: the handle an embedder holds. Cloning
-/// gives another handle on the same loop and wallets.
-#[derive(Clone, Debug)]
+/// Many wallets, one chain loop, one dispatcher: the handle an embedder
+/// holds. Cloning gives another handle on the same loop, wallets and
+/// action slots.
+#[derive(Clone)]
 pub struct Lockstep {
     manager: Manager,
+    dispatcher: Dispatcher<WalletId>,
+    /// The task feeding the loop's tip to the dispatcher (deadlines in
+    /// blocks), while the loop runs.
+    tip_feed: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Lockstep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lockstep")
+            .field("manager", &self.manager)
+            .field("dispatcher", &self.dispatcher.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an action could not be dispatched on a wallet.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ActError {
+    /// The dispatcher refused it: [`DispatchError::WalletBusy`] (at once),
+    /// [`DispatchError::Timeout`], a deadline already passed.
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError<WalletId>),
+    /// The wallet could not be loaded.
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
 }
 
 impl Lockstep {
@@ -73,9 +107,79 @@ impl Lockstep {
         config: Config,
     ) -> Result<Lockstep, OpenError> {
         let store = Store::open(path.as_ref(), options)?;
-        Ok(Lockstep {
-            manager: Manager::new(store, source, config),
-        })
+        Ok(Self::from_manager(Manager::new(store, source, config)))
+    }
+
+    /// A facade over a manager built by lockstep's own tests (they read the
+    /// database to compare with the oracle).
+    #[doc(hidden)]
+    pub fn from_manager(manager: Manager) -> Lockstep {
+        Lockstep {
+            manager,
+            dispatcher: Dispatcher::new(),
+            tip_feed: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// The action slots: one exclusive action per wallet, deadlines in
+    /// blocks (fed the loop's tip while it runs), signer limits and
+    /// per-kind signing margins (`add_signer_limit`, `set_margin`,
+    /// `on_expired`).
+    pub fn dispatcher(&self) -> &Dispatcher<WalletId> {
+        &self.dispatcher
+    }
+
+    /// Runs `action` on wallet `id` as its one exclusive action, or refuses
+    /// at once with [`DispatchError::WalletBusy`] (naming the action that
+    /// holds it). The action gets the dispatcher's context (its id, to lock
+    /// coins under; early release; signer permits) and the wallet's live
+    /// instance, which the registry keeps loaded until the action ends.
+    ///
+    /// # Errors
+    /// [`ActError::Dispatch`], or [`ActError::Wallet`] if the wallet cannot
+    /// be loaded.
+    pub async fn try_dispatch<F, Fut, T, E>(
+        &self,
+        id: WalletId,
+        spec: ActionSpec,
+        action: F,
+    ) -> Result<ActionHandle<T, E>, ActError>
+    where
+        F: FnOnce(ActionCtx<WalletId>, Arc<LiveWallet>) -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let wallet = self.wallet(id).await?;
+        Ok(self
+            .dispatcher
+            .try_dispatch(id, spec, pinned(action, wallet))?)
+    }
+
+    /// [`try_dispatch`](Self::try_dispatch), waiting in the wallet's FIFO
+    /// queue up to `timeout` when it is busy.
+    ///
+    /// # Errors
+    /// [`DispatchError::Timeout`] (in [`ActError::Dispatch`]), or as
+    /// [`try_dispatch`](Self::try_dispatch).
+    pub async fn dispatch_wait<F, Fut, T, E>(
+        &self,
+        id: WalletId,
+        spec: ActionSpec,
+        action: F,
+        timeout: Duration,
+    ) -> Result<ActionHandle<T, E>, ActError>
+    where
+        F: FnOnce(ActionCtx<WalletId>, Arc<LiveWallet>) -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let wallet = self.wallet(id).await?;
+        Ok(self
+            .dispatcher
+            .dispatch_wait(id, spec, pinned(action, wallet), timeout)
+            .await?)
     }
 
     /// Registers a wallet (the one way to add one): born above the loop's
@@ -133,13 +237,41 @@ impl Lockstep {
         self.manager.wallets().await
     }
 
-    /// Starts the chain loop in the background (a tokio task).
+    /// Starts the chain loop in the background (a tokio task), and feeds
+    /// its tip to the dispatcher (actions past their deadline height
+    /// expire).
     pub fn start(&self) {
         self.manager.start();
+        let mut feed = self.tip_feed.lock().unwrap_or_else(|e| e.into_inner());
+        if feed.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let mut tip = self.manager.tip();
+        let dispatcher = self.dispatcher.clone();
+        *feed = Some(tokio::spawn(async move {
+            loop {
+                let height = tip.borrow_and_update().map(|t| t.height);
+                if let Some(height) = height {
+                    dispatcher.set_tip(height);
+                }
+                if tip.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
     }
 
-    /// Stops the chain loop; returns once nothing runs.
+    /// Stops the chain loop; returns once nothing runs. Running actions
+    /// go on (their deadlines wait for the next start).
     pub async fn stop(&self) {
+        let feed = self
+            .tip_feed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(feed) = feed {
+            feed.abort();
+        }
         self.manager.stop().await;
     }
 
@@ -186,6 +318,31 @@ impl Lockstep {
     /// What the wallet registry has loaded, joined and evicted.
     pub fn registry_stats(&self) -> RegistryStats {
         self.manager.registry().stats()
+    }
+}
+
+/// An action's future, boxed once to carry the wallet's pin.
+type ActionFuture<T, E> = std::pin::Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// `action` on `wallet`, which the registry keeps loaded (never evicted)
+/// until the action's future ends, whichever way.
+fn pinned<F, Fut, T, E>(
+    action: F,
+    wallet: Arc<LiveWallet>,
+) -> impl FnOnce(ActionCtx<WalletId>) -> ActionFuture<T, E>
+where
+    F: FnOnce(ActionCtx<WalletId>, Arc<LiveWallet>) -> Fut,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    let pin = wallet.pin();
+    move |ctx| {
+        let running = action(ctx, wallet);
+        Box::pin(async move {
+            let _pin = pin;
+            running.await
+        })
     }
 }
 
