@@ -18,8 +18,8 @@ enum Task {
     /// What CI runs: format check, clippy with warnings denied, every test.
     Ci,
     /// Benchmarks: all, or one bench target of lockstep-benches. Criterion's:
-    /// chain, filter, wallet; with their own harness (minutes, a markdown
-    /// report): sync, register.
+    /// chain, filter, wallet, dispatcher; with their own harness (minutes, a
+    /// markdown report): sync, register.
     Bench {
         /// A bench target of the lockstep-benches package.
         name: Option<String>,
