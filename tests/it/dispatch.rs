@@ -194,3 +194,141 @@ fn fifty_sends_released_early_share_no_coin_and_all_confirm() {
         lockstep.stop().await;
     });
 }
+
+/// How an action on a funded wallet ends after locking a coin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Fails,
+    Panics,
+    Cancelled,
+    Expires,
+    FailsAfterBroadcast,
+}
+
+#[test]
+fn an_action_that_fails_panics_is_cancelled_or_expires_leaves_no_coin_locked() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::unsigned(152), 105).unwrap();
+        let store = Store::open(&dir.path().join("w.db"), StoreOptions::default()).unwrap();
+        let manager = Manager::new(store, Arc::new(chain.clone()), ManagerConfig::default());
+        let lockstep = Lockstep::from_manager(manager);
+        lockstep.sync().await.unwrap();
+        let id = lockstep
+            .register(
+                NewWallet::new("holder", lockstep_testkit::oracle::test_descriptors(152, 0))
+                    .born_at(106),
+            )
+            .await
+            .unwrap();
+        let wallet = lockstep.wallet(id).await.unwrap();
+        for _ in 0..3 {
+            let address = wallet.reveal_address(Keychain::External).await.unwrap();
+            chain
+                .pay(address.address.script_pubkey(), Amount::from_sat(50_000))
+                .unwrap();
+        }
+        chain.mine(1).unwrap();
+        let tip = lockstep.sync().await.unwrap();
+        lockstep.dispatcher().set_tip(tip);
+        let request = SpendRequest {
+            recipients: vec![TxOut {
+                value: Amount::from_sat(20_000),
+                script_pubkey: p2wpkh(&key(9)),
+            }],
+            fee_rate_sat_vb: 1.0,
+        };
+        for ending in [
+            Ending::Fails,
+            Ending::Panics,
+            Ending::Cancelled,
+            Ending::Expires,
+            Ending::FailsAfterBroadcast,
+        ] {
+            let (locked_tx, locked) = tokio::sync::oneshot::channel::<()>();
+            let (go, wait) = tokio::sync::oneshot::channel::<()>();
+            let request = request.clone();
+            let spec = ActionSpec::new(ActionKind::SEND).deadline(tip + 10);
+            let handle = lockstep
+                .try_dispatch(id, spec, move |ctx, wallet| async move {
+                    let holder = lockstep::action_holder(ctx.id());
+                    let selection = wallet.select_and_lock(request, &holder).await?;
+                    if ending == Ending::FailsAfterBroadcast {
+                        let tx = bitcoin::Transaction {
+                            version: bitcoin::transaction::Version::TWO,
+                            lock_time: bitcoin::absolute::LockTime::ZERO,
+                            input: selection
+                                .coins
+                                .iter()
+                                .map(|c| bitcoin::TxIn {
+                                    previous_output: c.outpoint,
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            output: selection.recipients.clone(),
+                        };
+                        wallet.record_broadcast(tx).await?;
+                    }
+                    let _ = locked_tx.send(());
+                    // Ends only once the test saw the coins locked.
+                    let _ = wait.await;
+                    match ending {
+                        Ending::Fails | Ending::FailsAfterBroadcast => {
+                            Err(WalletError::InvalidRequest("the action gives up"))
+                        }
+                        Ending::Panics => panic!("the action panics"),
+                        Ending::Cancelled | Ending::Expires => {
+                            std::future::pending::<()>().await;
+                            Ok(())
+                        }
+                    }
+                })
+                .await
+                .unwrap();
+            locked.await.unwrap();
+            assert!(
+                wallet.balance().await.unwrap().locked > Amount::ZERO,
+                "{ending:?}"
+            );
+            go.send(()).unwrap();
+            match ending {
+                Ending::Cancelled => handle.cancel(),
+                Ending::Expires => {
+                    lockstep.dispatcher().set_tip(tip + 10);
+                }
+                _ => {}
+            }
+            let outcome = handle.outcome().await;
+            let expected = match ending {
+                Ending::Fails | Ending::FailsAfterBroadcast => {
+                    matches!(outcome, Outcome::Failed(_))
+                }
+                Ending::Panics => matches!(outcome, Outcome::Panicked(_)),
+                Ending::Cancelled => matches!(outcome, Outcome::Cancelled),
+                Ending::Expires => matches!(outcome, Outcome::Expired),
+            };
+            assert!(expected, "{ending:?}: {outcome:?}");
+            assert!(
+                !lockstep.dispatcher().is_busy(&id),
+                "{ending:?}: the wallet is free"
+            );
+            // The coins come back (at once for a failure; from the dropped
+            // future's guard otherwise), except a broadcast's inputs.
+            let mut locked = Amount::MAX;
+            for _ in 0..500 {
+                locked = wallet.balance().await.unwrap().locked;
+                if locked == Amount::ZERO {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if ending == Ending::FailsAfterBroadcast {
+                assert!(locked > Amount::ZERO, "a broadcast's inputs stay locked");
+            } else {
+                assert_eq!(locked, Amount::ZERO, "{ending:?}: no coin left locked");
+            }
+            lockstep.dispatcher().set_tip(tip);
+        }
+    });
+}

@@ -338,11 +338,56 @@ where
 {
     let pin = wallet.pin();
     move |ctx| {
+        let mut unlock = ReleaseOnDrop {
+            wallet: Some(Arc::clone(&wallet)),
+            holder: action_holder(ctx.id()),
+        };
         let running = action(ctx, wallet);
         Box::pin(async move {
             let _pin = pin;
-            running.await
+            let result = running.await;
+            if let Some(wallet) = unlock.wallet.take()
+                && result.is_err()
+            {
+                // Failed: the coins it locked but never broadcast with come
+                // back before its outcome is reported.
+                if let Err(error) = wallet.release_unbroadcast(&unlock.holder).await {
+                    tracing::warn!(holder = %unlock.holder, %error, "releasing a failed action's coins");
+                }
+            }
+            result
         })
+    }
+}
+
+/// The holder id under which an action locks its coins
+/// (`LiveWallet::select_and_lock(request, &action_holder(ctx.id()))`): the
+/// coins of an action that fails, panics, is cancelled or expires are
+/// released under it, except those a transaction it broadcast spends.
+pub fn action_holder(id: ActionId) -> String {
+    format!("action-{id}")
+}
+
+/// Releases an action's unbroadcast coins when its future is dropped
+/// before it returned (a panic, a cancellation, an expiry).
+struct ReleaseOnDrop {
+    wallet: Option<Arc<LiveWallet>>,
+    holder: String,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let Some(wallet) = self.wallet.take() else {
+            return;
+        };
+        let holder = std::mem::take(&mut self.holder);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = wallet.release_unbroadcast(&holder).await {
+                    tracing::warn!(%holder, %error, "releasing a stopped action's coins");
+                }
+            });
+        }
     }
 }
 

@@ -382,6 +382,17 @@ impl LiveWallet {
         self.change(move |_, tx| Wallet::release(tx, &holder)).await
     }
 
+    /// Releases the coins `holder` locked except the inputs of a pending
+    /// broadcast (see [`Wallet::release_unbroadcast`]).
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn release_unbroadcast(self: &Arc<Self>, holder: &str) -> Result<usize, WalletError> {
+        let holder = holder.to_owned();
+        self.change(move |_, tx| Wallet::release_unbroadcast(tx, &holder))
+            .await
+    }
+
     /// Records a transaction the wallet is broadcasting (unconfirmed in its
     /// history until a block confirms or conflicts it).
     ///

@@ -179,6 +179,40 @@ impl Wallet {
         Ok(tx.release_locks(holder)?)
     }
 
+    /// Releases the coins `holder` locked (in any wallet) except those a
+    /// pending broadcast of their wallet spends: after an action failed,
+    /// was cancelled or expired, the coins it never broadcast with come
+    /// back, and the inputs of a transaction it did broadcast stay locked
+    /// until that transaction confirms or is conflicted. Returns how many
+    /// were released.
+    pub fn release_unbroadcast(tx: &mut WriteTx<'_>, holder: &str) -> Result<usize, WalletError> {
+        let mut spent_by_pending: std::collections::HashMap<
+            lockstep_store::WalletId,
+            std::collections::HashSet<OutPoint>,
+        > = std::collections::HashMap::new();
+        let mut released = 0;
+        for (wallet, txid, vout) in tx.locks_of(holder)? {
+            if let std::collections::hash_map::Entry::Vacant(slot) = spent_by_pending.entry(wallet)
+            {
+                let mut inputs = std::collections::HashSet::new();
+                for (_, raw) in tx.pending_broadcasts(wallet)? {
+                    let pending: bitcoin::Transaction = bitcoin::consensus::deserialize(&raw)
+                        .map_err(|e| WalletError::Corrupt {
+                            wallet_id: wallet,
+                            detail: format!("stored broadcast: {e}"),
+                        })?;
+                    inputs.extend(pending.input.iter().map(|i| i.previous_output));
+                }
+                slot.insert(inputs);
+            }
+            let outpoint = OutPoint::new(Txid::from_byte_array(txid), vout);
+            if !spent_by_pending[&wallet].contains(&outpoint) {
+                released += usize::from(tx.release_lock(wallet, &txid, vout, holder)?);
+            }
+        }
+        Ok(released)
+    }
+
     /// The most weight spending one coin of a keychain adds besides the
     /// input's fixed fields: script signature and witness, as miniscript
     /// computes them for the descriptor.

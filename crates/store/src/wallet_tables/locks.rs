@@ -82,6 +82,30 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Releases one coin's lock, if `holder` holds it. Returns whether it
+    /// did.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn release_lock(
+        &mut self,
+        wallet_id: WalletId,
+        txid: &[u8; 32],
+        vout: u32,
+        holder: &str,
+    ) -> Result<bool, StoreError> {
+        let released = self
+            .read
+            .tx
+            .prepare_cached(
+                "DELETE FROM coin_locks WHERE wallet_id = ?1 AND txid = ?2 AND vout = ?3 AND holder = ?4",
+            )
+            .or_store()?
+            .execute(params![wallet_id.as_i64(), txid, vout, holder])
+            .or_store()?;
+        Ok(released > 0)
+    }
+
     /// Releases every coin `holder` has locked. Returns how many.
     ///
     /// # Errors
