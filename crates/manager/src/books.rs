@@ -307,6 +307,7 @@ impl Books {
     /// committed, so no block is committed unchecked against an address
     /// already handed out. With `all`, every wallet here is looked at (an
     /// import's one wallet), not only those the registry reports.
+    /// `version` is the registry version if this transaction read it.
     ///
     /// Addresses another process revealed count in the database and bump
     /// the registry version: when it moved, the wallets whose count moved
@@ -316,13 +317,18 @@ impl Books {
         &mut self,
         tx: &WriteTx<'_>,
         all: bool,
+        version: Option<u64>,
     ) -> Result<(), ManagerError> {
         let mut ids: std::collections::BTreeSet<WalletId> = if all {
             self.wallets.keys().copied().collect()
         } else {
             self.registry.take_grown().into_iter().collect()
         };
-        let version = tx.registry_version()?;
+        // The loop's transaction read it already (`follow_registry`).
+        let version = match version {
+            Some(version) => version,
+            None => tx.registry_version()?,
+        };
         if self.reveals_read_at != Some(version) {
             for row in tx.wallets()? {
                 let id = row.wallet_id;

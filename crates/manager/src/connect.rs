@@ -78,7 +78,7 @@ pub(crate) fn connect_batch(
     // Addresses handed out since the last batch are watched before any
     // block of this one is taken (a block matched without them is matched
     // again below, and fetched if it must be).
-    books.watch_revealed(tx, matches!(mode, Mode::Import(_)))?;
+    books.watch_revealed(tx, matches!(mode, Mode::Import(_)), outcome.registry)?;
     let last_height = items.last().map_or(0, |i| i.height);
     let mut items = items.into_iter();
     while let Some(item) = items.next() {

@@ -165,14 +165,7 @@ impl LiveWallet {
 
     /// Reloads the instance from `tx` in place, keeping unlocked keys.
     pub(crate) fn reload_in(&self, tx: &ReadTx<'_>) -> Result<(), WalletError> {
-        let mut wallet = lock(&self.state);
-        let unlocked =
-            (!wallet.is_locked() && wallet.is_signing()).then(|| wallet.descriptors().clone());
-        *wallet = Wallet::load(tx, self.id)?;
-        if let Some(descriptors) = unlocked {
-            wallet.set_unlocked(descriptors);
-        }
-        Ok(())
+        lock(&self.state).reload(tx)
     }
 
     /// After a failed write that may have changed the instance.

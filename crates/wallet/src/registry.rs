@@ -163,16 +163,15 @@ impl Registry {
                 }
             }
         };
+        // The load's sender going away without an answer is the store
+        // closing under it.
         let result = waiting
             .wait_for(Option::is_some)
             .await
-            .map(|r| r.clone())
-            .unwrap_or_else(|_| Some(Err(Arc::new(WalletError::Store(StoreError::Closed)))));
-        match result {
-            Some(Ok(wallet)) => Ok(wallet),
-            Some(Err(error)) => Err(shared_error(id, error)),
-            None => unreachable!("waited for Some"),
-        }
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| Err(Arc::new(WalletError::Store(StoreError::Closed))));
+        result.map_err(|error| shared_error(id, error))
     }
 
     /// Queues the load of `id` on the writer thread. Runs in a task of its
@@ -216,7 +215,7 @@ impl Registry {
         let Some(Slot::Loading(_)) = slots.slots.get(&id) else {
             return;
         };
-        let Some(Slot::Loading(sender)) = (match &result {
+        let replaced = match &result {
             Ok(wallet) => slots.slots.insert(
                 id,
                 Slot::Live {
@@ -225,10 +224,10 @@ impl Registry {
                 },
             ),
             Err(_) => slots.slots.remove(&id),
-        }) else {
-            unreachable!("checked above")
         };
-        sender.send_replace(Some(result));
+        if let Some(Slot::Loading(sender)) = replaced {
+            sender.send_replace(Some(result));
+        }
     }
 
     /// The live instance of `id`, loaded from `tx` if no one has it: for

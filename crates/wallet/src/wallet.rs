@@ -625,13 +625,19 @@ impl Wallet {
                     || row.last_used != state.last_used
             });
         if moved {
-            let unlocked = (!self.is_locked() && self.signing).then(|| self.descriptors.clone());
-            *self = Wallet::load(tx, self.id)?;
-            if let Some(descriptors) = unlocked {
-                self.descriptors = descriptors;
-            }
+            self.reload(tx)?;
         }
         Ok(moved)
+    }
+
+    /// Loads the wallet again from `tx` in place, keeping unlocked keys.
+    pub(crate) fn reload(&mut self, tx: &ReadTx<'_>) -> Result<(), WalletError> {
+        let unlocked = (!self.is_locked() && self.signing).then(|| self.descriptors.clone());
+        *self = Wallet::load(tx, self.id)?;
+        if let Some(descriptors) = unlocked {
+            self.descriptors = descriptors;
+        }
+        Ok(())
     }
 
     /// Records that a block used `index` of a keychain, and moves the
