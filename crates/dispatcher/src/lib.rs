@@ -27,11 +27,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
@@ -85,9 +85,64 @@ pub struct Stats {
     pub expirations: u64,
 }
 
-/// The counters behind [`Stats`].
+/// How many stripes the counters (and action ids) are split into: more than
+/// the threads that dispatch at once on any machine we run on.
+const STRIPES: usize = 16;
+
+/// Keeps its content on cache lines of its own (128 bytes: x86 prefetches
+/// lines in pairs), so that writes to it never evict a neighbour's line
+/// from another core.
 #[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+/// The counters behind [`Stats`], striped by thread: each thread counts in
+/// its own stripe (and takes action ids from it), so that dispatching from
+/// two threads never bounces a shared counter's cache line between their
+/// cores. [`Dispatcher::stats`] adds the stripes up.
 struct Counters {
+    stripes: Box<[Padded<Stripe>]>,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self {
+            stripes: (0..STRIPES).map(|_| Padded::default()).collect(),
+        }
+    }
+
+    /// This thread's stripe.
+    fn mine(&self) -> &Stripe {
+        &self.stripes[stripe_index()].0
+    }
+
+    /// A fresh action id: unique because stripe `i` hands out only ids
+    /// `n * STRIPES + i + 1`.
+    fn next_id(&self) -> ActionId {
+        let index = stripe_index();
+        let n = self.stripes[index]
+            .0
+            .next_id
+            .fetch_add(1, Ordering::Relaxed);
+        ActionId::new(n * STRIPES as u64 + index as u64 + 1)
+    }
+}
+
+/// The stripe of the calling thread (threads are numbered as they first
+/// ask, modulo [`STRIPES`]).
+fn stripe_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    INDEX.with(|index| *index)
+}
+
+/// One stripe of [`Counters`].
+#[derive(Default)]
+struct Stripe {
+    /// How many ids this stripe handed out.
+    next_id: AtomicU64,
     dispatched: AtomicU64,
     busy_rejections: AtomicU64,
     timeouts: AtomicU64,
@@ -112,8 +167,6 @@ struct Deadlines<K> {
 struct Inner<K> {
     /// The per-wallet slots (sharded; see [`Slots`]).
     slots: Slots<K>,
-    /// The next action id.
-    next_id: AtomicU64,
     /// The tip and the deadline index. One lock, taken only by actions that
     /// have a deadline (at start and end) and by `set_tip`.
     deadlines: Mutex<Deadlines<K>>,
@@ -149,8 +202,12 @@ struct ActionShared<K> {
     reason: AtomicU8,
     /// Set once exclusivity was given up early.
     released_early: AtomicBool,
-    /// The task's abort handle, set right after it is spawned.
+    /// The task's abort handle, set right after it is spawned (never, for
+    /// an action run in its caller's task: [`Dispatcher::try_run`]).
     abort: OnceLock<AbortHandle>,
+    /// Notified when the action is stopped, for an action run in its
+    /// caller's task (which has no task to abort).
+    stopped: Notify,
 }
 
 impl<K> ActionShared<K> {
@@ -164,6 +221,8 @@ impl<K> ActionShared<K> {
         if let Some(abort) = self.abort.get() {
             abort.abort();
         }
+        // Stores a permit if the inline run is not waiting yet.
+        self.stopped.notify_one();
         marked
     }
 }
@@ -172,7 +231,7 @@ impl<K> ActionShared<K> {
 /// when dropped: whatever way its task ends (completion, panic, abort), this
 /// runs inside it.
 struct Lease<K: WalletKey> {
-    inner: Arc<Inner<K>>,
+    inner: InnerRef<K>,
     shared: Arc<ActionShared<K>>,
     /// When the slot was granted.
     granted_at: Instant,
@@ -209,7 +268,7 @@ impl<K: WalletKey> Drop for Lease<K> {
                 .remove(&(deadline, shared.id));
         }
         let hold_ms = self.granted_at.elapsed().as_secs_f64() * 1e3;
-        let c = &self.inner.counters;
+        let c = self.inner.counters.mine();
         let outcome = match self.finished {
             Some(true) => {
                 c.completed.fetch_add(1, Ordering::Relaxed);
@@ -250,7 +309,7 @@ impl<K: WalletKey> Drop for Lease<K> {
 /// What an action's future is given: its identity, early release and signer
 /// permits.
 pub struct ActionCtx<K: WalletKey> {
-    inner: Arc<Inner<K>>,
+    inner: InnerRef<K>,
     shared: Arc<ActionShared<K>>,
 }
 
@@ -378,18 +437,29 @@ pub struct SignPermit {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A reference to the dispatcher's shared state, held by each running
+/// action (its lease and its context). Each stripe has one of its own
+/// ([`Dispatcher::inner_ref`]): cloning and dropping it per action then
+/// counts on that stripe's reference count, not on one count every thread
+/// writes to (which, with two threads dispatching, costs more than the
+/// dispatch itself).
+type InnerRef<K> = Arc<Arc<Inner<K>>>;
+
 /// Decides who may act on a wallet: one exclusive action per wallet.
 ///
 /// Cheap to clone (an `Arc` inside); all clones share the slots, tip,
 /// margins, signer limits and counters.
 pub struct Dispatcher<K: WalletKey> {
     inner: Arc<Inner<K>>,
+    /// One [`InnerRef`] per stripe of [`Counters`].
+    refs: Arc<[Padded<InnerRef<K>>]>,
 }
 
 impl<K: WalletKey> Clone for Dispatcher<K> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
+            refs: Arc::clone(&self.refs),
         }
     }
 }
@@ -411,21 +481,27 @@ impl<K: WalletKey> Default for Dispatcher<K> {
 impl<K: WalletKey> Dispatcher<K> {
     /// A dispatcher with no tip, no margins and no signer limits.
     pub fn new() -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                slots: Slots::new(),
-                next_id: AtomicU64::new(1),
-                deadlines: Mutex::new(Deadlines {
-                    tip: None,
-                    pending: BTreeMap::new(),
-                }),
-                tip: AtomicU64::new(NO_TIP),
-                margins: RwLock::new(HashMap::new()),
-                signers: RwLock::new(HashMap::new()),
-                on_expired: RwLock::new(None),
-                counters: Counters::default(),
+        let inner = Arc::new(Inner {
+            slots: Slots::new(),
+            deadlines: Mutex::new(Deadlines {
+                tip: None,
+                pending: BTreeMap::new(),
             }),
-        }
+            tip: AtomicU64::new(NO_TIP),
+            margins: RwLock::new(HashMap::new()),
+            signers: RwLock::new(HashMap::new()),
+            on_expired: RwLock::new(None),
+            counters: Counters::new(),
+        });
+        let refs = (0..STRIPES)
+            .map(|_| Padded(Arc::new(Arc::clone(&inner))))
+            .collect();
+        Self { inner, refs }
+    }
+
+    /// The calling thread's stripe's reference to the shared state.
+    fn inner_ref(&self) -> InnerRef<K> {
+        Arc::clone(&self.refs[stripe_index()].0)
     }
 
     /// Runs `action` on `wallet` if the wallet has no exclusive action;
@@ -448,23 +524,37 @@ impl<K: WalletKey> Dispatcher<K> {
         T: Send + 'static,
         E: Send + 'static,
     {
-        self.check_can_start(&spec)?;
-        let holder = self.holder_for(&spec);
-        if let Err(busy) = self.inner.slots.try_acquire(&wallet, holder.clone()) {
+        let id = self.acquire_now(&wallet, &spec, true)?;
+        Ok(self.start(wallet, spec, id, Duration::ZERO, action))
+    }
+
+    /// Takes `wallet`'s slot for a new action of `spec` and returns its id,
+    /// or refuses at once with `WalletBusy`.
+    fn acquire_now(
+        &self,
+        wallet: &K,
+        spec: &ActionSpec,
+        spawned: bool,
+    ) -> Result<ActionId, DispatchError<K>> {
+        self.check_can_start(spec, spawned)?;
+        let holder = self.holder_for(spec);
+        let id = holder.id;
+        if let Err(busy) = self.inner.slots.try_acquire(wallet, holder) {
             self.inner
                 .counters
+                .mine()
                 .busy_rejections
                 .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(wallet = ?wallet, busy_with = busy.id.get(), "wallet busy");
             return Err(DispatchError::WalletBusy {
-                wallet,
+                wallet: wallet.clone(),
                 action_id: busy.id,
                 kind: busy.kind,
                 started_at_height: busy.started_at_height,
                 deadline_height: busy.deadline_height,
             });
         }
-        Ok(self.start(wallet, spec, holder.id, Duration::ZERO, action))
+        Ok(id)
     }
 
     /// Like [`Dispatcher::try_dispatch`], but a busy wallet makes it wait
@@ -484,7 +574,7 @@ impl<K: WalletKey> Dispatcher<K> {
         T: Send + 'static,
         E: Send + 'static,
     {
-        self.check_can_start(&spec)?;
+        self.check_can_start(&spec, true)?;
         let holder = self.holder_for(&spec);
         let id = holder.id;
         let arrived = Instant::now();
@@ -492,6 +582,7 @@ impl<K: WalletKey> Dispatcher<K> {
         if let Some(depth) = self.inner.slots.acquire_or_enqueue(&wallet, holder, tx) {
             self.inner
                 .counters
+                .mine()
                 .deepest_queue
                 .fetch_max(depth as u64, Ordering::Relaxed);
             let mut waiting = slots::Waiting::new(&self.inner.slots, &wallet, id, rx);
@@ -503,7 +594,11 @@ impl<K: WalletKey> Dispatcher<K> {
             };
             waiting.disarm();
             if !granted {
-                self.inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .mine()
+                    .timeouts
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(wallet = ?wallet, action_id = id.get(), "dispatch_wait timed out");
                 return Err(DispatchError::Timeout {
                     wallet,
@@ -514,10 +609,12 @@ impl<K: WalletKey> Dispatcher<K> {
         Ok(self.start(wallet, spec, id, arrived.elapsed(), action))
     }
 
-    /// Refuses an action whose deadline the tip has already reached, and a
-    /// call made outside a tokio runtime.
-    fn check_can_start(&self, spec: &ActionSpec) -> Result<(), DispatchError<K>> {
-        if tokio::runtime::Handle::try_current().is_err() {
+    /// Refuses an action whose deadline the tip has already reached, and,
+    /// if the action is to be spawned, a call made outside a tokio runtime.
+    /// (An action run inline needs no runtime to be spawned on; the check
+    /// clones the runtime's handle, a count every worker writes to.)
+    fn check_can_start(&self, spec: &ActionSpec, spawned: bool) -> Result<(), DispatchError<K>> {
+        if spawned && tokio::runtime::Handle::try_current().is_err() {
             return Err(DispatchError::NoRuntime);
         }
         if let (Some(deadline), Some(tip)) = (spec.deadline_height, self.tip())
@@ -531,28 +628,23 @@ impl<K: WalletKey> Dispatcher<K> {
     /// A fresh action id and the slot entry describing it.
     fn holder_for(&self, spec: &ActionSpec) -> Holder {
         Holder {
-            id: ActionId::new(self.inner.next_id.fetch_add(1, Ordering::Relaxed)),
+            id: self.inner.counters.next_id(),
             kind: spec.kind.clone(),
             started_at_height: self.tip(),
             deadline_height: spec.deadline_height,
         }
     }
 
-    /// Spawns the action that was just granted `wallet`'s slot.
-    fn start<F, Fut, T, E>(
+    /// Sets up the action that was just granted `wallet`'s slot: its shared
+    /// state, the lease that frees the slot whatever happens from here on,
+    /// its deadline entry and its tracing span.
+    fn admit(
         &self,
         wallet: K,
         spec: ActionSpec,
         id: ActionId,
         waited: Duration,
-        action: F,
-    ) -> ActionHandle<T, E>
-    where
-        F: FnOnce(ActionCtx<K>) -> Fut,
-        Fut: Future<Output = Result<T, E>> + Send + 'static,
-        T: Send + 'static,
-        E: Send + 'static,
-    {
+    ) -> (Arc<ActionShared<K>>, Lease<K>, tracing::Span) {
         let shared = Arc::new(ActionShared {
             id,
             wallet,
@@ -562,16 +654,18 @@ impl<K: WalletKey> Dispatcher<K> {
             reason: AtomicU8::new(RUNNING),
             released_early: AtomicBool::new(false),
             abort: OnceLock::new(),
+            stopped: Notify::new(),
         });
         // From here on the lease frees the slot, whatever happens.
-        let mut lease = Lease {
-            inner: Arc::clone(&self.inner),
+        let lease = Lease {
+            inner: self.inner_ref(),
             shared: Arc::clone(&shared),
             granted_at: Instant::now(),
             finished: None,
         };
         self.inner
             .counters
+            .mine()
             .dispatched
             .fetch_add(1, Ordering::Relaxed);
         if let Some(deadline) = shared.deadline_height {
@@ -593,10 +687,34 @@ impl<K: WalletKey> Dispatcher<K> {
         span.in_scope(|| {
             tracing::debug!(wait_ms = waited.as_secs_f64() * 1e3, "action granted");
         });
-        let fut = action(ActionCtx {
-            inner: Arc::clone(&self.inner),
-            shared: Arc::clone(&shared),
-        });
+        (shared, lease, span)
+    }
+
+    /// The context handed to an admitted action.
+    fn ctx(&self, shared: &Arc<ActionShared<K>>) -> ActionCtx<K> {
+        ActionCtx {
+            inner: self.inner_ref(),
+            shared: Arc::clone(shared),
+        }
+    }
+
+    /// Spawns the action that was just granted `wallet`'s slot.
+    fn start<F, Fut, T, E>(
+        &self,
+        wallet: K,
+        spec: ActionSpec,
+        id: ActionId,
+        waited: Duration,
+        action: F,
+    ) -> ActionHandle<T, E>
+    where
+        F: FnOnce(ActionCtx<K>) -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let (shared, mut lease, span) = self.admit(wallet, spec, id, waited);
+        let fut = action(self.ctx(&shared));
         let join = tokio::spawn(
             async move {
                 let result = fut.await;
@@ -613,6 +731,60 @@ impl<K: WalletKey> Dispatcher<K> {
             join.abort();
         }
         ActionHandle::new(join, shared)
+    }
+
+    /// Like [`Dispatcher::try_dispatch`], but runs the action in the
+    /// caller's task instead of spawning one: a busy wallet is refused at
+    /// once ([`DispatchError::WalletBusy`]); otherwise this future runs the
+    /// action to its end and returns its outcome. For callers that already
+    /// run in a task of their own per piece of work (a request handler, a
+    /// test), this saves a spawn and lets the action borrow from the
+    /// caller; it also measures the dispatcher's own cost.
+    ///
+    /// The same guarantees hold: the slot is freed however the action ends.
+    /// It expires at its deadline ([`Outcome::Expired`], the
+    /// [`Dispatcher::on_expired`] callback run), and dropping this future
+    /// cancels it. A panic in the action frees the slot (counted in
+    /// [`Stats::panics`]) and goes on unwinding into the caller, as any
+    /// panic in the caller's own code would.
+    pub async fn try_run<F, Fut, T, E>(
+        &self,
+        wallet: K,
+        spec: ActionSpec,
+        action: F,
+    ) -> Result<Outcome<T, E>, DispatchError<K>>
+    where
+        F: FnOnce(ActionCtx<K>) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let id = self.acquire_now(&wallet, &spec, false)?;
+        let (shared, mut lease, span) = self.admit(wallet, spec, id, Duration::ZERO);
+        let fut = action(self.ctx(&shared));
+        let result = async {
+            tokio::select! {
+                biased;
+                () = shared.stopped.notified() => None,
+                result = fut => Some(result),
+            }
+        }
+        .instrument(span)
+        .await;
+        // The action's future is dropped: free the slot (the lease's `Drop`
+        // counts the outcome and runs the expiry callback).
+        let outcome = match result {
+            Some(Ok(value)) => {
+                lease.finished = Some(true);
+                Outcome::Completed(value)
+            }
+            Some(Err(error)) => {
+                lease.finished = Some(false);
+                Outcome::Failed(error)
+            }
+            None if shared.reason.load(Ordering::SeqCst) == EXPIRED => Outcome::Expired,
+            None => Outcome::Cancelled,
+        };
+        drop(lease);
+        Ok(outcome)
     }
 
     /// Whether `wallet` has an exclusive action now.
@@ -697,18 +869,27 @@ impl<K: WalletKey> Dispatcher<K> {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        let c = &self.inner.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let stripes = &self.inner.counters.stripes;
+        let sum = |field: fn(&Stripe) -> &AtomicU64| {
+            stripes
+                .iter()
+                .map(|s| field(&s.0).load(Ordering::Relaxed))
+                .sum()
+        };
         Stats {
-            dispatched: get(&c.dispatched),
-            busy_rejections: get(&c.busy_rejections),
-            timeouts: get(&c.timeouts),
-            deepest_queue: get(&c.deepest_queue),
-            completed: get(&c.completed),
-            failed: get(&c.failed),
-            panics: get(&c.panics),
-            cancellations: get(&c.cancellations),
-            expirations: get(&c.expirations),
+            dispatched: sum(|s| &s.dispatched),
+            busy_rejections: sum(|s| &s.busy_rejections),
+            timeouts: sum(|s| &s.timeouts),
+            deepest_queue: stripes
+                .iter()
+                .map(|s| s.0.deepest_queue.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0),
+            completed: sum(|s| &s.completed),
+            failed: sum(|s| &s.failed),
+            panics: sum(|s| &s.panics),
+            cancellations: sum(|s| &s.cancellations),
+            expirations: sum(|s| &s.expirations),
         }
     }
 }

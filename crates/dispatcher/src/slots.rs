@@ -23,7 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use crate::{ActionId, ActionKind, WalletKey, lock};
+use crate::{ActionId, ActionKind, Padded, WalletKey, lock};
 
 /// Number of shards: a power of two well above the core count.
 const SHARDS: usize = 64;
@@ -77,16 +77,25 @@ impl Slot {
     }
 }
 
-/// The sharded map of wallet slots.
+/// One shard: the slots of the busy wallets whose key hashes to it.
+type Shard<K> = Mutex<HashMap<K, Slot>>;
+
+/// The sharded map of wallet slots. Each shard sits on cache lines of its
+/// own ([`Padded`]): two threads working on wallets of different shards
+/// never write to the same line (a bare `Mutex<HashMap>` is 56 bytes, so
+/// neighbouring shards would share one and every lock taken would evict the
+/// other thread's copy).
 pub(crate) struct Slots<K> {
-    shards: Box<[Mutex<HashMap<K, Slot>>]>,
+    shards: Box<[Padded<Shard<K>>]>,
     hasher: RandomState,
 }
 
 impl<K: WalletKey> Slots<K> {
     pub(crate) fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Padded(Mutex::new(HashMap::new())))
+                .collect(),
             hasher: RandomState::new(),
         }
     }
@@ -94,7 +103,7 @@ impl<K: WalletKey> Slots<K> {
     /// The locked shard that holds `wallet`.
     fn shard(&self, wallet: &K) -> MutexGuard<'_, HashMap<K, Slot>> {
         let index = self.hasher.hash_one(wallet) as usize % SHARDS;
-        lock(&self.shards[index])
+        lock(&self.shards[index].0)
     }
 
     /// Takes the slot for `holder`, or returns the action holding it.

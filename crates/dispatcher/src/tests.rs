@@ -737,3 +737,191 @@ fn dispatching_outside_a_runtime_is_an_error() {
     assert!(matches!(result, Err(DispatchError::NoRuntime)));
     assert!(!d.is_busy(&1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_run_holds_the_wallet_in_the_callers_task_and_frees_it_on_every_exit_path() {
+    let d: Dispatcher<u64> = Dispatcher::new();
+    let expired = Arc::new(AtomicUsize::new(0));
+    d.on_expired({
+        let expired = Arc::clone(&expired);
+        move |_, _, _| {
+            expired.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let free = |d: &Dispatcher<u64>| {
+        let d = d.clone();
+        async move {
+            d.try_run(1, spec(ActionKind::HEARTBEAT), |_| async {
+                Ok::<_, ()>(())
+            })
+            .await
+            .expect("the wallet is free")
+        }
+    };
+
+    // Completed, borrowing from the caller (no 'static needed).
+    let mut seen = Vec::new();
+    let outcome = d
+        .try_run(1, spec(ActionKind::SEND), |ctx| {
+            let seen = &mut seen;
+            async move {
+                seen.push(ctx.id());
+                Ok::<_, ()>(7)
+            }
+        })
+        .within()
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Completed(7));
+    assert_eq!(seen.len(), 1);
+
+    // Busy while it runs, with a spawned action or another inline run.
+    let go = Arc::new(Notify::new());
+    let running = tokio::spawn({
+        let d = d.clone();
+        let go = Arc::clone(&go);
+        async move { d.try_run(1, spec(ActionKind::SWEEP), |_| park(go)).await }
+    });
+    eventually(|| d.is_busy(&1)).await;
+    let busy = d
+        .try_run(1, spec(ActionKind::SEND), |_| async { Ok::<_, ()>(()) })
+        .await;
+    assert!(
+        matches!(&busy, Err(DispatchError::WalletBusy { kind, .. }) if *kind == ActionKind::SWEEP),
+        "{busy:?}"
+    );
+    assert!(matches!(
+        d.try_dispatch(1, spec(ActionKind::SEND), |_| async { Ok::<_, ()>(()) }),
+        Err(DispatchError::WalletBusy { .. })
+    ));
+    go.notify_one();
+    assert_eq!(
+        running.within().await.unwrap().unwrap(),
+        Outcome::Completed(())
+    );
+    assert_eq!(free(&d).await, Outcome::Completed(()));
+
+    // Failed.
+    let failed = d
+        .try_run(1, spec(ActionKind::SEND), |_| async {
+            Err::<(), _>("no coins")
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed, Outcome::Failed("no coins"));
+    assert_eq!(free(&d).await, Outcome::Completed(()));
+
+    // Panicked: the panic reaches the caller's task; the wallet is freed.
+    let panicked = tokio::spawn({
+        let d = d.clone();
+        async move {
+            d.try_run(1, spec(ActionKind::SEND), |_| async {
+                tokio::task::yield_now().await;
+                if true {
+                    panic!("boom");
+                }
+                Ok::<(), ()>(())
+            })
+            .await
+        }
+    });
+    assert!(panicked.within().await.unwrap_err().is_panic());
+    assert_eq!(free(&d).await, Outcome::Completed(()));
+
+    // Cancelled: the caller drops the future.
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = DropFlag(Arc::clone(&dropped));
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(20),
+        d.try_run(1, spec(ActionKind::SEND), move |_| async move {
+            let _flag = flag;
+            std::future::pending::<Result<()>>().await
+        }),
+    )
+    .await;
+    assert!(cancelled.is_err(), "still running when the caller gave up");
+    assert!(dropped.load(Ordering::SeqCst));
+    assert!(!d.is_busy(&1));
+    assert_eq!(free(&d).await, Outcome::Completed(()));
+
+    // Expired: the tip reaches its deadline while it runs.
+    d.set_tip(10);
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = DropFlag(Arc::clone(&dropped));
+    let expiring = tokio::spawn({
+        let d = d.clone();
+        async move {
+            d.try_run(
+                1,
+                spec(ActionKind::SEND).deadline(12),
+                move |_| async move {
+                    let _flag = flag;
+                    std::future::pending::<Result<()>>().await
+                },
+            )
+            .await
+        }
+    });
+    eventually(|| d.is_busy(&1)).await;
+    assert_eq!(d.set_tip(12), 1);
+    assert_eq!(expiring.within().await.unwrap().unwrap(), Outcome::Expired);
+    assert!(dropped.load(Ordering::SeqCst));
+    assert_eq!(expired.load(Ordering::SeqCst), 1, "the callback ran once");
+    assert_eq!(free(&d).await, Outcome::Completed(()));
+
+    let stats = d.stats();
+    assert_eq!(
+        (
+            stats.completed,
+            stats.failed,
+            stats.panics,
+            stats.cancellations,
+            stats.expirations,
+            stats.busy_rejections,
+        ),
+        (7, 1, 1, 1, 1, 2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn try_run_and_try_dispatch_share_the_slots_under_contention() {
+    // 2,000 tasks over 20 wallets, half running inline and half spawning:
+    // an independent per-wallet counter never sees two actions at once.
+    let d: Dispatcher<u32> = Dispatcher::new();
+    let inside: Arc<Vec<AtomicUsize>> = Arc::new((0..20).map(|_| AtomicUsize::new(0)).collect());
+    let ran = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..2_000u32)
+        .map(|i| {
+            let (d, inside, ran) = (d.clone(), Arc::clone(&inside), Arc::clone(&ran));
+            tokio::spawn(async move {
+                let wallet = i % 20;
+                let body = move |_ctx| async move {
+                    let now = inside[wallet as usize].fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(now, 0, "two actions on wallet {wallet} at once");
+                    tokio::task::yield_now().await;
+                    inside[wallet as usize].fetch_sub(1, Ordering::SeqCst);
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, ()>(())
+                };
+                if i % 2 == 0 {
+                    match d.try_run(wallet, spec(ActionKind::SEND), body).await {
+                        Ok(outcome) => assert_eq!(outcome, Outcome::Completed(())),
+                        Err(e) => assert!(matches!(e, DispatchError::WalletBusy { .. })),
+                    }
+                } else {
+                    match d.try_dispatch(wallet, spec(ActionKind::SEND), body) {
+                        Ok(handle) => assert_eq!(handle.outcome().await, Outcome::Completed(())),
+                        Err(e) => assert!(matches!(e, DispatchError::WalletBusy { .. })),
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.within().await.unwrap();
+    }
+    let stats = d.stats();
+    assert_eq!(stats.completed, ran.load(Ordering::SeqCst) as u64);
+    assert_eq!(stats.dispatched + stats.busy_rejections, 2_000);
+    assert!((0..20).all(|w| !d.is_busy(&w)));
+}
