@@ -83,6 +83,7 @@
 //! assert_eq!(tip, Some((100, [7; 32])));
 //! ```
 
+mod actions;
 mod error;
 #[doc(hidden)]
 pub mod faults;
@@ -95,6 +96,7 @@ mod wallet_tables;
 #[cfg(test)]
 mod tests;
 
+pub use actions::{CheckpointRow, OutcomeRow};
 pub use error::{ErrorKind, OpenError, SqliteError, StoreError};
 pub use open::StoreOptions;
 pub use store::{LoopClaim, Store};

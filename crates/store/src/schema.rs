@@ -198,6 +198,37 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         UPDATE registry_version SET version = version + 1 WHERE id = 0;
     END;
     ",
+    // v10: durable actions. `action_checkpoints` holds each live action's
+    // last persisted step (its state, encoded by the actions crate), written
+    // in the same transaction as the coin locks and wallet changes of that
+    // step; `action_outcomes` keeps how each finished action ended, so that
+    // a restarted caller can ask. A coin lock may expire at a height: an
+    // action renews its locks while it lives, so the coins of an action
+    // that can never resume come back on their own (NULL: never, e.g. the
+    // inputs of a transaction already broadcast).
+    "
+    CREATE TABLE action_checkpoints (
+        id         TEXT    PRIMARY KEY,
+        namespace  TEXT    NOT NULL,
+        wallet_id  INTEGER NOT NULL REFERENCES wallets (wallet_id),
+        step       INTEGER NOT NULL CHECK (step >= 0),
+        attempts   INTEGER NOT NULL CHECK (attempts >= 0),
+        state      BLOB    NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE action_outcomes (
+        id          TEXT    PRIMARY KEY,
+        namespace   TEXT    NOT NULL,
+        wallet_id   INTEGER NOT NULL REFERENCES wallets (wallet_id),
+        outcome     TEXT    NOT NULL,
+        detail      TEXT    NOT NULL,
+        finished_at INTEGER NOT NULL
+    ) STRICT;
+
+    ALTER TABLE coin_locks ADD COLUMN expires_at INTEGER NULL CHECK (expires_at >= 0);
+    ",
 ];
 
 /// The latest schema version this build knows.

@@ -237,7 +237,7 @@ fn corrupt_file_opens_without_integrity_check() {
     // file opens (and the damage surfaces later as StoreError::Corrupt).
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
-    make_ours(&path, 2000);
+    make_ours(&path, 6000);
     corrupt_middle_page(&path);
     let options = StoreOptions {
         verify_integrity: false,
@@ -978,4 +978,67 @@ async fn dropping_the_last_handle_on_a_worker_does_not_wait_for_the_writer() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(tip, Some((7, hash(7))));
+}
+
+#[test]
+fn a_checkpoint_is_replaced_step_by_step_and_finishing_keeps_only_the_outcome() {
+    use crate::{CheckpointRow, OutcomeRow};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&db_path(&dir));
+    let wallet = store
+        .write_blocking(|tx| tx.insert_wallet("w", 0, None))
+        .unwrap();
+    let row = move |step: u64, state: &[u8]| CheckpointRow {
+        id: "send-1".into(),
+        namespace: "send".into(),
+        wallet_id: wallet,
+        step,
+        attempts: 0,
+        state: state.to_vec(),
+    };
+    store
+        .write_blocking(move |tx| {
+            tx.put_checkpoint(&row(1, b"selected"))?;
+            tx.put_checkpoint(&row(2, b"signed"))
+        })
+        .unwrap();
+    let (one, all) = store
+        .read_blocking(|tx| Ok::<_, StoreError>((tx.checkpoint("send-1")?, tx.checkpoints()?)))
+        .unwrap();
+    assert_eq!(one, Some(row(2, b"signed")));
+    assert_eq!(all, vec![row(2, b"signed")]);
+    // A checkpoint for a wallet that does not exist is refused.
+    let mut orphan = row(1, b"x");
+    orphan.id = "orphan".into();
+    orphan.wallet_id = WalletId::from_i64(999);
+    let err = store
+        .write_blocking(move |tx| tx.put_checkpoint(&orphan))
+        .unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::Invalid, "{err:?}");
+
+    let outcome = OutcomeRow {
+        id: "send-1".into(),
+        namespace: "send".into(),
+        wallet_id: wallet,
+        outcome: "done".into(),
+        detail: "confirmed".into(),
+    };
+    let removed = store
+        .write_blocking({
+            let outcome = outcome.clone();
+            move |tx| tx.finish_action(&outcome, "action-send-1")
+        })
+        .unwrap();
+    assert!(removed);
+    let (one, all, ended) = store
+        .read_blocking(|tx| {
+            Ok::<_, StoreError>((
+                tx.checkpoint("send-1")?,
+                tx.checkpoints()?,
+                tx.action_outcome("send-1")?,
+            ))
+        })
+        .unwrap();
+    assert_eq!((one, all.len()), (None, 0));
+    assert_eq!(ended, Some(outcome));
 }

@@ -18,7 +18,7 @@ pub use keychains::{KeychainRow, NewKeychain};
 pub use transactions::{PendingBroadcast, WalletTxRow};
 
 /// Reads a non-negative integer column as `u64` (SQLite integers are i64).
-pub(super) fn get_u64(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<u64> {
+pub(crate) fn get_u64(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<u64> {
     let value: i64 = row.get(column)?;
     u64::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(column, value))
 }
