@@ -1,5 +1,6 @@
 //! lockstep's cross-crate tests: one binary, one module per area.
 
+mod actions;
 mod crash;
 mod dispatch;
 mod events;

@@ -21,6 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use bitcoin;
+pub use lockstep_actions::{
+    Advance, DriveError, DriveMode, DriveOutcome, Executor, ExecutorConfig, FeeBump, Spend,
+    SpendState, StepCtx, StepError, StopError, WalletAction,
+};
 pub use lockstep_chain as chain;
 pub use lockstep_dispatcher::{
     ActionCtx, ActionHandle, ActionId, ActionKind, ActionSpec, DispatchError, Outcome, SignPermit,
@@ -53,6 +57,8 @@ use tokio::sync::{broadcast, watch};
 pub struct Lockstep {
     manager: Manager,
     dispatcher: Dispatcher<WalletId>,
+    /// Durable actions, admitted through `dispatcher`.
+    executor: Executor,
     /// The task feeding the loop's tip to the dispatcher (deadlines in
     /// blocks), while the loop runs.
     tip_feed: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
@@ -114,11 +120,37 @@ impl Lockstep {
     /// database to compare with the oracle).
     #[doc(hidden)]
     pub fn from_manager(manager: Manager) -> Lockstep {
+        Self::from_manager_with(manager, ExecutorConfig::default())
+    }
+
+    /// [`Lockstep::from_manager`] with the executor's configuration (the
+    /// tests run every step twice).
+    #[doc(hidden)]
+    pub fn from_manager_with(manager: Manager, config: ExecutorConfig) -> Lockstep {
+        let dispatcher = Dispatcher::new();
+        let executor = Executor::new(
+            manager.store().clone(),
+            manager.registry().clone(),
+            Arc::clone(manager.source()),
+            dispatcher.clone(),
+            manager.tip(),
+            config,
+        );
+        executor.register::<Spend>();
         Lockstep {
             manager,
-            dispatcher: Dispatcher::new(),
+            dispatcher,
+            executor,
             tip_feed: Arc::new(std::sync::Mutex::new(None)),
         }
+    }
+
+    /// The durable actions' executor: [`Executor::drive`] a [`Spend`] (a
+    /// send or a consolidation) to its end, surviving crashes and restarts;
+    /// [`Executor::resume_all`] at start-up re-drives every action a
+    /// previous run left.
+    pub fn executor(&self) -> &Executor {
+        &self.executor
     }
 
     /// The action slots: one exclusive action per wallet, deadlines in

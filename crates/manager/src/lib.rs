@@ -203,6 +203,8 @@ struct Shared {
     stop: watch::Sender<bool>,
     store: Store,
     config: ManagerConfig,
+    /// The chain source (also the engine's), for those who broadcast.
+    source: Arc<dyn ChainSource>,
 }
 
 /// The one chain loop for all wallets. Cloning gives another handle on the
@@ -234,7 +236,7 @@ impl Manager {
         let registry = Registry::new(store.clone(), config.registry_capacity);
         let engine = Engine::new(
             store.clone(),
-            source,
+            Arc::clone(&source),
             config.clone(),
             Arc::clone(&out),
             stop.subscribe(),
@@ -249,8 +251,14 @@ impl Manager {
                 stop,
                 store,
                 config,
+                source,
             }),
         }
+    }
+
+    /// The chain source the loop follows (broadcasts go to it too).
+    pub fn source(&self) -> &Arc<dyn ChainSource> {
+        &self.shared.source
     }
 
     /// Sets the hook called inside every block's transaction.

@@ -110,6 +110,21 @@ impl ReadTx<'_> {
             .or_store()
     }
 
+    /// How many of `holder`'s coin locks never expire (they guard a
+    /// transaction persisted for broadcast).
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn guarded_locks(&self, holder: &str) -> Result<u64, StoreError> {
+        self.tx
+            .prepare_cached(
+                "SELECT count(*) FROM coin_locks WHERE holder = ?1 AND expires_at IS NULL",
+            )
+            .or_store()?
+            .query_row([holder], |row| crate::wallet_tables::get_u64(row, 0))
+            .or_store()
+    }
+
     /// How many coins are locked, by holder (every wallet).
     ///
     /// # Errors

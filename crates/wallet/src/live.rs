@@ -179,6 +179,22 @@ impl LiveWallet {
         }
     }
 
+    /// Runs `f` on the wallet inside one write transaction of the shared
+    /// store, so that whatever else `f` writes (an action's checkpoint)
+    /// commits or rolls back together with the wallet's change. Reloads the
+    /// instance if the transaction fails; scripts `f` derives are watched
+    /// by the loop before its next block.
+    ///
+    /// # Errors
+    /// `f`'s error, or the database's.
+    pub async fn transact<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
+    where
+        F: FnOnce(&mut Wallet, &mut WriteTx<'_>) -> Result<T, WalletError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.change(f).await
+    }
+
     /// Runs `f` on the wallet in a write transaction; reloads the instance
     /// if the transaction fails.
     async fn change<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
@@ -329,22 +345,8 @@ impl LiveWallet {
         holder: &str,
     ) -> Result<Selection, WalletError> {
         let holder = holder.to_owned();
-        self.change(move |wallet, tx| {
-            // Its change index must be the one the reveal below takes.
-            wallet.refresh_if_moved(tx)?;
-            let selection = wallet.select_and_lock(tx, &request, &holder)?;
-            if let Some(change) = &selection.change {
-                let (_, script, _) = wallet.reveal_next(tx, Keychain::Internal)?;
-                if script != change.script_pubkey {
-                    return Err(WalletError::Corrupt {
-                        wallet_id: wallet.id(),
-                        detail: "change script is not the next internal one".into(),
-                    });
-                }
-            }
-            Ok(selection)
-        })
-        .await
+        self.change(move |wallet, tx| wallet.select_lock_and_reveal_change(tx, &request, &holder))
+            .await
     }
 
     /// Builds, signs and finalises the transaction of a selection, off the

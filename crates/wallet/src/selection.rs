@@ -147,21 +147,7 @@ impl Wallet {
         let fee = selector.selected_value() - target.value() - drain.value;
         let outpoints: Vec<([u8; 32], u32)> = chosen.iter().map(|c| (c.txid, c.vout)).collect();
         tx.lock_coins(self.id(), &outpoints, holder)?;
-        let coins = chosen
-            .into_iter()
-            .map(|c| Coin {
-                outpoint: OutPoint::new(Txid::from_byte_array(c.txid), c.vout),
-                txout: TxOut {
-                    value: Amount::from_sat(c.value),
-                    script_pubkey: ScriptBuf::from(c.script),
-                },
-                keychain: Keychain::from_u8(c.keychain).unwrap_or(Keychain::External),
-                index: c.index,
-                height: c.height,
-                is_coinbase: c.is_coinbase,
-                spent: None,
-            })
-            .collect();
+        let coins = chosen.into_iter().map(coin_of_row).collect();
         Ok(Selection {
             holder: holder.to_owned(),
             coins,
@@ -216,6 +202,127 @@ impl Wallet {
     /// The most weight spending one coin of a keychain adds besides the
     /// input's fixed fields: script signature and witness, as miniscript
     /// computes them for the descriptor.
+    /// [`Wallet::select_and_lock`], then hands out the change script (the
+    /// next internal one) so that no other transaction uses it: what a live
+    /// wallet's spend does inside its write transaction.
+    ///
+    /// # Errors
+    /// As [`Wallet::select_and_lock`].
+    pub fn select_lock_and_reveal_change(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        request: &SpendRequest,
+        holder: &str,
+    ) -> Result<Selection, WalletError> {
+        // Its change index must be the one the reveal below takes.
+        self.refresh_if_moved(tx)?;
+        let selection = self.select_and_lock(tx, request, holder)?;
+        if let Some(change) = &selection.change {
+            let (_, script, _) = self.reveal_next(tx, Keychain::Internal)?;
+            if script != change.script_pubkey {
+                return Err(WalletError::Corrupt {
+                    wallet_id: self.id(),
+                    detail: "change script is not the next internal one".into(),
+                });
+            }
+        }
+        Ok(selection)
+    }
+
+    /// Locks the wallet's free mature coins (the smallest first, at most
+    /// `max_inputs`) for `holder` and pays them, less the fee at
+    /// `fee_rate_sat_vb`, to one newly revealed internal script of the
+    /// wallet: a consolidation. Needs at least `min_inputs` coins.
+    ///
+    /// # Errors
+    /// [`WalletError::InsufficientFunds`] if fewer than `min_inputs` coins
+    /// are free or they do not cover the fee; a bad request; the database's
+    /// error.
+    pub fn sweep_and_lock(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        holder: &str,
+        fee_rate_sat_vb: f32,
+        min_inputs: usize,
+        max_inputs: usize,
+    ) -> Result<Selection, WalletError> {
+        if !(fee_rate_sat_vb.is_finite() && fee_rate_sat_vb > 0.0)
+            || min_inputs == 0
+            || max_inputs < min_inputs
+        {
+            return Err(WalletError::InvalidRequest(
+                "the fee rate must be positive and 1 <= min_inputs <= max_inputs",
+            ));
+        }
+        self.refresh_if_moved(tx)?;
+        let rows = tx.unspent_coins_with_locks(self.id())?;
+        let locked: u64 = rows
+            .iter()
+            .filter(|(_, h)| h.is_some())
+            .map(|(c, _)| c.value)
+            .sum();
+        let tip = tx.tip()?.map(|(h, _)| h);
+        let mut free: Vec<_> = rows
+            .into_iter()
+            .filter(|(c, h)| {
+                h.is_none() && !crate::wallet::is_immature(c.is_coinbase, c.height, tip)
+            })
+            .map(|(c, _)| c)
+            .collect();
+        free.sort_by_key(|c| (c.value, c.txid, c.vout));
+        free.truncate(max_inputs);
+        let available: u64 = free.iter().map(|c| c.value).sum();
+        let to = self
+            .descriptors()
+            .script_at(Keychain::Internal, self.next_index(Keychain::Internal))?;
+        // Version, locktime, counts, segwit marker: ~10.5 vB; each input its
+        // outpoint, sequence and witness; one output.
+        let mut weight = 4 * 10 + 2;
+        for c in &free {
+            let keychain = Keychain::from_u8(c.keychain).unwrap_or(Keychain::External);
+            weight += TXIN_BASE_WEIGHT + self.satisfaction_weight(keychain)?;
+        }
+        weight += TXOUT_BASE_WEIGHT + to.len() as u64 * 4;
+        let fee = (weight.div_ceil(4) as f64 * f64::from(fee_rate_sat_vb)).ceil() as u64;
+        let dust = to.minimal_non_dust().to_sat();
+        if free.len() < min_inputs || available < fee + dust {
+            return Err(WalletError::InsufficientFunds {
+                needed: Amount::from_sat(fee + dust),
+                available: Amount::from_sat(available),
+                locked: Amount::from_sat(locked),
+            });
+        }
+        let outpoints: Vec<([u8; 32], u32)> = free.iter().map(|c| (c.txid, c.vout)).collect();
+        tx.lock_coins(self.id(), &outpoints, holder)?;
+        let (_, script, _) = self.reveal_next(tx, Keychain::Internal)?;
+        if script != to {
+            return Err(WalletError::Corrupt {
+                wallet_id: self.id(),
+                detail: "sweep script is not the next internal one".into(),
+            });
+        }
+        let coins = free.into_iter().map(coin_of_row).collect();
+        Ok(Selection {
+            holder: holder.to_owned(),
+            coins,
+            recipients: vec![TxOut {
+                value: Amount::from_sat(available - fee),
+                script_pubkey: to,
+            }],
+            change: None,
+            fee: Amount::from_sat(fee),
+        })
+    }
+
+    /// Forgets a broadcast the source rejected (it leaves the history and
+    /// no longer keeps its inputs locked). Returns whether it was there.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub fn forget_broadcast(&self, tx: &mut WriteTx<'_>, txid: Txid) -> Result<bool, WalletError> {
+        Ok(tx.forget_broadcast(self.id(), &txid.to_byte_array())?)
+    }
+
     fn satisfaction_weight(&self, keychain: Keychain) -> Result<u64, WalletError> {
         self.descriptors()
             .descriptor(keychain)
@@ -225,5 +332,21 @@ impl Wallet {
                 wallet_id: self.id(),
                 detail: format!("unsatisfiable descriptor: {e}"),
             })
+    }
+}
+
+/// A selected coin from its row.
+fn coin_of_row(c: lockstep_store::CoinRow) -> Coin {
+    Coin {
+        outpoint: OutPoint::new(Txid::from_byte_array(c.txid), c.vout),
+        txout: TxOut {
+            value: Amount::from_sat(c.value),
+            script_pubkey: ScriptBuf::from(c.script),
+        },
+        keychain: Keychain::from_u8(c.keychain).unwrap_or(Keychain::External),
+        index: c.index,
+        height: c.height,
+        is_coinbase: c.is_coinbase,
+        spent: None,
     }
 }

@@ -126,6 +126,29 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Forgets a broadcast the source rejected: the row of `txid` goes if
+    /// it is still unconfirmed and carries raw bytes (a transaction seen in
+    /// a block is never forgotten). Returns whether it went.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn forget_broadcast(
+        &mut self,
+        wallet_id: WalletId,
+        txid: &[u8; 32],
+    ) -> Result<bool, StoreError> {
+        let removed = self
+            .read
+            .tx
+            .prepare_cached(
+                "DELETE FROM wallet_txs WHERE wallet_id = ?1 AND txid = ?2 AND height IS NULL AND raw IS NOT NULL",
+            )
+            .or_store()?
+            .execute(params![wallet_id.as_i64(), txid])
+            .or_store()?;
+        Ok(removed > 0)
+    }
+
     /// Marks the wallet's transaction `txid` conflicted by the confirmed
     /// transaction `by` at `height`.
     ///

@@ -1,0 +1,317 @@
+//! Issue #16, durable actions: sends and consolidations that persist every
+//! step (each step run twice, to test idempotence), survive a restart of
+//! the whole process state between any two steps, pay each payee once and
+//! leave no coin locked.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::bip32::Xpriv;
+use bitcoin::{Amount, NetworkKind, ScriptBuf, TxOut};
+use lockstep::{
+    DriveMode, DriveOutcome, ExecutorConfig, Keychain, Lockstep, NewWallet, Spend, WalletId,
+};
+use lockstep_chain::{SimChain, SimParams};
+use lockstep_manager::{Manager, ManagerConfig};
+use lockstep_store::{Store, StoreError, StoreOptions};
+use lockstep_testkit::oracle::check_wallet;
+use lockstep_tests::rig::runtime;
+use lockstep_tests::{key, p2wpkh};
+use lockstep_wallet::WalletDescriptors;
+
+/// A facade over the database in `dir`, every action step run twice.
+fn open(dir: &Path, chain: &SimChain) -> (Lockstep, Manager) {
+    let store = Store::open(&dir.join("w.db"), StoreOptions::default()).unwrap();
+    let manager = Manager::new(store, Arc::new(chain.clone()), ManagerConfig::default());
+    let config = ExecutorConfig {
+        run_each_step_twice: true,
+        ..ExecutorConfig::default()
+    };
+    (
+        Lockstep::from_manager_with(manager.clone(), config),
+        manager,
+    )
+}
+
+/// A signing wallet (passphrase "pw") born after `height`, paid `coins`
+/// coins of `sats` in one block, synced and unlocked.
+async fn funded(
+    lockstep: &Lockstep,
+    chain: &SimChain,
+    seed: u8,
+    coins: usize,
+    sats: u64,
+) -> WalletId {
+    let root = Xpriv::new_master(NetworkKind::Test, &[seed; 32]).unwrap();
+    let descriptors = WalletDescriptors::parse(
+        &format!("wpkh({root}/84h/1h/0h/0/*)"),
+        &format!("wpkh({root}/84h/1h/0h/1/*)"),
+        bitcoin::Network::Regtest,
+    )
+    .unwrap();
+    let id = lockstep
+        .register(
+            NewWallet::new(format!("w{seed}"), descriptors)
+                .born_at(chain.tip().height + 1)
+                .passphrase("pw"),
+        )
+        .await
+        .unwrap();
+    let wallet = lockstep.wallet(id).await.unwrap();
+    for _ in 0..coins {
+        let address = wallet.reveal_address(Keychain::External).await.unwrap();
+        chain
+            .pay(address.address.script_pubkey(), Amount::from_sat(sats))
+            .unwrap();
+    }
+    chain.mine(1).unwrap();
+    lockstep.sync().await.unwrap();
+    wallet.unlock("pw").await.unwrap();
+    id
+}
+
+/// What the chain paid `script`, output by output.
+fn paid_to(chain: &SimChain, script: &ScriptBuf) -> Vec<Amount> {
+    let truth = chain.truth([script]);
+    truth
+        .unspent
+        .iter()
+        .map(|c| c.txout.value)
+        .chain(truth.spent.iter().map(|c| c.coin.txout.value))
+        .collect()
+}
+
+/// The wallet equals the oracle and no coin is locked by anyone.
+async fn settled(manager: &Manager, chain: &SimChain, id: WalletId) {
+    let chain = chain.clone();
+    let tip = chain.tip().height;
+    let (check, holders) = manager
+        .store()
+        .read(move |tx| {
+            let check = check_wallet(tx, &chain, id, tip).map_err(|e| e.to_string());
+            Ok::<_, StoreError>((check, tx.lock_holders()?))
+        })
+        .await
+        .unwrap();
+    let check = check.unwrap();
+    assert!(check.ok(), "{:?}", check.mismatch);
+    assert!(holders.is_empty(), "coins still locked: {holders:?}");
+}
+
+#[test]
+fn a_send_survives_a_restart_after_each_step_and_pays_once() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(161), 105).unwrap();
+        let payee = p2wpkh(&key(61));
+        let id = {
+            let (lockstep, _) = open(dir.path(), &chain);
+            lockstep.sync().await.unwrap();
+            funded(&lockstep, &chain, 61, 3, 50_000).await
+        };
+        let send = Spend::send(
+            "invoice-61",
+            id,
+            vec![TxOut {
+                value: Amount::from_sat(70_000),
+                script_pubkey: payee.clone(),
+            }],
+            2.0,
+            2,
+        );
+
+        // Each round: a fresh process state over the same database (the
+        // previous one dropped as a crash would), one drive until it parks.
+        let mut parked = 0;
+        let outcome = loop {
+            let (lockstep, _) = open(dir.path(), &chain);
+            lockstep.sync().await.unwrap();
+            lockstep
+                .wallet(id)
+                .await
+                .unwrap()
+                .unlock("pw")
+                .await
+                .unwrap();
+            let outcome = lockstep
+                .executor()
+                .drive(send.clone(), DriveMode::UntilParkOrDone)
+                .await
+                .unwrap();
+            if outcome != DriveOutcome::Parked {
+                break outcome;
+            }
+            parked += 1;
+            assert!(parked < 10, "the send never finished");
+            chain.mine(1).unwrap();
+        };
+        assert!(
+            matches!(&outcome, DriveOutcome::Done(detail) if detail.contains("confirmed")),
+            "{outcome:?}"
+        );
+        assert!(
+            parked >= 2,
+            "it waited for 2 confirmations ({parked} parks)"
+        );
+        assert_eq!(paid_to(&chain, &payee), vec![Amount::from_sat(70_000)]);
+
+        // Driven again after the end: not run again.
+        let (lockstep, manager) = open(dir.path(), &chain);
+        lockstep.sync().await.unwrap();
+        let again = lockstep
+            .executor()
+            .drive(send.clone(), DriveMode::UntilDone)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&again, DriveOutcome::Finished(row) if row.outcome == "done"),
+            "{again:?}"
+        );
+        chain.mine(1).unwrap();
+        lockstep.sync().await.unwrap();
+        assert_eq!(paid_to(&chain, &payee), vec![Amount::from_sat(70_000)]);
+        settled(&manager, &chain, id).await;
+    });
+}
+
+#[test]
+fn resume_all_finishes_what_a_previous_process_left_and_a_second_drive_takes_no_step() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(162), 105).unwrap();
+        let payees: Vec<ScriptBuf> = (0..3).map(|i| p2wpkh(&key(70 + i))).collect();
+        let id = {
+            let (lockstep, _) = open(dir.path(), &chain);
+            lockstep.sync().await.unwrap();
+            let id = funded(&lockstep, &chain, 62, 6, 40_000).await;
+            // Three sends, each driven until it parks, then the process ends.
+            for (i, payee) in payees.iter().enumerate() {
+                let send = Spend::send(
+                    format!("pay-{i}"),
+                    id,
+                    vec![TxOut {
+                        value: Amount::from_sat(25_000),
+                        script_pubkey: payee.clone(),
+                    }],
+                    1.5,
+                    1,
+                );
+                let outcome = lockstep
+                    .executor()
+                    .drive(send, DriveMode::UntilParkOrDone)
+                    .await
+                    .unwrap();
+                assert_eq!(outcome, DriveOutcome::Parked);
+            }
+            id
+        };
+        chain.mine(1).unwrap();
+        let (lockstep, manager) = open(dir.path(), &chain);
+        lockstep.start();
+        lockstep
+            .wait_for(chain.tip().height, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let tasks = lockstep.executor().resume_all().await.unwrap();
+        assert_eq!(tasks.len(), 3);
+        // A drive of an action resume_all is driving takes no step.
+        let twin = Spend::send("pay-0", id, Vec::new(), 1.0, 1);
+        let second = lockstep
+            .executor()
+            .drive(twin, DriveMode::UntilDone)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                second,
+                DriveOutcome::AlreadyRunning | DriveOutcome::Finished(_)
+            ),
+            "{second:?}"
+        );
+        for task in tasks {
+            let outcome = tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .expect("resumed in time")
+                .unwrap()
+                .unwrap();
+            assert!(matches!(outcome, DriveOutcome::Done(_)), "{outcome:?}");
+        }
+        for payee in &payees {
+            assert_eq!(paid_to(&chain, payee), vec![Amount::from_sat(25_000)]);
+        }
+        chain.mine(1).unwrap();
+        lockstep
+            .wait_for(chain.tip().height, Duration::from_secs(60))
+            .await
+            .unwrap();
+        lockstep.stop().await;
+        settled(&manager, &chain, id).await;
+    });
+}
+
+#[test]
+fn a_consolidation_sweeps_small_coins_into_one_and_a_short_send_fails_with_no_coin_locked() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(163), 105).unwrap();
+        let (lockstep, manager) = open(dir.path(), &chain);
+        lockstep.sync().await.unwrap();
+        let id = funded(&lockstep, &chain, 63, 8, 10_000).await;
+        let sweep = Spend::consolidate("sweep-63", id, 5, 20, 1.0, 1);
+        let outcome = lockstep
+            .executor()
+            .drive(sweep, DriveMode::UntilParkOrDone)
+            .await
+            .unwrap();
+        assert_eq!(outcome, DriveOutcome::Parked);
+        chain.mine(1).unwrap();
+        lockstep.sync().await.unwrap();
+        let outcome = lockstep
+            .executor()
+            .drive(
+                Spend::consolidate("sweep-63", id, 5, 20, 1.0, 1),
+                DriveMode::UntilParkOrDone,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(outcome, DriveOutcome::Done(_)), "{outcome:?}");
+        let wallet = lockstep.wallet(id).await.unwrap();
+        let coins = wallet.coins().await.unwrap();
+        let unspent: Vec<_> = coins
+            .iter()
+            .filter(|c| !matches!(c.state, lockstep::CoinState::Spent { .. }))
+            .collect();
+        assert_eq!(unspent.len(), 1, "{unspent:?}");
+        let total = unspent[0].coin.txout.value.to_sat();
+        assert!(
+            (79_000..80_000).contains(&total),
+            "8 × 10,000 less a small fee: {total}"
+        );
+
+        // A send the wallet cannot pay fails and keeps nothing locked.
+        let short = Spend::send(
+            "too-much",
+            id,
+            vec![TxOut {
+                value: Amount::from_sat(1_000_000),
+                script_pubkey: p2wpkh(&key(63)),
+            }],
+            1.0,
+            1,
+        );
+        let outcome = lockstep
+            .executor()
+            .drive(short, DriveMode::UntilDone)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&outcome, DriveOutcome::Failed(why) if why.contains("insufficient")),
+            "{outcome:?}"
+        );
+        settled(&manager, &chain, id).await;
+    });
+}
