@@ -6,8 +6,9 @@
 //!   say whether retrying helps.
 //! - [`SimChain`]: the embedded regtest chain, deterministic from a seed,
 //!   consensus valid in its signed mode, with background load, scripted
-//!   payments, spends, a validating mempool and reorgs. Its
-//!   [`SimChain::truth`] is the oracle every wallet test compares with.
+//!   payments, spends, a validating mempool that replaces by fee as Bitcoin
+//!   Core does (full RBF), and reorgs. Its [`SimChain::truth`] is the oracle
+//!   every wallet test compares with.
 //! - [`filters`]: building BIP158 basic filters and chaining their headers
 //!   (rust-bitcoin's reference construction, tested on Bitcoin Core's
 //!   vectors).
@@ -21,10 +22,10 @@ mod source;
 pub mod verify;
 
 pub use sim::{
-    ChainStats, Load, LoadError, ReorgReport, ReorgTxs, SaveError, ScriptTotals, SignError,
-    SimChain, SimError, SimMode, SimParams, SpentCoin, Truth, TruthCoin, TruthTx,
+    Accepted, ChainStats, Load, LoadError, ReorgReport, ReorgTxs, SaveError, ScriptTotals,
+    SignError, SimChain, SimError, SimMode, SimParams, SpentCoin, Truth, TruthCoin, TruthTx,
 };
 pub use source::{
-    BlockId, BroadcastError, ChainSource, InvalidTx, Missing, RejectReason, SourceError,
-    SourceErrorKind,
+    BlockId, BroadcastError, ChainSource, FeeRule, InvalidTx, MAX_REPLACEMENTS, Missing,
+    RejectReason, SourceError, SourceErrorKind,
 };

@@ -210,14 +210,35 @@ pub enum RejectReason {
         /// The input that is spent.
         outpoint: OutPoint,
     },
-    /// An input is already spent by another transaction in the mempool (Core:
-    /// `txn-mempool-conflict`; lockstep's sources do not replace).
-    #[error("input {outpoint} is already spent by mempool transaction {spent_by}")]
-    ConflictMempool {
-        /// The input that is spent.
+    /// The transaction conflicts with mempool transactions (spends an
+    /// outpoint they spend) and would replace them, but does not pay enough
+    /// for it (Core: `insufficient fee`). Which of BIP125's fee rules it
+    /// fails, with the amounts compared, is in `rule`: bumping the fee far
+    /// enough gets it in.
+    #[error("insufficient fee: {rule}")]
+    InsufficientFee {
+        /// The replacement rule it fails.
+        rule: FeeRule,
+    },
+    /// Replacing would evict more than [`MAX_REPLACEMENTS`] transactions
+    /// (the direct conflicts and all their mempool descendants; Core: `too
+    /// many potential replacements`, its rule 5). Each is counted once,
+    /// where Core adds up every direct conflict's descendant count and so
+    /// may count a descendant shared by two conflicts twice.
+    #[error("replacing would evict {count} transactions (at most {max})")]
+    TooManyReplacements {
+        /// How many it would evict.
+        count: usize,
+        /// The limit, [`MAX_REPLACEMENTS`].
+        max: usize,
+    },
+    /// The transaction spends an output of a transaction it would replace,
+    /// so it could never be valid after the replacement (Core:
+    /// `bad-txns-spends-conflicting-tx`).
+    #[error("input {outpoint} spends an output of a transaction it would replace")]
+    SpendsConflictingTx {
+        /// The input that spends an output of a replaced transaction.
         outpoint: OutPoint,
-        /// The mempool transaction that spends it.
-        spent_by: Txid,
     },
     /// An input refers to an output the source does not know (Core:
     /// `missing-inputs`).
@@ -232,6 +253,58 @@ pub enum RejectReason {
     /// The transaction breaks a consensus or standardness rule.
     #[error("invalid transaction: {0}")]
     Invalid(InvalidTx),
+}
+
+/// Most transactions one replacement may evict, the direct conflicts and
+/// their descendants together (Bitcoin Core's `MAX_REPLACEMENT_CANDIDATES`,
+/// BIP125 rule 5).
+pub const MAX_REPLACEMENTS: usize = 100;
+
+/// The BIP125 fee rule a replacement fails ([`RejectReason::InsufficientFee`]),
+/// in the order Bitcoin Core checks them: rule 6 against each direct
+/// conflict first, then rules 3 and 4 against everything it would evict.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FeeRule {
+    /// Rule 6: its fee rate is not above that of a transaction it directly
+    /// conflicts with (Core compares the rates in whole sat/kvB, truncated).
+    #[error(
+        "fee rate {fee} / {vsize} vB is not above {conflict}'s {conflict_fee} / {conflict_vsize} vB"
+    )]
+    FeeRate {
+        /// The replacement's absolute fee.
+        fee: Amount,
+        /// The replacement's virtual size.
+        vsize: u64,
+        /// The direct conflict paying at least as high a rate.
+        conflict: Txid,
+        /// That conflict's absolute fee.
+        conflict_fee: Amount,
+        /// That conflict's virtual size.
+        conflict_vsize: u64,
+    },
+    /// Rule 3: its absolute fee is below the sum of the fees of everything
+    /// it would evict (the direct conflicts and their descendants).
+    #[error(
+        "fee {fee} is below the {replaced_fees} paid by the {replaced} transactions it replaces"
+    )]
+    AbsoluteFee {
+        /// The replacement's absolute fee.
+        fee: Amount,
+        /// The fees of every transaction it would evict.
+        replaced_fees: Amount,
+        /// How many transactions it would evict.
+        replaced: usize,
+    },
+    /// Rule 4: what it pays above the evicted transactions does not cover
+    /// its own relay at the incremental relay fee (1 sat/vB).
+    #[error("it adds {additional} in fees, below the {required} its relay needs")]
+    RelayFee {
+        /// Its fee minus the evicted transactions' fees.
+        additional: Amount,
+        /// The incremental relay fee times its virtual size.
+        required: Amount,
+    },
 }
 
 /// The rule a transaction breaks.

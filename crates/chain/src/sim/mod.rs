@@ -191,6 +191,17 @@ pub struct ReorgReport {
     pub dropped_txs: usize,
 }
 
+/// A transaction [`SimChain::submit_replacing`] accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// Its txid.
+    pub txid: Txid,
+    /// The mempool transactions it evicted: the ones it conflicts with and
+    /// all their descendants, in mempool order (empty when it conflicted
+    /// with nothing, or was already in the mempool).
+    pub replaced: Vec<Txid>,
+}
+
 /// Counts describing a chain, for the demo and the benchmarks.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChainStats {
@@ -391,7 +402,7 @@ impl SimChain {
             }
             (SimMode::Unsigned, _) => keys::placeholder_witness(&spent[0].script_pubkey),
         };
-        Ok(state.submit(tx)?)
+        Ok(state.submit(tx)?.0)
     }
 
     /// Spends `outpoint` whole to `script`, less a 500 sat fee.
@@ -418,9 +429,22 @@ impl SimChain {
     }
 
     /// Validates a transaction and puts it into the mempool (what
-    /// [`ChainSource::broadcast`] does).
+    /// [`ChainSource::broadcast`] does). A transaction spending an outpoint
+    /// that mempool transactions already spend replaces them, and their
+    /// descendants, when it pays enough by Bitcoin Core's full-RBF rules
+    /// (BIP125 rules 3 to 6, no nSequence signal needed); otherwise it is
+    /// rejected with [`RejectReason::InsufficientFee`],
+    /// [`RejectReason::TooManyReplacements`] or
+    /// [`RejectReason::SpendsConflictingTx`] and the mempool is untouched.
     pub fn submit(&self, tx: Transaction) -> Result<Txid, RejectReason> {
-        self.write().submit(tx)
+        self.submit_replacing(tx).map(|accepted| accepted.txid)
+    }
+
+    /// [`SimChain::submit`], also telling what the transaction replaced
+    /// (a wallet bumping a fee learns that its original is gone).
+    pub fn submit_replacing(&self, tx: Transaction) -> Result<Accepted, RejectReason> {
+        let (txid, replaced) = self.write().submit(tx)?;
+        Ok(Accepted { txid, replaced })
     }
 
     /// The unspent output at `outpoint`, confirmed or in the mempool.

@@ -362,11 +362,14 @@ impl State {
         let mut dropped = 0;
         for tx in candidates {
             let txid = tx.compute_txid();
+            // Nothing replaces here: the old mempool was valid on top of the
+            // old blocks, so a conflict among candidates cannot pay for
+            // itself; a conflicting candidate is dropped.
             match self.check_tx(&tx, txid, false) {
-                Ok(_) => {
-                    self.enter_mempool(tx, txid);
+                Ok(checked) if checked.conflicts.is_empty() => {
+                    self.enter_mempool(tx, txid, checked.fee);
                 }
-                Err(_) => dropped += 1,
+                _ => dropped += 1,
             }
         }
         self.branch += 1;

@@ -16,7 +16,9 @@ use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::{Amount, Block, CompressedPublicKey, Network, OutPoint, ScriptBuf, Target, TxOut};
 
 use super::*;
-use crate::source::InvalidTx;
+use crate::source::{FeeRule, InvalidTx};
+
+mod rbf;
 
 fn key(n: u8) -> SecretKey {
     SecretKey::from_slice(&[n; 32]).unwrap()
@@ -347,12 +349,13 @@ fn broadcast_rejects_with_the_right_reason() {
         }]
     };
 
-    // Accepted once; a second spend of the same coin conflicts in the mempool.
+    // Accepted once; a second spend of the same coin paying less does not
+    // replace it.
     let first = chain.spend(coin, to(90_000), Some(&key(1))).unwrap();
-    match chain.spend(coin, to(80_000), Some(&key(1))) {
-        Err(SimError::Rejected(RejectReason::ConflictMempool { outpoint, spent_by })) => {
-            assert_eq!((outpoint, spent_by), (coin, first));
-        }
+    match chain.spend(coin, to(95_000), Some(&key(1))) {
+        Err(SimError::Rejected(RejectReason::InsufficientFee {
+            rule: FeeRule::FeeRate { conflict, .. },
+        })) => assert_eq!(conflict, first),
         other => panic!("{other:?}"),
     }
     chain.mine(1).unwrap();

@@ -78,7 +78,9 @@ impl State {
         for vout in foreign {
             self.foreign.insert(OutPoint::new(txid, vout));
         }
-        self.enter_mempool(tx, txid)
+        let fee = spent.iter().map(|o| o.value).sum::<Amount>()
+            - tx.output.iter().map(|o| o.value).sum::<Amount>();
+        self.enter_mempool(tx, txid, fee)
     }
 
     /// Pays `amount` to `script` from the simulator's coins, into the mempool.

@@ -91,21 +91,24 @@ impl State {
     ) -> Result<(), SimError> {
         for tx in mempool {
             let txid = tx.compute_txid();
-            self.check_tx(&tx, txid, false)
+            let checked = self
+                .check_tx(&tx, txid, false)
                 .map_err(|e| SimError::Inconsistent(format!("saved mempool transaction: {e}")))?;
-            self.mempool.insert(tx, txid);
+            if !checked.conflicts.is_empty() {
+                return Err(SimError::Inconsistent(format!(
+                    "saved mempool transaction {txid} conflicts with another"
+                )));
+            }
+            self.mempool.insert(tx, txid, checked.fee);
         }
         self.pool = Pool::default();
         for outpoint in pool_order {
             let (txout, key) = if let Some(utxo) = self.utxos.get(&outpoint) {
                 (utxo.txout.clone(), utxo.key)
             } else if let Some(out) = self.mempool.created.get(&outpoint) {
-                let tx = self
-                    .mempool
-                    .txs
-                    .iter()
-                    .find(|tx| tx.compute_txid() == outpoint.txid)
-                    .expect("created outputs come from mempool transactions");
+                let tx = self.mempool.get(&outpoint.txid).ok_or_else(|| {
+                    SimError::Inconsistent(format!("{outpoint} has no mempool transaction"))
+                })?;
                 (
                     out.clone(),
                     self.ownership(tx, outpoint.txid, outpoint.vout, self.height() + 1),
