@@ -7,12 +7,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bitcoin::bip32::Xpriv;
+use bitcoin::bip158::FilterHeader;
+use bitcoin::block::Header;
 use bitcoin::{Amount, NetworkKind, ScriptBuf, TxOut};
+use bitcoin::{Block, BlockHash, Transaction, Txid};
 use lockstep::{
-    DriveMode, DriveOutcome, ExecutorConfig, Keychain, Lockstep, NewWallet, Spend, WalletId,
+    DriveMode, DriveOutcome, ExecutorConfig, FeeBump, Keychain, Lockstep, NewWallet, Spend,
+    WalletId,
 };
-use lockstep_chain::{SimChain, SimParams};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, SimChain, SimParams, SourceError};
 use lockstep_manager::{Manager, ManagerConfig};
 use lockstep_store::{Store, StoreError, StoreOptions};
 use lockstep_testkit::oracle::check_wallet;
@@ -22,8 +27,13 @@ use lockstep_wallet::WalletDescriptors;
 
 /// A facade over the database in `dir`, every action step run twice.
 fn open(dir: &Path, chain: &SimChain) -> (Lockstep, Manager) {
+    open_on(dir, Arc::new(chain.clone()))
+}
+
+/// [`open`] over any source.
+fn open_on(dir: &Path, source: Arc<dyn ChainSource>) -> (Lockstep, Manager) {
     let store = Store::open(&dir.join("w.db"), StoreOptions::default()).unwrap();
-    let manager = Manager::new(store, Arc::new(chain.clone()), ManagerConfig::default());
+    let manager = Manager::new(store, source, ManagerConfig::default());
     let config = ExecutorConfig {
         run_each_step_twice: true,
         ..ExecutorConfig::default()
@@ -312,6 +322,114 @@ fn a_consolidation_sweeps_small_coins_into_one_and_a_short_send_fails_with_no_co
             matches!(&outcome, DriveOutcome::Failed(why) if why.contains("insufficient")),
             "{outcome:?}"
         );
+        settled(&manager, &chain, id).await;
+    });
+}
+
+/// SimChain, except that it acknowledges the first transaction broadcast to
+/// it and every later broadcast of that same transaction without relaying
+/// them: a node that lost it, so that it stays unconfirmed while blocks
+/// are mined.
+struct Forgetful {
+    chain: SimChain,
+    lost: std::sync::Mutex<Option<Txid>>,
+}
+
+#[async_trait]
+impl ChainSource for Forgetful {
+    async fn tip(&self) -> Result<BlockId, SourceError> {
+        ChainSource::tip(&self.chain).await
+    }
+    async fn block_hash(&self, height: u32) -> Result<BlockHash, SourceError> {
+        ChainSource::block_hash(&self.chain, height).await
+    }
+    async fn header(&self, hash: BlockHash) -> Result<Header, SourceError> {
+        self.chain.header(hash).await
+    }
+    async fn filter(&self, hash: BlockHash) -> Result<Vec<u8>, SourceError> {
+        self.chain.filter(hash).await
+    }
+    async fn filter_header(&self, hash: BlockHash) -> Result<FilterHeader, SourceError> {
+        self.chain.filter_header(hash).await
+    }
+    async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError> {
+        self.chain.block(hash).await
+    }
+    async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
+        let txid = tx.compute_txid();
+        {
+            let mut lost = self.lost.lock().unwrap();
+            if lost.is_none_or(|l| l == txid) {
+                *lost = Some(txid);
+                return Ok(txid);
+            }
+        }
+        self.chain.broadcast(tx).await
+    }
+}
+
+#[test]
+fn a_send_left_unconfirmed_is_replaced_with_a_higher_fee_and_the_replacement_completes_it() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(164), 105).unwrap();
+        let source = Arc::new(Forgetful {
+            chain: chain.clone(),
+            lost: std::sync::Mutex::new(None),
+        });
+        let (lockstep, manager) = open_on(dir.path(), source.clone());
+        lockstep.sync().await.unwrap();
+        let id = funded(&lockstep, &chain, 64, 2, 60_000).await;
+        let payee = p2wpkh(&key(64));
+        let send = Spend::send(
+            "bumped-64",
+            id,
+            vec![TxOut {
+                value: Amount::from_sat(50_000),
+                script_pubkey: payee.clone(),
+            }],
+            2.0,
+            1,
+        )
+        .with_fee_bump(FeeBump {
+            after_blocks: 2,
+            max_bumps: 3,
+            factor: 2.0,
+        });
+        let mut rounds = 0;
+        let outcome = loop {
+            let outcome = lockstep
+                .executor()
+                .drive(send.clone(), DriveMode::UntilParkOrDone)
+                .await
+                .unwrap();
+            if outcome != DriveOutcome::Parked {
+                break outcome;
+            }
+            rounds += 1;
+            assert!(rounds < 12, "never finished");
+            chain.mine(1).unwrap();
+            lockstep.sync().await.unwrap();
+        };
+        let lost = source
+            .lost
+            .lock()
+            .unwrap()
+            .expect("the first version was lost");
+        let DriveOutcome::Done(detail) = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert!(
+            detail.contains(&format!("replaced: [{lost}]")),
+            "the replacement confirmed, the lost version is recorded as replaced: {detail}"
+        );
+        assert!(!detail.starts_with(&lost.to_string()), "{detail}");
+        assert_eq!(paid_to(&chain, &payee), vec![Amount::from_sat(50_000)]);
+        // The lost version left the history as conflicted by its
+        // replacement; the wallet equals the oracle and nothing is locked.
+        chain.mine(1).unwrap();
+        lockstep.sync().await.unwrap();
         settled(&manager, &chain, id).await;
     });
 }
