@@ -239,7 +239,7 @@ fn resume_all_finishes_what_a_previous_process_left_and_a_second_drive_takes_no_
                 second,
                 DriveOutcome::AlreadyRunning | DriveOutcome::Finished(_)
             ),
-            "{second:?}"
+            "resume_all claimed pay-0 before returning: {second:?}"
         );
         for task in tasks {
             let outcome = tokio::time::timeout(Duration::from_secs(60), task)

@@ -119,7 +119,7 @@ pub enum StopError {
 }
 
 type Resumed = Pin<Box<dyn Future<Output = Result<DriveOutcome, DriveError>> + Send>>;
-type Resumer = Arc<dyn Fn(Executor, CheckpointRow) -> Resumed + Send + Sync>;
+type Resumer = Arc<dyn Fn(Executor, CheckpointRow, Claim) -> Resumed + Send + Sync>;
 
 struct Inner {
     store: Store,
@@ -185,13 +185,15 @@ impl Executor {
 
     /// Makes checkpoints of kind `A` resumable by [`Executor::resume_all`].
     pub fn register<A: WalletAction>(&self) {
-        let resumer: Resumer = Arc::new(|executor: Executor, row: CheckpointRow| {
+        let resumer: Resumer = Arc::new(|executor: Executor, row: CheckpointRow, claim: Claim| {
             Box::pin(async move {
                 let action: A = decode(&row.state).map_err(|detail| DriveError::Checkpoint {
                     id: row.id.clone(),
                     detail,
                 })?;
-                executor.drive(action, DriveMode::UntilDone).await
+                executor
+                    .drive_claimed(claim, action, DriveMode::UntilDone)
+                    .await
             }) as Resumed
         });
         lock(&self.inner.resumers).insert(A::NAMESPACE, resumer);
@@ -199,9 +201,11 @@ impl Executor {
 
     /// Re-drives every live checkpoint (each until done, in tasks of their
     /// own, in the order they were created, so their dispatcher slots are
-    /// asked for in that order). Call it at start-up before admitting new
-    /// actions. A checkpoint of a kind never registered is reported, not
-    /// dropped: its locks expire on their own.
+    /// asked for in that order). Every resumed action is claimed before
+    /// this returns: a drive of the same id started afterwards returns
+    /// [`DriveOutcome::AlreadyRunning`] instead of racing it. Call it at
+    /// start-up before admitting new actions. A checkpoint of a kind never
+    /// registered is reported, not dropped: its locks expire on their own.
     ///
     /// # Errors
     /// The database's error.
@@ -215,7 +219,13 @@ impl Executor {
                 .get(row.namespace.as_str())
                 .cloned();
             match resumer {
-                Some(resume) => tasks.push(tokio::spawn(resume(self.clone(), row))),
+                Some(resume) => {
+                    let Some(claim) = self.claim(&row.id) else {
+                        // Already being driven in this process.
+                        continue;
+                    };
+                    tasks.push(tokio::spawn(resume(self.clone(), row, claim)));
+                }
                 None => tracing::warn!(
                     action = %row.id,
                     namespace = %row.namespace,
@@ -292,14 +302,31 @@ impl Executor {
         action: A,
         mode: DriveMode,
     ) -> Result<DriveOutcome, DriveError> {
-        let id = action.id();
-        if !lock(&self.inner.inflight).insert(id.clone()) {
+        let Some(claim) = self.claim(&action.id()) else {
             return Ok(DriveOutcome::AlreadyRunning);
-        }
-        let _claim = Claim {
-            inner: Arc::clone(&self.inner),
-            id: id.clone(),
         };
+        self.drive_claimed(claim, action, mode).await
+    }
+
+    /// Marks action `id` as driven, unless it already is.
+    fn claim(&self, id: &str) -> Option<Claim> {
+        lock(&self.inner.inflight)
+            .insert(id.to_owned())
+            .then(|| Claim {
+                inner: Arc::clone(&self.inner),
+                id: id.to_owned(),
+            })
+    }
+
+    /// [`Executor::drive`] once the action is claimed.
+    async fn drive_claimed<A: WalletAction>(
+        &self,
+        claim: Claim,
+        action: A,
+        mode: DriveMode,
+    ) -> Result<DriveOutcome, DriveError> {
+        let _claim = claim;
+        let id = action.id();
         let initial = encode(&action);
         let wallet_id = action.wallet();
         let found = self
