@@ -15,9 +15,8 @@
 //! and disconnects in the middle, not only the quiet time between them.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -271,27 +270,9 @@ struct Child {
 impl Child {
     /// Starts a child and waits until it says it started.
     fn spawn(exe: &str, db: &Path, chain_file: &Path, done: &Path) -> Child {
-        let mut process = Command::new(exe)
-            .arg(db)
-            .arg(chain_file)
-            .arg(done)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = process.stdout.take().unwrap();
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = lines
-            .recv_timeout(PATIENCE)
-            .expect("the child starts and says so");
-        assert_eq!(first, "started");
+        let mut command = Command::new(exe);
+        command.arg(db).arg(chain_file).arg(done);
+        let (process, lines) = lockstep_tests::child::spawn(command, PATIENCE);
         Child {
             process,
             lines,

@@ -1,6 +1,7 @@
 //! lockstep's cross-crate tests: one binary, one module per area.
 
 mod actions;
+mod actions_crash;
 mod crash;
 mod dispatch;
 mod events;

@@ -176,3 +176,160 @@ pub mod rig {
         }
     }
 }
+
+/// What the actions crash test (`tests/it/actions_crash.rs`) and its child
+/// (`src/bin/actions_child.rs`) agree on: the wallets and the plan.
+pub mod actions_crash {
+    use bitcoin::bip32::Xpriv;
+    use bitcoin::{Amount, NetworkKind, ScriptBuf, TxOut};
+    use lockstep::{FeeBump, Spend, WalletId};
+    use lockstep_wallet::WalletDescriptors;
+
+    /// The wallets that act.
+    pub const WALLETS: u8 = 3;
+    /// Coins each wallet is funded with.
+    pub const COINS: usize = 100;
+    /// The value of each funding coin.
+    pub const COIN_SATS: u64 = 50_000;
+    /// Their passphrase.
+    pub const PASSPHRASE: &str = "pw";
+    /// The source relays no transaction paying less than this (sat/vB):
+    /// a fee-bump scenario's first versions stay unconfirmed.
+    pub const RELAY_FLOOR: f64 = 1.5;
+
+    /// Which kind of action a scenario runs.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        /// Sends to external payees.
+        Send,
+        /// Sends whose first version the source does not relay, replaced
+        /// with a higher fee.
+        Bump,
+        /// Consolidations of each wallet's small coins.
+        Consolidate,
+    }
+
+    impl Kind {
+        /// The kind named on the child's command line.
+        pub fn parse(name: &str) -> Option<Kind> {
+            match name {
+                "send" => Some(Kind::Send),
+                "bump" => Some(Kind::Bump),
+                "consolidate" => Some(Kind::Consolidate),
+                _ => None,
+            }
+        }
+
+        /// Its name on the child's command line.
+        pub fn name(self) -> &'static str {
+            match self {
+                Kind::Send => "send",
+                Kind::Bump => "bump",
+                Kind::Consolidate => "consolidate",
+            }
+        }
+    }
+
+    /// Wallet `index`'s descriptors (with private keys).
+    pub fn descriptors(index: u8) -> WalletDescriptors {
+        let root = Xpriv::new_master(NetworkKind::Test, &[200 + index; 32])
+            .expect("a 32-byte seed makes a master key");
+        WalletDescriptors::parse(
+            &format!("wpkh({root}/84h/1h/0h/0/*)"),
+            &format!("wpkh({root}/84h/1h/0h/1/*)"),
+            bitcoin::Network::Regtest,
+        )
+        .expect("the test descriptors parse")
+    }
+
+    /// Wallet `index`'s name.
+    pub fn name(index: u8) -> String {
+        format!("actor-{index}")
+    }
+
+    /// The payee of send `i` (outside every wallet).
+    pub fn payee(i: usize) -> ScriptBuf {
+        let mut secret = [0x5a; 32];
+        secret[28..].copy_from_slice(&u32::try_from(i).unwrap_or(u32::MAX).to_be_bytes());
+        let key = bitcoin::secp256k1::SecretKey::from_slice(&secret)
+            .expect("a 32-byte value below the curve order is a key");
+        crate::p2wpkh(&key)
+    }
+
+    /// What send `i` pays (distinct, so that each payment is recognised).
+    pub fn amount(i: usize) -> Amount {
+        Amount::from_sat(20_000 + 10 * i as u64)
+    }
+
+    /// The actions of a scenario, for wallets `ids` (in index order):
+    /// action `i` acts on wallet `i % ids.len()`.
+    pub fn plan(kind: Kind, ids: &[WalletId]) -> Vec<Spend> {
+        let wallet = |i: usize| ids[i % ids.len()];
+        match kind {
+            Kind::Send => (0..300)
+                .map(|i| {
+                    let out = TxOut {
+                        value: amount(i),
+                        script_pubkey: payee(i),
+                    };
+                    Spend::send(format!("send-{i}"), wallet(i), vec![out], 2.0, 2)
+                })
+                .collect(),
+            Kind::Bump => (0..240)
+                .map(|i| {
+                    let out = TxOut {
+                        value: amount(i),
+                        script_pubkey: payee(i),
+                    };
+                    Spend::send(format!("bump-{i}"), wallet(i), vec![out], 1.0, 1).with_fee_bump(
+                        FeeBump {
+                            after_blocks: 1,
+                            max_bumps: 4,
+                            factor: 2.0,
+                        },
+                    )
+                })
+                .collect(),
+            Kind::Consolidate => (0..240)
+                .map(|i| Spend::consolidate(format!("sweep-{i}"), wallet(i), 2, 2, 1.0, 3))
+                .collect(),
+        }
+    }
+}
+
+/// Child processes of the crash tests.
+pub mod child {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Starts `command` with its stdout read line by line on a thread of
+    /// its own (so the pipe never fills, a line reaches the parent at once,
+    /// and every line the child wrote before it died is read), and waits
+    /// for its first line, which must be `started`.
+    ///
+    /// # Panics
+    /// If the child does not start or does not say so within `patience`.
+    pub fn spawn(mut command: Command, patience: Duration) -> (Child, mpsc::Receiver<String>) {
+        let mut process = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the child process starts");
+        let stdout = process.stdout.take().expect("stdout is piped");
+        let (send, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(patience)
+            .expect("the child starts and says so");
+        assert_eq!(first, "started");
+        (process, lines)
+    }
+}
