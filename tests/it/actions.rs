@@ -433,3 +433,107 @@ fn a_send_left_unconfirmed_is_replaced_with_a_higher_fee_and_the_replacement_com
         settled(&manager, &chain, id).await;
     });
 }
+
+#[test]
+fn resumed_actions_hold_their_wallets_before_any_new_action_is_admitted() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(165), 105).unwrap();
+        let payee = p2wpkh(&key(65));
+        let send = |id: &str, wallet| {
+            Spend::send(
+                id,
+                wallet,
+                vec![TxOut {
+                    value: Amount::from_sat(15_000),
+                    script_pubkey: payee.clone(),
+                }],
+                1.0,
+                1,
+            )
+        };
+        let id = {
+            let (lockstep, _) = open(dir.path(), &chain);
+            lockstep.sync().await.unwrap();
+            let id = funded(&lockstep, &chain, 65, 2, 40_000).await;
+            // The wallet is busy: the send is persisted (step 0) and waits
+            // for its turn when the process ends.
+            let (_release, held) = tokio::sync::oneshot::channel::<()>();
+            let _holder = lockstep
+                .try_dispatch(
+                    id,
+                    lockstep::ActionSpec::new(lockstep::ActionKind::HEARTBEAT),
+                    |_, _| async move {
+                        let _ = held.await;
+                        Ok::<_, ()>(())
+                    },
+                )
+                .await
+                .unwrap();
+            let waiting = tokio::spawn({
+                let lockstep = lockstep.clone();
+                let action = send("resumed-65", id);
+                async move {
+                    lockstep
+                        .executor()
+                        .drive(action, DriveMode::UntilDone)
+                        .await
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(lockstep.dispatcher().queue_len(&id), 1);
+            waiting.abort();
+            id
+        };
+        let (lockstep, manager) = open(dir.path(), &chain);
+        lockstep.sync().await.unwrap();
+        let tasks = lockstep.executor().resume_all().await.unwrap();
+        assert_eq!(tasks.len(), 1);
+        // Before the resumed task ever ran, its wallet is taken.
+        let refused = lockstep
+            .try_dispatch(
+                id,
+                lockstep::ActionSpec::new(lockstep::ActionKind::SEND),
+                |_, _| async { Ok::<_, ()>(()) },
+            )
+            .await;
+        assert!(
+            matches!(
+                &refused,
+                Err(lockstep::ActError::Dispatch(lockstep::DispatchError::WalletBusy { kind, .. }))
+                    if *kind == lockstep::ActionKind::SEND
+            ),
+            "{refused:?}"
+        );
+        let task = tasks.into_iter().next().unwrap();
+        let mined = {
+            let chain = chain.clone();
+            let lockstep = lockstep.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    chain.mine(1).unwrap();
+                    lockstep.sync().await.unwrap();
+                }
+            })
+        };
+        // Signing needs the keys: unlocked after the restart.
+        lockstep
+            .wallet(id)
+            .await
+            .unwrap()
+            .unlock("pw")
+            .await
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(outcome, DriveOutcome::Done(_)), "{outcome:?}");
+        mined.await.unwrap();
+        assert_eq!(paid_to(&chain, &payee), vec![Amount::from_sat(15_000)]);
+        settled(&manager, &chain, id).await;
+    });
+}

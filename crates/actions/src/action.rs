@@ -53,6 +53,12 @@ pub enum StepError {
 
 impl From<WalletError> for StepError {
     fn from(error: WalletError) -> Self {
+        if let WalletError::Locked(_) = error {
+            // After a restart the keys stay locked until the operator
+            // unlocks the wallet: the action waits for that, it does not
+            // fail.
+            return StepError::Transient(format!("{error}: unlock it to go on"));
+        }
         match error.kind() {
             lockstep_store::ErrorKind::Retryable => StepError::Transient(error.to_string()),
             _ => StepError::Fatal(error.to_string()),

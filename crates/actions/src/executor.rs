@@ -118,8 +118,19 @@ pub enum StopError {
     Store(#[from] StoreError),
 }
 
+/// The rest of a drive, once its place in the wallet's line is taken.
 type Resumed = Pin<Box<dyn Future<Output = Result<DriveOutcome, DriveError>> + Send>>;
-type Resumer = Arc<dyn Fn(Executor, CheckpointRow, Claim) -> Resumed + Send + Sync>;
+/// Decodes a checkpoint of one kind and admits it (resolving to the rest
+/// of its drive).
+type Resumer = Arc<
+    dyn Fn(
+            Executor,
+            CheckpointRow,
+            Claim,
+        ) -> Pin<Box<dyn Future<Output = Result<Resumed, DriveError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 struct Inner {
     store: Store,
@@ -191,20 +202,19 @@ impl Executor {
                     id: row.id.clone(),
                     detail,
                 })?;
-                executor
-                    .drive_claimed(claim, action, DriveMode::UntilDone)
-                    .await
-            }) as Resumed
+                executor.admit(claim, action, DriveMode::UntilDone).await
+            }) as Pin<Box<dyn Future<Output = Result<Resumed, DriveError>> + Send>>
         });
         lock(&self.inner.resumers).insert(A::NAMESPACE, resumer);
     }
 
-    /// Re-drives every live checkpoint (each until done, in tasks of their
-    /// own, in the order they were created, so their dispatcher slots are
-    /// asked for in that order). Every resumed action is claimed before
-    /// this returns: a drive of the same id started afterwards returns
-    /// [`DriveOutcome::AlreadyRunning`] instead of racing it. Call it at
-    /// start-up before admitting new actions. A checkpoint of a kind never
+    /// Re-drives every live checkpoint (each until done, in a task of its
+    /// own). Before this returns, every resumed action is claimed (a drive
+    /// of the same id started afterwards returns
+    /// [`DriveOutcome::AlreadyRunning`]) and has taken its place in its
+    /// wallet's line in the dispatcher, in the order the checkpoints were
+    /// created: an action dispatched afterwards on the same wallet comes
+    /// after them. Call it at start-up before admitting new actions. A checkpoint of a kind never
     /// registered is reported, not dropped: its locks expire on their own.
     ///
     /// # Errors
@@ -224,7 +234,12 @@ impl Executor {
                         // Already being driven in this process.
                         continue;
                     };
-                    tasks.push(tokio::spawn(resume(self.clone(), row, claim)));
+                    // Admitted one by one, in order, before anything is
+                    // spawned: each takes its place in its wallet's line now.
+                    match resume(self.clone(), row, claim).await {
+                        Ok(rest) => tasks.push(tokio::spawn(rest)),
+                        Err(error) => tasks.push(tokio::spawn(async move { Err(error) })),
+                    }
                 }
                 None => tracing::warn!(
                     action = %row.id,
@@ -325,7 +340,20 @@ impl Executor {
         action: A,
         mode: DriveMode,
     ) -> Result<DriveOutcome, DriveError> {
-        let _claim = claim;
+        self.admit(claim, action, mode).await?.await
+    }
+
+    /// Everything of a drive up to its place in the wallet's line: looks
+    /// the action up (a recorded outcome ends it here; a checkpoint wins
+    /// over the state given, which is persisted if there is none), loads
+    /// its wallet and takes its place in the dispatcher. The future it
+    /// returns runs the action to the drive's end.
+    async fn admit<A: WalletAction>(
+        &self,
+        claim: Claim,
+        action: A,
+        mode: DriveMode,
+    ) -> Result<Resumed, DriveError> {
         let id = action.id();
         let initial = encode(&action);
         let wallet_id = action.wallet();
@@ -356,7 +384,9 @@ impl Executor {
             .await?;
         let row = match found {
             Ok(row) => row,
-            Err(outcome) => return Ok(DriveOutcome::Finished(outcome)),
+            Err(outcome) => {
+                return Ok(Box::pin(async move { Ok(DriveOutcome::Finished(outcome)) }));
+            }
         };
         let state: A = decode(&row.state).map_err(|detail| DriveError::Checkpoint {
             id: id.clone(),
@@ -370,26 +400,28 @@ impl Executor {
         let me = self.clone();
         let step = row.step;
         let attempts = row.attempts;
-        let handle = self
-            .inner
-            .dispatcher
-            .dispatch_wait(
-                state.wallet(),
-                spec,
-                move |dispatch| me.run(state, step, attempts, wallet, dispatch, mode),
-                self.inner.config.admission_timeout,
-            )
-            .await?;
-        match handle.outcome().await {
-            Outcome::Completed(outcome) => Ok(outcome),
-            Outcome::Failed(error) => Err(error),
-            Outcome::Panicked(message) => Err(DriveError::Panicked(message)),
-            Outcome::Cancelled => Err(DriveError::Cancelled),
-            Outcome::Expired => {
-                self.expired::<A>(&id, wallet_id).await?;
-                Err(DriveError::Expired)
+        // The place is taken here, before the returned future is polled.
+        let admitted = self.inner.dispatcher.dispatch_wait(
+            state.wallet(),
+            spec,
+            move |dispatch| me.run(state, step, attempts, wallet, dispatch, mode),
+            self.inner.config.admission_timeout,
+        );
+        let me = self.clone();
+        Ok(Box::pin(async move {
+            let _claim = claim;
+            let handle = admitted.await?;
+            match handle.outcome().await {
+                Outcome::Completed(outcome) => Ok(outcome),
+                Outcome::Failed(error) => Err(error),
+                Outcome::Panicked(message) => Err(DriveError::Panicked(message)),
+                Outcome::Cancelled => Err(DriveError::Cancelled),
+                Outcome::Expired => {
+                    me.expired::<A>(&id, wallet_id).await?;
+                    Err(DriveError::Expired)
+                }
             }
-        }
+        }))
     }
 
     /// An expired action: its checkpoint goes, its coins come back except

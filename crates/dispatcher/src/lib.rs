@@ -306,6 +306,42 @@ impl<K: WalletKey> Drop for Lease<K> {
     }
 }
 
+/// Where a queued `dispatch_wait` learns that the slot passed to it.
+type Grant = oneshot::Receiver<()>;
+
+/// A place taken by [`Dispatcher::dispatch_wait`]: the wallet's slot, or a
+/// place in its queue. Until disarmed, dropping it gives the place up
+/// (leaves the queue, or frees the slot for the next waiter if it was
+/// granted meanwhile): a caller that gives up never keeps a wallet or a
+/// turn.
+struct Place<K: WalletKey> {
+    inner: Arc<Inner<K>>,
+    wallet: K,
+    id: ActionId,
+    armed: bool,
+}
+
+impl<K: WalletKey> Place<K> {
+    /// Gives up waiting: leaves the queue and returns `false`, or returns
+    /// `true` if the slot was granted meanwhile (the caller then holds it).
+    fn settle(&mut self) -> bool {
+        self.inner.slots.leave(&self.wallet, self.id) == slots::Leave::Granted
+    }
+
+    /// The caller holds the slot now (or has left): nothing to undo.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl<K: WalletKey> Drop for Place<K> {
+    fn drop(&mut self) {
+        if self.armed && self.settle() {
+            self.inner.slots.release(&self.wallet, self.id);
+        }
+    }
+}
+
 /// What an action's future is given: its identity, early release and signer
 /// permits.
 pub struct ActionCtx<K: WalletKey> {
@@ -559,54 +595,85 @@ impl<K: WalletKey> Dispatcher<K> {
 
     /// Like [`Dispatcher::try_dispatch`], but a busy wallet makes it wait
     /// its turn, for at most `timeout`, in a FIFO queue per wallet (grants in
-    /// arrival order). A waiter that gives up (timeout, or this future
+    /// call order). A waiter that gives up (timeout, or this future
     /// dropped) leaves the queue without costing anyone else their turn.
-    pub async fn dispatch_wait<F, Fut, T, E>(
+    ///
+    /// The place in line is taken when this is called, not when the
+    /// future is first polled: a caller can take places for several
+    /// actions in a known order (the executor's `resume_all` does, so the
+    /// actions it resumes come before any new one) and await them later.
+    /// Dropping the future gives the place (or the slot) up.
+    pub fn dispatch_wait<F, Fut, T, E>(
         &self,
         wallet: K,
         spec: ActionSpec,
         action: F,
         timeout: Duration,
-    ) -> Result<ActionHandle<T, E>, DispatchError<K>>
+    ) -> impl Future<Output = Result<ActionHandle<T, E>, DispatchError<K>>> + use<F, Fut, T, E, K>
     where
         F: FnOnce(ActionCtx<K>) -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
         T: Send + 'static,
         E: Send + 'static,
     {
-        self.check_can_start(&spec, true)?;
-        let holder = self.holder_for(&spec);
-        let id = holder.id;
         let arrived = Instant::now();
+        let taken = self.take_place(&wallet, &spec);
+        let me = self.clone();
+        async move {
+            let (mut place, grant) = taken?;
+            if let Some(grant) = grant {
+                let granted = match tokio::time::timeout(timeout, grant).await {
+                    Ok(Ok(())) => true,
+                    // Timed out: leave the queue, unless the slot was granted
+                    // in the meantime (then take it).
+                    _ => place.settle(),
+                };
+                if !granted {
+                    place.disarm();
+                    me.inner
+                        .counters
+                        .mine()
+                        .timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(wallet = ?wallet, action_id = place.id.get(), "dispatch_wait timed out");
+                    return Err(DispatchError::Timeout {
+                        wallet,
+                        waited: arrived.elapsed(),
+                    });
+                }
+            }
+            let id = place.id;
+            place.disarm();
+            Ok(me.start(wallet, spec, id, arrived.elapsed(), action))
+        }
+    }
+
+    /// Takes `wallet`'s slot for a new action of `spec`, or a place in its
+    /// queue (then the receiver the grant arrives on).
+    fn take_place(
+        &self,
+        wallet: &K,
+        spec: &ActionSpec,
+    ) -> Result<(Place<K>, Option<Grant>), DispatchError<K>> {
+        self.check_can_start(spec, true)?;
+        let holder = self.holder_for(spec);
+        let id = holder.id;
         let (tx, rx) = oneshot::channel();
-        if let Some(depth) = self.inner.slots.acquire_or_enqueue(&wallet, holder, tx) {
+        let queued = self.inner.slots.acquire_or_enqueue(wallet, holder, tx);
+        if let Some(depth) = queued {
             self.inner
                 .counters
                 .mine()
                 .deepest_queue
                 .fetch_max(depth as u64, Ordering::Relaxed);
-            let mut waiting = slots::Waiting::new(&self.inner.slots, &wallet, id, rx);
-            let granted = match tokio::time::timeout(timeout, waiting.receiver()).await {
-                Ok(Ok(())) => true,
-                // Timed out: leave the queue, unless the slot was granted
-                // in the meantime (then take it).
-                _ => waiting.settle(),
-            };
-            waiting.disarm();
-            if !granted {
-                self.inner
-                    .counters
-                    .mine()
-                    .timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(wallet = ?wallet, action_id = id.get(), "dispatch_wait timed out");
-                return Err(DispatchError::Timeout {
-                    wallet,
-                    waited: arrived.elapsed(),
-                });
-            }
         }
-        Ok(self.start(wallet, spec, id, arrived.elapsed(), action))
+        let place = Place {
+            inner: Arc::clone(&self.inner),
+            wallet: wallet.clone(),
+            id,
+            armed: true,
+        };
+        Ok((place, queued.map(|_| rx)))
     }
 
     /// Refuses an action whose deadline the tip has already reached, and,

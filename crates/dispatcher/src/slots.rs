@@ -158,7 +158,7 @@ impl<K: WalletKey> Slots<K> {
 
     /// Takes waiter `id` out of the queue (`Dequeued`), or, if it was already
     /// granted the slot, says so (`Granted`).
-    fn leave(&self, wallet: &K, id: ActionId) -> Leave {
+    pub(crate) fn leave(&self, wallet: &K, id: ActionId) -> Leave {
         let mut shard = self.shard(wallet);
         let Entry::Occupied(mut entry) = shard.entry(wallet.clone()) else {
             return Leave::Gone;
@@ -193,63 +193,11 @@ impl<K: WalletKey> Slots<K> {
 
 /// What [`Slots::leave`] found.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Leave {
+pub(crate) enum Leave {
     /// Taken out of the queue.
     Dequeued,
     /// Not in the queue: it holds the slot.
     Granted,
     /// Neither (not expected).
     Gone,
-}
-
-/// A queued `dispatch_wait` call. Until disarmed, dropping it leaves the
-/// queue, or, if the slot was granted meanwhile, frees it for the next
-/// waiter: a caller that gives up never keeps a wallet or a turn.
-pub(crate) struct Waiting<'a, K: WalletKey> {
-    slots: &'a Slots<K>,
-    wallet: &'a K,
-    id: ActionId,
-    grant: oneshot::Receiver<()>,
-    armed: bool,
-}
-
-impl<'a, K: WalletKey> Waiting<'a, K> {
-    pub(crate) fn new(
-        slots: &'a Slots<K>,
-        wallet: &'a K,
-        id: ActionId,
-        grant: oneshot::Receiver<()>,
-    ) -> Self {
-        Self {
-            slots,
-            wallet,
-            id,
-            grant,
-            armed: true,
-        }
-    }
-
-    /// The channel on which the grant arrives.
-    pub(crate) fn receiver(&mut self) -> &mut oneshot::Receiver<()> {
-        &mut self.grant
-    }
-
-    /// Gives up waiting: leaves the queue and returns `false`, or returns
-    /// `true` if the slot was granted meanwhile (the caller then holds it).
-    pub(crate) fn settle(&mut self) -> bool {
-        self.slots.leave(self.wallet, self.id) == Leave::Granted
-    }
-
-    /// The caller holds the slot now (or has left): nothing to undo.
-    pub(crate) fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl<K: WalletKey> Drop for Waiting<'_, K> {
-    fn drop(&mut self) {
-        if self.armed && self.settle() {
-            self.slots.release(self.wallet, self.id);
-        }
-    }
 }

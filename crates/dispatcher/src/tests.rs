@@ -925,3 +925,64 @@ async fn try_run_and_try_dispatch_share_the_slots_under_contention() {
     assert_eq!(stats.dispatched + stats.busy_rejections, 2_000);
     assert!((0..20).all(|w| !d.is_busy(&w)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatch_wait_takes_its_place_when_called_and_gives_it_up_when_dropped() {
+    let d: Dispatcher<u64> = Dispatcher::new();
+    let go = Arc::new(Notify::new());
+    let first = d
+        .try_dispatch(1, spec(ActionKind::SEND), {
+            let go = Arc::clone(&go);
+            move |_| park(go)
+        })
+        .unwrap();
+    // Called, not polled: in line already.
+    let second = d.dispatch_wait(
+        1,
+        spec(ActionKind::SWEEP),
+        |_| async { Ok::<_, ()>(2) },
+        Duration::from_secs(10),
+    );
+    let dropped = d.dispatch_wait(
+        1,
+        spec(ActionKind::SWEEP),
+        |_| async { Ok::<_, ()>(3) },
+        Duration::from_secs(10),
+    );
+    assert_eq!(d.queue_len(&1), 2);
+    drop(dropped);
+    assert_eq!(d.queue_len(&1), 1, "a dropped place leaves the queue");
+    go.notify_one();
+    assert_eq!(first.outcome().within().await, Outcome::Completed(()));
+    // The slot passed to the waiter that was called first, before it was
+    // ever polled: nobody can jump in.
+    assert!(d.is_busy(&1));
+    assert!(matches!(
+        d.try_dispatch(1, spec(ActionKind::SEND), |_| async { Ok::<_, ()>(9) }),
+        Err(DispatchError::WalletBusy { kind, .. }) if kind == ActionKind::SWEEP
+    ));
+    let handle = second.within().await.unwrap();
+    assert_eq!(handle.outcome().within().await, Outcome::Completed(2));
+    assert!(!d.is_busy(&1));
+
+    // Granted while unpolled, then dropped: the wallet comes back.
+    let go = Arc::new(Notify::new());
+    let holder = d
+        .try_dispatch(1, spec(ActionKind::SEND), {
+            let go = Arc::clone(&go);
+            move |_| park(go)
+        })
+        .unwrap();
+    let never_polled = d.dispatch_wait(
+        1,
+        spec(ActionKind::SWEEP),
+        |_| async { Ok::<_, ()>(4) },
+        Duration::from_secs(10),
+    );
+    go.notify_one();
+    assert_eq!(holder.outcome().within().await, Outcome::Completed(()));
+    assert!(d.is_busy(&1), "granted to the unpolled waiter");
+    drop(never_polled);
+    assert!(!d.is_busy(&1), "given back when dropped");
+    assert_eq!(d.queue_len(&1), 0);
+}
