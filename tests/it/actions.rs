@@ -537,3 +537,70 @@ fn resumed_actions_hold_their_wallets_before_any_new_action_is_admitted() {
         settled(&manager, &chain, id).await;
     });
 }
+
+#[test]
+fn the_coins_of_an_action_never_resumed_come_back_with_the_block_that_reaches_their_expiry() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(166), 105).unwrap();
+        let store = Store::open(&dir.path().join("w.db"), StoreOptions::default()).unwrap();
+        let manager = Manager::new(store, Arc::new(chain.clone()), ManagerConfig::default());
+        let config = ExecutorConfig {
+            lock_ttl: 3,
+            ..ExecutorConfig::default()
+        };
+        let lockstep = Lockstep::from_manager_with(manager.clone(), config);
+        lockstep.sync().await.unwrap();
+        let id = funded(&lockstep, &chain, 66, 2, 40_000).await;
+        // Locked keys: the send locks its coins, then waits to sign.
+        lockstep.wallet(id).await.unwrap().lock_keys();
+        let send = Spend::send(
+            "stuck-66",
+            id,
+            vec![TxOut {
+                value: Amount::from_sat(15_000),
+                script_pubkey: p2wpkh(&key(66)),
+            }],
+            1.0,
+            1,
+        );
+        let outcome = lockstep
+            .executor()
+            .drive(send, DriveMode::UntilParkOrDone)
+            .await
+            .unwrap();
+        assert_eq!(outcome, DriveOutcome::Parked);
+        let holders = |manager: &Manager| {
+            manager
+                .store()
+                .read_blocking(|tx| tx.lock_holders())
+                .unwrap()
+        };
+        assert_eq!(holders(&manager).len(), 1, "the send holds its coin");
+        let locked_at = chain.tip().height;
+        // Nobody resumes it: two blocks keep the lock, the third frees it,
+        // in that block's own transaction.
+        for n in 1..=3 {
+            chain.mine(1).unwrap();
+            lockstep.sync().await.unwrap();
+            let expected = usize::from(n < 3);
+            assert_eq!(
+                holders(&manager).len(),
+                expected,
+                "{n} blocks after height {locked_at}"
+            );
+        }
+        let left = manager
+            .store()
+            .read_blocking(|tx| tx.checkpoints())
+            .unwrap();
+        assert_eq!(
+            left.len(),
+            1,
+            "the checkpoint itself stays (stop removes it)"
+        );
+        lockstep.executor().stop("stuck-66", false).await.unwrap();
+        settled(&manager, &chain, id).await;
+    });
+}

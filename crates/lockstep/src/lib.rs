@@ -137,6 +137,11 @@ impl Lockstep {
             config,
         );
         executor.register::<Spend>();
+        if manager.try_set_hook(Arc::new(ActionsHook)).is_err() {
+            tracing::warn!(
+                "the manager is busy: coin locks of dead actions expire only through Executor::expire_locks"
+            );
+        }
         Lockstep {
             manager,
             dispatcher,
@@ -420,6 +425,32 @@ impl Drop for ReleaseOnDrop {
                 }
             });
         }
+    }
+}
+
+/// Runs inside every block's transaction: the coin locks of actions that
+/// stopped renewing them (never resumed) expire with the block that reaches
+/// their height, in the same transaction as the block.
+struct ActionsHook;
+
+impl lockstep_manager::BlockHook for ActionsHook {
+    fn block_connected(
+        &self,
+        tx: &mut lockstep_store::WriteTx<'_>,
+        height: u32,
+        _hash: &bitcoin::BlockHash,
+    ) -> Result<(), lockstep_manager::HookError> {
+        tx.expire_locks(height)
+            .map(|_| ())
+            .map_err(|e| Box::new(e) as lockstep_manager::HookError)
+    }
+
+    fn blocks_disconnected(
+        &self,
+        _tx: &mut lockstep_store::WriteTx<'_>,
+        _fork_height: u32,
+    ) -> Result<(), lockstep_manager::HookError> {
+        Ok(())
     }
 }
 

@@ -266,6 +266,22 @@ impl Manager {
         self.shared.engine.lock().await.hook = Some(hook);
     }
 
+    /// [`Manager::set_hook`] for a manager nothing runs on yet (the facade
+    /// sets its hook as it is built). Returns the hook back if the loop, a
+    /// sync or an import holds the engine now.
+    ///
+    /// # Errors
+    /// The hook, if the engine is busy.
+    pub fn try_set_hook(&self, hook: Arc<dyn BlockHook>) -> Result<(), Arc<dyn BlockHook>> {
+        match self.shared.engine.try_lock() {
+            Ok(mut engine) => {
+                engine.hook = Some(hook);
+                Ok(())
+            }
+            Err(_) => Err(hook),
+        }
+    }
+
     /// The database.
     pub fn store(&self) -> &Store {
         &self.shared.store
