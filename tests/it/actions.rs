@@ -81,6 +81,22 @@ async fn funded(
     id
 }
 
+/// A send of `sats` to `script`.
+fn pay(
+    id: impl Into<String>,
+    wallet: WalletId,
+    script: &ScriptBuf,
+    sats: u64,
+    rate: f32,
+    confirmations: u32,
+) -> Spend {
+    let output = TxOut {
+        value: Amount::from_sat(sats),
+        script_pubkey: script.clone(),
+    };
+    Spend::send(id, wallet, vec![output], rate, confirmations)
+}
+
 /// What the chain paid `script`, output by output.
 fn paid_to(chain: &SimChain, script: &ScriptBuf) -> Vec<Amount> {
     let truth = chain.truth([script]);
@@ -121,16 +137,7 @@ fn a_send_survives_a_restart_after_each_step_and_pays_once() {
             lockstep.sync().await.unwrap();
             funded(&lockstep, &chain, 61, 3, 50_000).await
         };
-        let send = Spend::send(
-            "invoice-61",
-            id,
-            vec![TxOut {
-                value: Amount::from_sat(70_000),
-                script_pubkey: payee.clone(),
-            }],
-            2.0,
-            2,
-        );
+        let send = pay("invoice-61", id, &payee, 70_000, 2.0, 2);
 
         // Each round: a fresh process state over the same database (the
         // previous one dropped as a crash would), one drive until it parks.
@@ -199,16 +206,7 @@ fn resume_all_finishes_what_a_previous_process_left_and_a_second_drive_takes_no_
             let id = funded(&lockstep, &chain, 62, 6, 40_000).await;
             // Three sends, each driven until it parks, then the process ends.
             for (i, payee) in payees.iter().enumerate() {
-                let send = Spend::send(
-                    format!("pay-{i}"),
-                    id,
-                    vec![TxOut {
-                        value: Amount::from_sat(25_000),
-                        script_pubkey: payee.clone(),
-                    }],
-                    1.5,
-                    1,
-                );
+                let send = pay(format!("pay-{i}"), id, payee, 25_000, 1.5, 1);
                 let outcome = lockstep
                     .executor()
                     .drive(send, DriveMode::UntilParkOrDone)
@@ -303,16 +301,7 @@ fn a_consolidation_sweeps_small_coins_into_one_and_a_short_send_fails_with_no_co
         );
 
         // A send the wallet cannot pay fails and keeps nothing locked.
-        let short = Spend::send(
-            "too-much",
-            id,
-            vec![TxOut {
-                value: Amount::from_sat(1_000_000),
-                script_pubkey: p2wpkh(&key(63)),
-            }],
-            1.0,
-            1,
-        );
+        let short = pay("too-much", id, &p2wpkh(&key(63)), 1_000_000, 1.0, 1);
         let outcome = lockstep
             .executor()
             .drive(short, DriveMode::UntilDone)
@@ -382,17 +371,7 @@ fn a_send_left_unconfirmed_is_replaced_with_a_higher_fee_and_the_replacement_com
         lockstep.sync().await.unwrap();
         let id = funded(&lockstep, &chain, 64, 2, 60_000).await;
         let payee = p2wpkh(&key(64));
-        let send = Spend::send(
-            "bumped-64",
-            id,
-            vec![TxOut {
-                value: Amount::from_sat(50_000),
-                script_pubkey: payee.clone(),
-            }],
-            2.0,
-            1,
-        )
-        .with_fee_bump(FeeBump {
+        let send = pay("bumped-64", id, &payee, 50_000, 2.0, 1).with_fee_bump(FeeBump {
             after_blocks: 2,
             max_bumps: 3,
             factor: 2.0,
@@ -441,18 +420,7 @@ fn resumed_actions_hold_their_wallets_before_any_new_action_is_admitted() {
     runtime.block_on(async {
         let chain = SimChain::generate(SimParams::signed(165), 105).unwrap();
         let payee = p2wpkh(&key(65));
-        let send = |id: &str, wallet| {
-            Spend::send(
-                id,
-                wallet,
-                vec![TxOut {
-                    value: Amount::from_sat(15_000),
-                    script_pubkey: payee.clone(),
-                }],
-                1.0,
-                1,
-            )
-        };
+        let send = |id: &str, wallet| pay(id, wallet, &payee, 15_000, 1.0, 1);
         let id = {
             let (lockstep, _) = open(dir.path(), &chain);
             lockstep.sync().await.unwrap();
@@ -555,16 +523,7 @@ fn the_coins_of_an_action_never_resumed_come_back_with_the_block_that_reaches_th
         let id = funded(&lockstep, &chain, 66, 2, 40_000).await;
         // Locked keys: the send locks its coins, then waits to sign.
         lockstep.wallet(id).await.unwrap().lock_keys();
-        let send = Spend::send(
-            "stuck-66",
-            id,
-            vec![TxOut {
-                value: Amount::from_sat(15_000),
-                script_pubkey: p2wpkh(&key(66)),
-            }],
-            1.0,
-            1,
-        );
+        let send = pay("stuck-66", id, &p2wpkh(&key(66)), 15_000, 1.0, 1);
         let outcome = lockstep
             .executor()
             .drive(send, DriveMode::UntilParkOrDone)
