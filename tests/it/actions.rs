@@ -17,7 +17,9 @@ use lockstep::{
     DriveMode, DriveOutcome, ExecutorConfig, FeeBump, Keychain, Lockstep, NewWallet, Spend,
     WalletId,
 };
-use lockstep_chain::{BlockId, BroadcastError, ChainSource, SimChain, SimParams, SourceError};
+use lockstep_chain::{
+    BlockId, BroadcastError, ChainSource, RejectReason, ReorgTxs, SimChain, SimParams, SourceError,
+};
 use lockstep_manager::{Manager, ManagerConfig};
 use lockstep_store::{Store, StoreError, StoreOptions};
 use lockstep_testkit::oracle::check_wallet;
@@ -322,6 +324,8 @@ fn a_consolidation_sweeps_small_coins_into_one_and_a_short_send_fails_with_no_co
 struct Forgetful {
     chain: SimChain,
     lost: std::sync::Mutex<Option<Txid>>,
+    /// Refuses every broadcast with this reason instead.
+    reject: Option<RejectReason>,
 }
 
 #[async_trait]
@@ -346,6 +350,12 @@ impl ChainSource for Forgetful {
     }
     async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
         let txid = tx.compute_txid();
+        if let Some(reason) = &self.reject {
+            return Err(BroadcastError::Rejected {
+                txid,
+                reason: reason.clone(),
+            });
+        }
         {
             let mut lost = self.lost.lock().unwrap();
             if lost.is_none_or(|l| l == txid) {
@@ -366,6 +376,7 @@ fn a_send_left_unconfirmed_is_replaced_with_a_higher_fee_and_the_replacement_com
         let source = Arc::new(Forgetful {
             chain: chain.clone(),
             lost: std::sync::Mutex::new(None),
+            reject: None,
         });
         let (lockstep, manager) = open_on(dir.path(), source.clone());
         lockstep.sync().await.unwrap();
@@ -428,7 +439,7 @@ fn resumed_actions_hold_their_wallets_before_any_new_action_is_admitted() {
             // The wallet is busy: the send is persisted (step 0) and waits
             // for its turn when the process ends.
             let (_release, held) = tokio::sync::oneshot::channel::<()>();
-            let _holder = lockstep
+            let holder = lockstep
                 .try_dispatch(
                     id,
                     lockstep::ActionSpec::new(lockstep::ActionKind::HEARTBEAT),
@@ -451,7 +462,13 @@ fn resumed_actions_hold_their_wallets_before_any_new_action_is_admitted() {
             });
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert_eq!(lockstep.dispatcher().queue_len(&id), 1);
+            // The process ends: everything holding the database goes
+            // (awaited, so the next open does not find this one's loop).
             waiting.abort();
+            let _ = waiting.await;
+            holder.cancel();
+            let _ = holder.outcome().await;
+            drop(lockstep);
             id
         };
         let (lockstep, manager) = open(dir.path(), &chain);
@@ -560,6 +577,209 @@ fn the_coins_of_an_action_never_resumed_come_back_with_the_block_that_reaches_th
             "the checkpoint itself stays (stop removes it)"
         );
         lockstep.executor().stop("stuck-66", false).await.unwrap();
+        settled(&manager, &chain, id).await;
+    });
+}
+
+/// A facade over `dir` whose source loses the first transaction it is
+/// sent (or refuses every one with `reject`), and a funded wallet.
+async fn unreliable(
+    dir: &Path,
+    chain: &SimChain,
+    seed: u8,
+    reject: Option<RejectReason>,
+) -> (Lockstep, Manager, WalletId) {
+    let source = Arc::new(Forgetful {
+        chain: chain.clone(),
+        lost: std::sync::Mutex::new(None),
+        reject,
+    });
+    let (lockstep, manager) = open_on(dir, source);
+    lockstep.sync().await.unwrap();
+    let id = funded(&lockstep, chain, seed, 2, 40_000).await;
+    (lockstep, manager, id)
+}
+
+#[test]
+fn a_rejected_broadcast_fails_the_send_with_its_reason_and_frees_its_coins() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(167), 105).unwrap();
+        let reason = RejectReason::MissingInputs {
+            outpoint: bitcoin::OutPoint::null(),
+        };
+        let (lockstep, manager, id) = unreliable(dir.path(), &chain, 67, Some(reason)).await;
+        let send = pay("refused-67", id, &p2wpkh(&key(67)), 15_000, 1.0, 1);
+        let outcome = lockstep
+            .executor()
+            .drive(send, DriveMode::UntilDone)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&outcome, DriveOutcome::Failed(why) if why.contains("unknown output")),
+            "{outcome:?}"
+        );
+        // Nothing of it stays: no pending transaction, no lock.
+        let history = lockstep.wallet(id).await.unwrap().history().await.unwrap();
+        assert!(history.iter().all(|h| h.height.is_some()), "{history:?}");
+        chain.mine(1).unwrap();
+        lockstep.sync().await.unwrap();
+        settled(&manager, &chain, id).await;
+    });
+}
+
+#[test]
+fn stop_refuses_while_a_broadcast_can_confirm_unless_forced() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(168), 105).unwrap();
+        let (lockstep, manager, id) = unreliable(dir.path(), &chain, 68, None).await;
+        let send = pay("pending-68", id, &p2wpkh(&key(68)), 15_000, 1.0, 1);
+        let outcome = lockstep
+            .executor()
+            .drive(send, DriveMode::UntilParkOrDone)
+            .await
+            .unwrap();
+        assert_eq!(outcome, DriveOutcome::Parked, "broadcast, waiting");
+        let refused = lockstep.executor().stop("pending-68", false).await;
+        assert!(
+            matches!(refused, Err(lockstep::StopError::BroadcastPending(_))),
+            "{refused:?}"
+        );
+        lockstep.executor().stop("pending-68", true).await.unwrap();
+        let (left, locks, outcome) = manager
+            .store()
+            .read_blocking(|tx| {
+                Ok::<_, StoreError>((
+                    tx.checkpoints()?,
+                    tx.lock_holders()?,
+                    tx.action_outcome("pending-68")?,
+                ))
+            })
+            .unwrap();
+        assert!(left.is_empty() && locks.is_empty(), "{left:?} {locks:?}");
+        assert_eq!(outcome.unwrap().outcome, "stopped");
+        assert!(matches!(
+            lockstep.executor().stop("pending-68", true).await,
+            Err(lockstep::StopError::NotFound(_))
+        ));
+    });
+}
+
+#[test]
+fn an_expired_send_frees_its_coins_unless_it_broadcast() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(169), 105).unwrap();
+        let (lockstep, manager, id) = unreliable(dir.path(), &chain, 69, None).await;
+        let tip = chain.tip().height;
+        lockstep.dispatcher().set_tip(tip);
+        let wallet = lockstep.wallet(id).await.unwrap();
+        let locks = |manager: &Manager| {
+            manager
+                .store()
+                .read_blocking(|tx| tx.lock_holders())
+                .unwrap()
+        };
+
+        // Keys locked: it locks a coin, then waits to sign, until expiry.
+        wallet.lock_keys();
+        let waiting = tokio::spawn({
+            let lockstep = lockstep.clone();
+            let send = pay("late-69", id, &p2wpkh(&key(69)), 15_000, 1.0, 1).with_deadline(tip + 2);
+            async move { lockstep.executor().drive(send, DriveMode::UntilDone).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(locks(&manager).len(), 1, "it holds its coin");
+        lockstep.dispatcher().set_tip(tip + 2);
+        let outcome = waiting.await.unwrap();
+        assert!(
+            matches!(outcome, Err(lockstep::DriveError::Expired)),
+            "{outcome:?}"
+        );
+        assert!(
+            locks(&manager).is_empty(),
+            "nothing broadcast: its coin came back"
+        );
+
+        // Broadcast (the source lost it), then expired: its inputs stay
+        // locked, since the transaction can still confirm.
+        wallet.unlock("pw").await.unwrap();
+        let send = pay("sent-69", id, &p2wpkh(&key(70)), 15_000, 1.0, 1).with_deadline(tip + 4);
+        let waiting = tokio::spawn({
+            let lockstep = lockstep.clone();
+            async move { lockstep.executor().drive(send, DriveMode::UntilDone).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        lockstep.dispatcher().set_tip(tip + 4);
+        let outcome = waiting.await.unwrap();
+        assert!(
+            matches!(outcome, Err(lockstep::DriveError::Expired)),
+            "{outcome:?}"
+        );
+        let held = locks(&manager);
+        assert_eq!(
+            held.len(),
+            1,
+            "the broadcast's inputs stay locked: {held:?}"
+        );
+        let ended = manager
+            .store()
+            .read_blocking(|tx| tx.action_outcome("sent-69"))
+            .unwrap();
+        assert_eq!(ended.unwrap().outcome, "expired");
+    });
+}
+
+#[test]
+fn a_reorg_that_drops_the_confirmation_sends_it_back_to_waiting_and_it_confirms_once() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(170), 105).unwrap();
+        let (lockstep, manager) = open(dir.path(), &chain);
+        lockstep.sync().await.unwrap();
+        let id = funded(&lockstep, &chain, 70, 2, 40_000).await;
+        let payee = p2wpkh(&key(71));
+        let send = pay("reorged-70", id, &payee, 15_000, 1.0, 3);
+        let drive = |lockstep: &Lockstep| {
+            let lockstep = lockstep.clone();
+            let send = send.clone();
+            async move {
+                lockstep
+                    .executor()
+                    .drive(send, DriveMode::UntilParkOrDone)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(drive(&lockstep).await, DriveOutcome::Parked);
+        chain.mine(1).unwrap();
+        lockstep.sync().await.unwrap();
+        assert_eq!(
+            drive(&lockstep).await,
+            DriveOutcome::Parked,
+            "1 of 3 confirmations"
+        );
+        // The block that confirmed it goes, and the transaction with it.
+        chain.reorg(1, ReorgTxs::Drop).unwrap();
+        lockstep.sync().await.unwrap();
+        assert!(paid_to(&chain, &payee).is_empty());
+        // Back to waiting: it sends the transaction again, and it confirms.
+        let mut outcome = drive(&lockstep).await;
+        for _ in 0..6 {
+            if outcome != DriveOutcome::Parked {
+                break;
+            }
+            chain.mine(1).unwrap();
+            lockstep.sync().await.unwrap();
+            outcome = drive(&lockstep).await;
+        }
+        assert!(matches!(outcome, DriveOutcome::Done(_)), "{outcome:?}");
+        assert_eq!(paid_to(&chain, &payee), vec![Amount::from_sat(15_000)]);
         settled(&manager, &chain, id).await;
     });
 }

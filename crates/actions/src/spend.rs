@@ -156,6 +156,9 @@ pub struct Spend {
     fee_rate_sat_vb: f32,
     confirmations: u32,
     bump: Option<FeeBump>,
+    /// The height at which it expires (the dispatcher stops it).
+    #[serde(default)]
+    deadline: Option<u32>,
     /// Where it stands.
     pub state: SpendState,
 }
@@ -216,6 +219,7 @@ impl Spend {
             fee_rate_sat_vb,
             confirmations: confirmations.max(1),
             bump: None,
+            deadline: None,
             state: SpendState::Start,
         }
     }
@@ -225,6 +229,14 @@ impl Spend {
     #[must_use]
     pub fn with_fee_bump(mut self, bump: FeeBump) -> Self {
         self.bump = Some(bump);
+        self
+    }
+
+    /// Expires at `height`: the dispatcher stops it there; its coins come
+    /// back unless a transaction it broadcast spends them.
+    #[must_use]
+    pub fn with_deadline(mut self, height: u32) -> Self {
+        self.deadline = Some(height);
         self
     }
 
@@ -301,6 +313,10 @@ impl WalletAction for Spend {
             Plan::Pay { .. } => lockstep_dispatcher::ActionKind::SEND,
             Plan::Consolidate { .. } => lockstep_dispatcher::ActionKind::CONSOLIDATE,
         }
+    }
+
+    fn deadline(&self) -> Option<u32> {
+        self.deadline
     }
 
     fn holds_broadcast(&self) -> bool {
