@@ -783,3 +783,62 @@ fn a_reorg_that_drops_the_confirmation_sends_it_back_to_waiting_and_it_confirms_
         settled(&manager, &chain, id).await;
     });
 }
+
+#[test]
+fn a_send_resumed_after_its_locks_expired_chooses_again_instead_of_spending_a_coin_taken_since() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let chain = SimChain::generate(SimParams::signed(171), 105).unwrap();
+        let store = Store::open(&dir.path().join("w.db"), StoreOptions::default()).unwrap();
+        let manager = Manager::new(store, Arc::new(chain.clone()), ManagerConfig::default());
+        let config = ExecutorConfig {
+            lock_ttl: 2,
+            run_each_step_twice: true,
+            ..ExecutorConfig::default()
+        };
+        let lockstep = Lockstep::from_manager_with(manager.clone(), config);
+        lockstep.sync().await.unwrap();
+        let id = funded(&lockstep, &chain, 71, 2, 40_000).await;
+        let wallet = lockstep.wallet(id).await.unwrap();
+        let (first_payee, second_payee) = (p2wpkh(&key(72)), p2wpkh(&key(73)));
+        // The first send locks a coin, then waits for the keys...
+        wallet.lock_keys();
+        let first = pay("first-71", id, &first_payee, 15_000, 5.0, 1);
+        let drive = |send: Spend| {
+            let lockstep = lockstep.clone();
+            async move {
+                lockstep
+                    .executor()
+                    .drive(send, DriveMode::UntilParkOrDone)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(drive(first.clone()).await, DriveOutcome::Parked);
+        // ... longer than its locks live.
+        chain.mine(2).unwrap();
+        lockstep.sync().await.unwrap();
+        // A second send needs both coins, the first one's included.
+        wallet.unlock("pw").await.unwrap();
+        let second = pay("second-71", id, &second_payee, 60_000, 1.0, 1);
+        assert_eq!(drive(second.clone()).await, DriveOutcome::Parked);
+        // Resumed, the first send finds its coin taken: it chooses again,
+        // finds nothing free, and fails without broadcasting anything.
+        let outcome = drive(first).await;
+        assert!(
+            matches!(&outcome, DriveOutcome::Failed(why) if why.contains("insufficient")),
+            "{outcome:?}"
+        );
+        chain.mine(1).unwrap();
+        lockstep.sync().await.unwrap();
+        let outcome = drive(second).await;
+        assert!(matches!(outcome, DriveOutcome::Done(_)), "{outcome:?}");
+        assert!(paid_to(&chain, &first_payee).is_empty());
+        assert_eq!(
+            paid_to(&chain, &second_payee),
+            vec![Amount::from_sat(60_000)]
+        );
+        settled(&manager, &chain, id).await;
+    });
+}

@@ -8,6 +8,7 @@
 //! each block and replacing it with a higher fee after `after_blocks` →
 //! done when one version has the confirmations asked for.
 
+use bitcoin::hashes::Hash as _;
 use bitcoin::{Amount, OutPoint, Transaction, TxOut, Txid};
 use lockstep_chain::RejectReason;
 use lockstep_store::WalletId;
@@ -367,6 +368,12 @@ impl WalletAction for Spend {
             }
             SpendState::Selected { selection } => {
                 ctx.release_exclusivity();
+                if !still_held(ctx, &selection).await? {
+                    // Its locks expired while it was stopped and another
+                    // spend took a coin: nothing was broadcast, so it
+                    // chooses again.
+                    return Ok(Advance::Next(self.with_state(SpendState::Start)));
+                }
                 let next = self.sign_and_persist(ctx, selection, Vec::new()).await?;
                 Ok(Advance::Next(next))
             }
@@ -509,6 +516,48 @@ impl WalletAction for Spend {
             .await?;
         Ok(Advance::Next(state))
     }
+}
+
+/// Whether the action still holds every coin of `selection`: locks that
+/// expired (the action was stopped longer than its lock lifetime) are
+/// taken again if the coins are still unspent and free. Returns `false`,
+/// with the action's remaining locks released, if another holder took one
+/// or one was spent meanwhile.
+async fn still_held(ctx: &StepCtx, selection: &SelectionRecord) -> Result<bool, StepError> {
+    let holder = ctx.holder();
+    let wanted: Vec<([u8; 32], u32)> = selection
+        .coins
+        .iter()
+        .map(|c| (c.outpoint.txid.to_byte_array(), c.outpoint.vout))
+        .collect();
+    let held = ctx
+        .wallet()
+        .transact(move |wallet, tx| {
+            let mine: std::collections::HashSet<([u8; 32], u32)> = tx
+                .locks_of(&holder)?
+                .into_iter()
+                .map(|(_, txid, vout)| (txid, vout))
+                .collect();
+            let missing: Vec<([u8; 32], u32)> =
+                wanted.into_iter().filter(|c| !mine.contains(c)).collect();
+            if missing.is_empty() {
+                return Ok(true);
+            }
+            let free: std::collections::HashSet<([u8; 32], u32)> = tx
+                .unspent_coins_with_locks(wallet.id())?
+                .into_iter()
+                .filter(|(_, locked_by)| locked_by.is_none())
+                .map(|(coin, _)| (coin.txid, coin.vout))
+                .collect();
+            if missing.iter().all(|c| free.contains(c)) {
+                tx.lock_coins(wallet.id(), &missing, &holder)?;
+                return Ok(true);
+            }
+            tx.release_locks(&holder)?;
+            Ok(false)
+        })
+        .await?;
+    Ok(held)
 }
 
 /// The selection that `previous` paid from, given the one the rejected
