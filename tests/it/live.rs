@@ -235,6 +235,10 @@ fn sends_built_while_blocks_spend_the_wallet_never_share_a_coin_or_a_change_scri
                             value: Amount::from_sat(30_000),
                             script_pubkey: p2wpkh(&key(200)),
                         }],
+                        // Above the sends' 2 sat/vB: SimChain replaces by
+                        // fee (full RBF), so a send paying more could
+                        // otherwise replace an outside spend instead of
+                        // being refused.
                         fee_rate_sat_vb: 3.0,
                     };
                     let Ok(selection) = wallet.select_and_lock(request, &holder).await else {
