@@ -18,8 +18,11 @@
 pub mod filters;
 pub mod metered;
 mod sim;
+pub mod simnode;
 mod source;
 pub mod verify;
+
+pub use simnode::{SimNode, SimNodeConfig, SimNodeError};
 
 pub use sim::{
     Accepted, ChainStats, Load, LoadError, ReorgReport, ReorgTxs, SaveError, ScriptTotals,

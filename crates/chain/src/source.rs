@@ -253,6 +253,11 @@ pub enum RejectReason {
     /// The transaction breaks a consensus or standardness rule.
     #[error("invalid transaction: {0}")]
     Invalid(InvalidTx),
+    /// A node refused it for a reason none of the above names (a policy
+    /// rule SimChain does not simulate, such as Core's `dust` or
+    /// `min relay fee not met`), in the node's own words.
+    #[error("rejected by the node: {0}")]
+    Other(String),
 }
 
 /// Most transactions one replacement may evict, the direct conflicts and
@@ -305,6 +310,11 @@ pub enum FeeRule {
         /// The incremental relay fee times its virtual size.
         required: Amount,
     },
+    /// A node said which rule in words that do not give back the amounts
+    /// above (Bitcoin Core prints fee rates, not fees and sizes): its
+    /// explanation, as it gave it. Bumping the fee still helps.
+    #[error("{0}")]
+    Reported(String),
 }
 
 /// The rule a transaction breaks.
