@@ -232,9 +232,11 @@ impl SimNode {
 
     /// Stops listening and closes every connection; removes the cookie
     /// file, as Core does on shutdown.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        self.task.abort();
+        // The accept loop ends on the signal and drops the listener, so
+        // that the port is free when this returns.
+        let _ = (&mut self.task).await;
         if let Some(path) = &self.cookie {
             let _ = std::fs::remove_file(path);
         }
