@@ -649,7 +649,10 @@ fn header_json(shared: &Shared, height: u32, header: &Header, n_tx: usize) -> Ob
     let chain = &shared.chain;
     let mut obj = Obj::new()
         .put("hash", header.block_hash().to_string())
-        .put("confirmations", chain.height() - height + 1)
+        .put(
+            "confirmations",
+            i64::from(chain.height()) - i64::from(height) + 1,
+        )
         .put("height", height)
         .put("version", header.version.to_consensus())
         .put(
