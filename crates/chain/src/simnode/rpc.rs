@@ -533,6 +533,10 @@ fn test_accept(shared: &Shared, params: &Params<'_>) -> Result<String, RpcError>
                         .to_string(),
                 )
             }
+            // Core gives no details for missing inputs.
+            Err((short, _)) if short == "missing-inputs" => {
+                base.put("allowed", false).put("reject-reason", short)
+            }
             Err((short, details)) => base
                 .put("allowed", false)
                 .put("reject-reason", short)

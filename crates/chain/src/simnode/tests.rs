@@ -593,6 +593,7 @@ async fn sendrawtransaction_maps_rejections_to_core_errors() {
     let verdict = n.ok("testmempoolaccept", json!([[worse_raw]])).await;
     assert_eq!(verdict[0]["allowed"], false);
     assert_eq!(verdict[0]["reject-reason"], "insufficient fee");
+    assert_eq!(verdict[0]["reject-details"], message.as_str());
 
     // Mined: sending it again is -27, a conflicting spend of its input -25.
     n.chain.mine(1).unwrap();
@@ -614,6 +615,7 @@ async fn sendrawtransaction_maps_rejections_to_core_errors() {
         )
         .await;
     assert_eq!(verdict[0]["reject-reason"], "missing-inputs");
+    assert!(verdict[0].get("reject-details").is_none(), "{verdict}");
     // Overspending: -26 with Core's reason and amounts.
     let mut overspend = conflicting.clone();
     overspend.input[0].previous_output = n
