@@ -401,3 +401,76 @@ async fn a_restarted_node_with_a_new_cookie_is_picked_up() {
     }
     drop(third);
 }
+
+#[tokio::test]
+async fn a_node_that_does_not_answer_times_out() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    let mut config = BitcoindConfig::new(
+        format!("http://{addr}"),
+        BitcoindAuth::UserPassword {
+            user: "u".to_owned(),
+            password: "p".to_owned(),
+        },
+        Network::Regtest,
+    );
+    config.timeout = Duration::from_millis(200);
+    match BitcoindSource::connect(config).await {
+        Err(BitcoindError::Unreachable {
+            source: SourceError::Timeout { after_ms },
+            ..
+        }) => assert_eq!(after_ms, 200),
+        other => panic!("{other:?}"),
+    }
+    hold.abort();
+}
+
+#[test]
+fn data_that_does_not_match_its_request_is_invalid() {
+    let chain = SimChain::generate(SimParams::unsigned(5), 3).unwrap();
+    let block = chain.block_at(2).unwrap();
+    let hash = block.block_hash();
+    check_block(&block, hash).unwrap();
+    // Another block's hash, and a transaction that is not in the root.
+    assert!(matches!(
+        check_block(&block, chain.hash_at(1).unwrap()),
+        Err(SourceError::Invalid { .. })
+    ));
+    let mut tampered = (*block).clone();
+    tampered.txdata[0].output[0].value = Amount::from_sat(1);
+    assert!(matches!(
+        check_block(&tampered, hash),
+        Err(SourceError::Invalid { .. })
+    ));
+    // A REST filter: right, for another block, truncated, another type.
+    let filter = chain.filter_at(2).unwrap();
+    let mut rest = vec![0u8];
+    rest.extend(hash.as_byte_array());
+    rest.extend(serialize(&filter));
+    assert_eq!(parse_rest_filter(&rest, hash).unwrap(), filter);
+    let other = chain.hash_at(1).unwrap();
+    assert!(matches!(
+        parse_rest_filter(&rest, other),
+        Err(SourceError::Invalid { .. })
+    ));
+    assert!(matches!(
+        parse_rest_filter(&rest[..rest.len() - 1], hash),
+        Err(SourceError::Invalid { .. })
+    ));
+    rest[0] = 1;
+    assert!(matches!(
+        parse_rest_filter(&rest, hash),
+        Err(SourceError::Invalid { .. })
+    ));
+    assert!(matches!(
+        parse_rest_filter(&[], hash),
+        Err(SourceError::Invalid { .. })
+    ));
+}
