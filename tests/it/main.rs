@@ -2,6 +2,7 @@
 
 mod actions;
 mod actions_crash;
+mod bitcoind;
 mod crash;
 mod dispatch;
 mod events;

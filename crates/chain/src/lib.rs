@@ -9,17 +9,27 @@
 //!   payments, spends, a validating mempool that replaces by fee as Bitcoin
 //!   Core does (full RBF), and reorgs. Its [`SimChain::truth`] is the oracle
 //!   every wallet test compares with.
+//! - [`BitcoindSource`]: Bitcoin Core as a source, through its REST
+//!   interface and JSON-RPC.
+//! - [`SimNode`]: a stand-in Core node serving a [`SimChain`] over HTTP in
+//!   Core's formats, for tests, benchmarks and trying lockstep without a
+//!   node.
 //! - [`filters`]: building BIP158 basic filters and chaining their headers
 //!   (rust-bitcoin's reference construction, tested on Bitcoin Core's
 //!   vectors).
 //! - [`verify`]: Bitcoin Core's script interpreter (`bitcoinconsensus` 0.106),
 //!   Taproot included.
 
+mod bitcoind;
 pub mod filters;
 pub mod metered;
 mod sim;
+pub mod simnode;
 mod source;
 pub mod verify;
+
+pub use bitcoind::{BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource};
+pub use simnode::{SimNode, SimNodeConfig, SimNodeError};
 
 pub use sim::{
     Accepted, ChainStats, Load, LoadError, ReorgReport, ReorgTxs, SaveError, ScriptTotals,

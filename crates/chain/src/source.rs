@@ -26,7 +26,7 @@ pub struct BlockId {
 /// caller re-reads the tip.
 ///
 /// Implementations in this crate: [`crate::SimChain`], the embedded regtest
-/// chain.
+/// chain, and [`crate::BitcoindSource`], a Bitcoin Core node.
 #[async_trait]
 pub trait ChainSource: Send + Sync + 'static {
     /// The best chain's tip.
@@ -115,6 +115,16 @@ pub enum SourceError {
         /// What happened, for the log.
         reason: String,
     },
+    /// The source cannot serve lockstep until its operator changes its
+    /// configuration (a node without the block filter index, on another
+    /// network, refusing the credentials, …); `reason` says what to change.
+    /// Counted as retryable: fixing the node is enough, lockstep picks it
+    /// up on its next attempt without a restart.
+    #[error("chain source misconfigured: {reason}")]
+    Misconfigured {
+        /// What is wrong and what the operator must change.
+        reason: String,
+    },
     /// The source did not answer in time. Retryable.
     #[error("chain source timed out after {after_ms} ms")]
     Timeout {
@@ -139,9 +149,9 @@ impl SourceError {
     /// What the caller can do about it.
     pub fn kind(&self) -> SourceErrorKind {
         match self {
-            SourceError::Unavailable { .. } | SourceError::Timeout { .. } => {
-                SourceErrorKind::Retryable
-            }
+            SourceError::Unavailable { .. }
+            | SourceError::Timeout { .. }
+            | SourceError::Misconfigured { .. } => SourceErrorKind::Retryable,
             SourceError::NotFound(_) => SourceErrorKind::NotFound,
             SourceError::Invalid { .. } => SourceErrorKind::Invalid,
         }
@@ -253,6 +263,11 @@ pub enum RejectReason {
     /// The transaction breaks a consensus or standardness rule.
     #[error("invalid transaction: {0}")]
     Invalid(InvalidTx),
+    /// A node refused it for a reason none of the above names (a policy
+    /// rule SimChain does not simulate, such as Core's `dust` or
+    /// `min relay fee not met`), in the node's own words.
+    #[error("rejected by the node: {0}")]
+    Other(String),
 }
 
 /// Most transactions one replacement may evict, the direct conflicts and
@@ -305,6 +320,11 @@ pub enum FeeRule {
         /// The incremental relay fee times its virtual size.
         required: Amount,
     },
+    /// A node said which rule in words that do not give back the amounts
+    /// above (Bitcoin Core prints fee rates, not fees and sizes): its
+    /// explanation, as it gave it. Bumping the fee still helps.
+    #[error("{0}")]
+    Reported(String),
 }
 
 /// The rule a transaction breaks.

@@ -465,6 +465,32 @@ impl SimChain {
         self.read().mempool.txs.clone()
     }
 
+    /// The mempool with each transaction's fee, in acceptance order (what a
+    /// node's `getrawmempool true` reports besides the transactions).
+    pub fn mempool_fees(&self) -> Vec<(Transaction, Amount)> {
+        let state = self.read();
+        state
+            .mempool
+            .txs
+            .iter()
+            .map(|tx| {
+                let fee = state
+                    .mempool
+                    .entries
+                    .get(&tx.compute_txid())
+                    .map_or(Amount::ZERO, |e| e.fee);
+                (tx.clone(), fee)
+            })
+            .collect()
+    }
+
+    /// Whether [`SimChain::submit`] would accept `tx`, without submitting
+    /// it: the fee it would pay, or why not (Core's `testmempoolaccept`).
+    /// A transaction already in the mempool is checked as if it were not.
+    pub fn test_accept(&self, tx: &Transaction) -> Result<Amount, RejectReason> {
+        self.read().test_accept(tx)
+    }
+
     /// Replaces the last `depth` blocks with a different branch of
     /// `depth + 1` blocks.
     pub fn reorg(&self, depth: u32, txs: ReorgTxs) -> Result<ReorgReport, SimError> {

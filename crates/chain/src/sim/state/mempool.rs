@@ -362,6 +362,17 @@ impl State {
         txid
     }
 
+    /// What [`State::submit`] would say, without changing anything: the fee
+    /// the transaction would pay (Core's `testmempoolaccept`).
+    pub(crate) fn test_accept(&self, tx: &Transaction) -> Result<Amount, RejectReason> {
+        let txid = tx.compute_txid();
+        let checked = self.check_tx(tx, txid, self.params.mode == SimMode::Signed)?;
+        if !checked.conflicts.is_empty() {
+            self.replacement(tx, checked.fee, &checked.conflicts)?;
+        }
+        Ok(checked.fee)
+    }
+
     /// Accepts a transaction from outside: every output is somebody else's.
     /// A transaction conflicting with the mempool replaces what it conflicts
     /// with when it pays enough (see the module documentation); returns its

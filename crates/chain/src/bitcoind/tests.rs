@@ -1,0 +1,476 @@
+//! BitcoindSource against the stand-in node over real HTTP on loopback:
+//! every read equals SimChain's own answer, through REST and through the
+//! JSON-RPC fallback; broadcasts and their rejections; and each
+//! configuration error is its typed error.
+
+use std::time::Duration;
+
+use bitcoin::secp256k1::{Secp256k1, SecretKey};
+use bitcoin::{Amount, CompressedPublicKey, ScriptBuf, TxOut};
+
+use super::*;
+use crate::{SimChain, SimNode, SimNodeConfig, SimParams, SourceErrorKind};
+
+fn key(n: u8) -> SecretKey {
+    SecretKey::from_slice(&[n; 32]).expect("a valid key")
+}
+
+fn p2wpkh(key: &SecretKey) -> ScriptBuf {
+    let secp = Secp256k1::new();
+    ScriptBuf::new_p2wpkh(&CompressedPublicKey(key.public_key(&secp)).wpubkey_hash())
+}
+
+/// A node serving `chain` with a cookie in a temporary directory and the
+/// user alice/secret.
+async fn node(chain: &SimChain, config: SimNodeConfig) -> (SimNode, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SimNodeConfig {
+        cookie_dir: Some(dir.path().to_owned()),
+        user_password: Some(("alice".to_owned(), "secret".to_owned())),
+        ..config
+    };
+    (SimNode::start(chain.clone(), config).await.unwrap(), dir)
+}
+
+fn cookie_config(node: &SimNode) -> BitcoindConfig {
+    let mut config = BitcoindConfig::new(
+        node.url(),
+        BitcoindAuth::Cookie(node.cookie_path().unwrap().to_owned()),
+        Network::Regtest,
+    );
+    config.timeout = Duration::from_secs(10);
+    config
+}
+
+/// Every read through `source` equals SimChain's answer.
+async fn reads_equal_simchain(source: &BitcoindSource, chain: &SimChain) {
+    let tip = chain.tip();
+    assert_eq!(source.tip().await.unwrap(), tip);
+    assert_eq!(ChainSource::tip(chain).await.unwrap(), tip);
+    for height in [0, 1, 57, tip.height] {
+        let hash = chain.hash_at(height).unwrap();
+        assert_eq!(source.block_hash(height).await.unwrap(), hash);
+        assert_eq!(
+            source.header(hash).await.unwrap(),
+            chain.header(hash).await.unwrap()
+        );
+        assert_eq!(
+            source.filter(hash).await.unwrap(),
+            chain.filter(hash).await.unwrap()
+        );
+        assert_eq!(
+            source.filter_header(hash).await.unwrap(),
+            chain.filter_header(hash).await.unwrap()
+        );
+        assert_eq!(
+            *source.block(hash).await.unwrap(),
+            *chain.block(hash).await.unwrap()
+        );
+    }
+    assert_eq!(
+        source.headers(0, 200).await.unwrap(),
+        chain.headers(0, 200).await.unwrap()
+    );
+    assert_eq!(
+        source.headers(100, 5).await.unwrap(),
+        chain.headers(100, 5).await.unwrap()
+    );
+    let blocks: Vec<BlockId> = (3..=tip.height)
+        .map(|height| BlockId {
+            height,
+            hash: chain.hash_at(height).unwrap(),
+        })
+        .collect();
+    assert_eq!(
+        source.filter_headers(&blocks).await.unwrap(),
+        chain.filter_headers(&blocks).await.unwrap()
+    );
+    // Above the tip, and an unknown block: not found, as SimChain says.
+    let unknown = BlockHash::all_zeros();
+    assert!(matches!(
+        source.block_hash(tip.height + 1).await,
+        Err(SourceError::NotFound(Missing::Height(_)))
+    ));
+    assert!(matches!(
+        source.header(unknown).await,
+        Err(SourceError::NotFound(_))
+    ));
+    assert!(matches!(
+        source.block(unknown).await,
+        Err(SourceError::NotFound(_))
+    ));
+    assert!(matches!(
+        source.filter(unknown).await,
+        Err(SourceError::NotFound(_))
+    ));
+    assert!(matches!(
+        source.filter_header(unknown).await,
+        Err(SourceError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn reads_through_rest_equal_simchain() {
+    let chain = SimChain::generate(SimParams::signed(1), 120).unwrap();
+    let (node, _dir) = node(&chain, SimNodeConfig::default()).await;
+    let source = BitcoindSource::connect(cookie_config(&node)).await.unwrap();
+    assert!(source.uses_rest());
+    reads_equal_simchain(&source, &chain).await;
+}
+
+#[tokio::test]
+async fn reads_fall_back_to_rpc_without_rest() {
+    let chain = SimChain::generate(SimParams::signed(1), 120).unwrap();
+    let config = SimNodeConfig {
+        rest: false,
+        ..SimNodeConfig::default()
+    };
+    let (node, _dir) = node(&chain, config).await;
+    let source = BitcoindSource::connect(cookie_config(&node)).await.unwrap();
+    assert!(!source.uses_rest());
+    reads_equal_simchain(&source, &chain).await;
+}
+
+#[tokio::test]
+async fn a_reorg_is_seen_and_stale_blocks_are_not_found() {
+    let chain = SimChain::generate(SimParams::unsigned(2), 60).unwrap();
+    let (node, _dir) = node(&chain, SimNodeConfig::default()).await;
+    let source = BitcoindSource::connect(cookie_config(&node)).await.unwrap();
+    let old: Vec<BlockId> = (50..=60)
+        .map(|height| BlockId {
+            height,
+            hash: chain.hash_at(height).unwrap(),
+        })
+        .collect();
+    chain.reorg(3, crate::ReorgTxs::Reappear).unwrap();
+    assert_eq!(source.tip().await.unwrap(), chain.tip());
+    // The old branch's filter headers: its last blocks are gone.
+    assert!(matches!(
+        source.filter_headers(&old).await,
+        Err(SourceError::NotFound(_))
+    ));
+    assert!(matches!(
+        source.header(old[10].hash).await,
+        Err(SourceError::NotFound(_))
+    ));
+    assert_eq!(
+        source.headers(55, 10).await.unwrap(),
+        chain.headers(55, 10).await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn broadcast_then_mine_and_rejections_map_back() {
+    // The served chain and a twin with the same history: the twin signs
+    // transactions the served chain has not seen.
+    let chain = SimChain::generate(SimParams::signed(1), 102).unwrap();
+    let twin = SimChain::generate(SimParams::signed(1), 102).unwrap();
+    let mut coins = Vec::new();
+    for c in [&chain, &twin] {
+        coins.push((
+            c.pay(p2wpkh(&key(1)), Amount::from_sat(100_000)).unwrap(),
+            c.pay(p2wpkh(&key(1)), Amount::from_sat(100_000)).unwrap(),
+        ));
+        c.mine(1).unwrap();
+    }
+    assert_eq!(coins[0], coins[1]);
+    let (coin, coin2) = coins[0];
+    let to = |sat| {
+        vec![TxOut {
+            value: Amount::from_sat(sat),
+            script_pubkey: p2wpkh(&key(9)),
+        }]
+    };
+    let pooled = |txid| {
+        twin.mempool()
+            .into_iter()
+            .find(|t| t.compute_txid() == txid)
+            .unwrap()
+    };
+    let tx = pooled(twin.spend(coin, to(90_000), Some(&key(1))).unwrap());
+    let txid = tx.compute_txid();
+    let cheaper = pooled(twin.spend(coin2, to(95_000), Some(&key(1))).unwrap());
+    // On the served chain coin2 is already spent in the mempool, paying
+    // more than `cheaper` would.
+    let first = chain.spend(coin2, to(90_000), Some(&key(1))).unwrap();
+
+    let (node, _dir) = node(&chain, SimNodeConfig::default()).await;
+    let source = BitcoindSource::connect(cookie_config(&node)).await.unwrap();
+
+    // A replacement paying less than what it replaces: InsufficientFee,
+    // with Core's explanation.
+    match source.broadcast(&cheaper).await {
+        Err(BroadcastError::Rejected {
+            reason: RejectReason::InsufficientFee { rule },
+            txid: t,
+        }) => {
+            assert_eq!(t, cheaper.compute_txid());
+            assert!(rule.to_string().contains("new feerate"), "{rule}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(chain.mempool().len(), 1);
+
+    // A valid transaction goes in, and is mined.
+    assert_eq!(source.broadcast(&tx).await.unwrap(), txid);
+    assert!(chain.mempool().contains(&tx));
+    chain.mine(1).unwrap();
+    let tip = source.tip().await.unwrap();
+    let block = source.block(tip.hash).await.unwrap();
+    assert!(block.txdata.iter().any(|t| t.compute_txid() == txid));
+    assert!(block.txdata.iter().any(|t| t.compute_txid() == first));
+
+    // Mined: again is AlreadyConfirmed, a conflicting spend is refused for
+    // its spent input (Core does not say whether spent or unknown:
+    // MissingInputs, where SimChain says ConflictConfirmed).
+    match source.broadcast(&tx).await {
+        Err(BroadcastError::Rejected { txid: t, reason }) => {
+            assert_eq!((t, reason), (txid, RejectReason::AlreadyConfirmed));
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut conflicting = tx.clone();
+    conflicting.output[0].value = Amount::from_sat(80_000);
+    assert_eq!(
+        chain.submit(conflicting.clone()),
+        Err(RejectReason::ConflictConfirmed { outpoint: coin })
+    );
+    match source.broadcast(&conflicting).await {
+        Err(BroadcastError::Rejected { reason, .. }) => {
+            assert_eq!(reason, RejectReason::MissingInputs { outpoint: coin });
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn configuration_errors_are_typed() {
+    let chain = SimChain::generate(SimParams::unsigned(3), 10).unwrap();
+    let (good, _dir) = node(&chain, SimNodeConfig::default()).await;
+
+    // Wrong password.
+    let mut config = BitcoindConfig::new(
+        good.url(),
+        BitcoindAuth::UserPassword {
+            user: "alice".to_owned(),
+            password: "wrong".to_owned(),
+        },
+        Network::Regtest,
+    );
+    assert!(matches!(
+        BitcoindSource::connect(config.clone()).await,
+        Err(BitcoindError::Unauthorized { .. })
+    ));
+    // The right user and password work.
+    config.auth = BitcoindAuth::UserPassword {
+        user: "alice".to_owned(),
+        password: "secret".to_owned(),
+    };
+    BitcoindSource::connect(config.clone()).await.unwrap();
+
+    // An unreadable cookie.
+    let mut missing = cookie_config(&good);
+    missing.auth = BitcoindAuth::Cookie(good.cookie_path().unwrap().with_file_name("nope"));
+    let err = BitcoindSource::connect(missing).await.unwrap_err();
+    assert!(
+        matches!(err, BitcoindError::CookieUnreadable { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains(".cookie in the node's data directory")
+    );
+
+    // The wallets are on signet, the node on regtest.
+    let mut signet = cookie_config(&good);
+    signet.network = Network::Signet;
+    let err = BitcoindSource::connect(signet).await.unwrap_err();
+    match &err {
+        BitcoindError::WrongNetwork { node, expected, .. } => {
+            assert_eq!((node.as_str(), *expected), ("regtest", "signet"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("-chain=signet"));
+    // …and a node that says it is on main while the wallets are on regtest.
+    let (mainnet, _dir2) = node(
+        &chain,
+        SimNodeConfig {
+            chain: "main".to_owned(),
+            ..SimNodeConfig::default()
+        },
+    )
+    .await;
+    assert!(matches!(
+        BitcoindSource::connect(cookie_config(&mainnet)).await,
+        Err(BitcoindError::WrongNetwork { .. })
+    ));
+
+    // No filter index.
+    let (no_index, _dir3) = node(
+        &chain,
+        SimNodeConfig {
+            filter_index: false,
+            ..SimNodeConfig::default()
+        },
+    )
+    .await;
+    let err = BitcoindSource::connect(cookie_config(&no_index))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BitcoindError::NoFilterIndex { .. }), "{err}");
+    assert!(err.to_string().contains("-blockfilterindex=1"));
+
+    // Initial block download.
+    let (ibd, _dir4) = node(
+        &chain,
+        SimNodeConfig {
+            initial_block_download: true,
+            ..SimNodeConfig::default()
+        },
+    )
+    .await;
+    assert!(matches!(
+        BitcoindSource::connect(cookie_config(&ibd)).await,
+        Err(BitcoindError::InitialBlockDownload { .. })
+    ));
+
+    // Nobody listening: unreachable, and retryable as a SourceError.
+    let url = good.url();
+    good.shutdown().await;
+    let mut gone = BitcoindConfig::new(
+        url,
+        BitcoindAuth::UserPassword {
+            user: "alice".to_owned(),
+            password: "secret".to_owned(),
+        },
+        Network::Regtest,
+    );
+    gone.timeout = Duration::from_secs(2);
+    match BitcoindSource::connect(gone).await {
+        Err(BitcoindError::Unreachable { source, .. }) => {
+            assert_eq!(source.kind(), SourceErrorKind::Retryable);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_node_with_a_new_cookie_is_picked_up() {
+    let chain = SimChain::generate(SimParams::unsigned(3), 10).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = SimNodeConfig {
+        cookie_dir: Some(dir.path().to_owned()),
+        ..SimNodeConfig::default()
+    };
+    let first = SimNode::start(chain.clone(), config.clone()).await.unwrap();
+    let port = first.addr().port();
+    let source = BitcoindSource::connect(cookie_config(&first))
+        .await
+        .unwrap();
+    first.shutdown().await;
+    // Same port, new cookie.
+    let second = SimNode::start(chain.clone(), SimNodeConfig { port, ..config })
+        .await
+        .unwrap();
+    chain.mine(1).unwrap();
+    assert_eq!(source.tip().await.unwrap(), chain.tip());
+    // REST needs no login; the RPC path re-reads the cookie.
+    assert_eq!(
+        source.call("getblockcount", json!([])).await.unwrap(),
+        json!(chain.height())
+    );
+    // A cookie that cannot be read any more is a configuration error.
+    let cookie = second.cookie_path().unwrap().to_owned();
+    second.shutdown().await;
+    assert!(!cookie.exists());
+    let third = SimNode::start(
+        chain.clone(),
+        SimNodeConfig {
+            port,
+            ..SimNodeConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let tx = chain.mempool();
+    assert!(tx.is_empty());
+    match source.call("getblockcount", json!([])).await {
+        Err(RpcFailure::Unauthorized) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(third);
+}
+
+#[tokio::test]
+async fn a_node_that_does_not_answer_times_out() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    let mut config = BitcoindConfig::new(
+        format!("http://{addr}"),
+        BitcoindAuth::UserPassword {
+            user: "u".to_owned(),
+            password: "p".to_owned(),
+        },
+        Network::Regtest,
+    );
+    config.timeout = Duration::from_millis(200);
+    match BitcoindSource::connect(config).await {
+        Err(BitcoindError::Unreachable {
+            source: SourceError::Timeout { after_ms },
+            ..
+        }) => assert_eq!(after_ms, 200),
+        other => panic!("{other:?}"),
+    }
+    hold.abort();
+}
+
+#[test]
+fn data_that_does_not_match_its_request_is_invalid() {
+    let chain = SimChain::generate(SimParams::unsigned(5), 3).unwrap();
+    let block = chain.block_at(2).unwrap();
+    let hash = block.block_hash();
+    check_block(&block, hash).unwrap();
+    // Another block's hash, and a transaction that is not in the root.
+    assert!(matches!(
+        check_block(&block, chain.hash_at(1).unwrap()),
+        Err(SourceError::Invalid { .. })
+    ));
+    let mut tampered = (*block).clone();
+    tampered.txdata[0].output[0].value = Amount::from_sat(1);
+    assert!(matches!(
+        check_block(&tampered, hash),
+        Err(SourceError::Invalid { .. })
+    ));
+    // A REST filter: right, for another block, truncated, another type.
+    let filter = chain.filter_at(2).unwrap();
+    let mut rest = vec![0u8];
+    rest.extend(hash.as_byte_array());
+    rest.extend(serialize(&filter));
+    assert_eq!(parse_rest_filter(&rest, hash).unwrap(), filter);
+    let other = chain.hash_at(1).unwrap();
+    assert!(matches!(
+        parse_rest_filter(&rest, other),
+        Err(SourceError::Invalid { .. })
+    ));
+    assert!(matches!(
+        parse_rest_filter(&rest[..rest.len() - 1], hash),
+        Err(SourceError::Invalid { .. })
+    ));
+    rest[0] = 1;
+    assert!(matches!(
+        parse_rest_filter(&rest, hash),
+        Err(SourceError::Invalid { .. })
+    ));
+    assert!(matches!(
+        parse_rest_filter(&[], hash),
+        Err(SourceError::Invalid { .. })
+    ));
+}

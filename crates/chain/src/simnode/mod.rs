@@ -1,0 +1,327 @@
+//! [`SimNode`]: a stand-in Bitcoin Core node that serves a [`SimChain`]
+//! over HTTP on loopback, through Core's REST interface and JSON-RPC, in
+//! Core's formats (bodies, content types, status codes, RPC error codes
+//! and messages, cookie authentication).
+//!
+//! It exists so that [`crate::BitcoindSource`] — and any other Core client
+//! — can be tested, benchmarked and demonstrated over real HTTP without a
+//! `bitcoind`. Formats follow Core 28/29's `doc/REST-interface.md`,
+//! `src/rest.cpp` and `src/rpc/*.cpp`; what it serves and what it does not
+//! is listed on [`SimNode`].
+
+pub mod format;
+mod rest;
+mod rpc;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::SimChain;
+
+/// Largest request body the node reads (Core's `MAX_SIZE`-like bound for a
+/// JSON-RPC request; a transaction of 4 MB in hex fits).
+const MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// How a [`SimNode`] presents itself and who may call its RPC.
+#[derive(Debug, Clone)]
+pub struct SimNodeConfig {
+    /// The port on 127.0.0.1; 0 lets the system choose (see
+    /// [`SimNode::addr`]).
+    pub port: u16,
+    /// Where to write Core's `.cookie` file (`__cookie__:<64 hex>`), as
+    /// `bitcoind -datadir` does; `None` writes none.
+    pub cookie_dir: Option<PathBuf>,
+    /// A user and password the RPC also accepts (Core's `-rpcuser` and
+    /// `-rpcpassword`).
+    pub user_password: Option<(String, String)>,
+    /// The chain name `getblockchaininfo` reports: "regtest" (the
+    /// SimChain's), or another to play a node on the wrong network.
+    pub chain: String,
+    /// Whether the REST interface is on (Core's `-rest`); off, every
+    /// `/rest/` path is 404 as in Core.
+    pub rest: bool,
+    /// Whether the basic block filter index is on (Core's
+    /// `-blockfilterindex`).
+    pub filter_index: bool,
+    /// What `getblockchaininfo` says of `initialblockdownload`.
+    pub initial_block_download: bool,
+}
+
+impl Default for SimNodeConfig {
+    fn default() -> Self {
+        SimNodeConfig {
+            port: 0,
+            cookie_dir: None,
+            user_password: None,
+            chain: "regtest".to_owned(),
+            rest: true,
+            filter_index: true,
+            initial_block_download: false,
+        }
+    }
+}
+
+/// Why a [`SimNode`] did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimNodeError {
+    /// The port could not be bound.
+    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
+    Bind {
+        /// The port asked for.
+        port: u16,
+        /// The system's reason.
+        source: std::io::Error,
+    },
+    /// The cookie file could not be written.
+    #[error("cannot write the cookie file {path}: {source}")]
+    Cookie {
+        /// The file.
+        path: PathBuf,
+        /// The system's reason.
+        source: std::io::Error,
+    },
+}
+
+/// A stand-in Bitcoin Core node serving a [`SimChain`] on 127.0.0.1.
+///
+/// Served (REST, no authentication, as Core): `chaininfo.json`,
+/// `blockhashbyheight/<h>.{bin,hex,json}`, `headers/<count>/<hash>.{bin,hex}`
+/// and `headers/<hash>.{bin,hex}?count=N`, `block/<hash>.{bin,hex}`,
+/// `blockfilter/basic/<hash>.{bin,hex,json}`,
+/// `blockfilterheaders/basic/<count>/<hash>.{bin,hex,json}` and the
+/// `?count=` form, `mempool/contents.json` (`?verbose=false` too), `tx/<txid>.{bin,hex}`
+/// (mempool only, as Core without `-txindex`).
+///
+/// Served (JSON-RPC 1.0 and 2.0 on `/`, basic auth with the cookie or the
+/// configured user): `getblockchaininfo`, `getblockcount`,
+/// `getbestblockhash`, `getblockhash`, `getblockheader` (both verbosities),
+/// `getblockfilter`, `getblock` (verbosity 0), `getrawmempool` (verbose
+/// false), `getrawtransaction` (raw hex; mempool, or in the block given),
+/// `sendrawtransaction`, `testmempoolaccept`.
+///
+/// Not served: JSON forms of blocks, headers and transactions (REST
+/// `.json`, `getblock` verbosity 1 and 2, verbose `getrawtransaction`,
+/// `getrawmempool true`), `getutxos`, `gettxout`, wallets, ZMQ. They
+/// answer as Core does for an unknown method or format.
+#[derive(Debug)]
+pub struct SimNode {
+    addr: SocketAddr,
+    cookie: Option<PathBuf>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// What every request handler sees.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) chain: SimChain,
+    pub(crate) config: SimNodeConfig,
+    /// Accepted `Authorization: Basic …` values, precomputed.
+    credentials: Vec<String>,
+}
+
+impl SimNode {
+    /// Binds 127.0.0.1:`config.port`, writes the cookie file if asked, and
+    /// serves `chain` until [`SimNode::shutdown`] or drop. Must be called
+    /// inside a Tokio runtime.
+    pub async fn start(chain: SimChain, config: SimNodeConfig) -> Result<SimNode, SimNodeError> {
+        let listener = TcpListener::bind(("127.0.0.1", config.port))
+            .await
+            .map_err(|source| SimNodeError::Bind {
+                port: config.port,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| SimNodeError::Bind {
+            port: config.port,
+            source,
+        })?;
+        let mut credentials = Vec::new();
+        let mut cookie = None;
+        if let Some(dir) = &config.cookie_dir {
+            let password = random_hex();
+            let path = dir.join(".cookie");
+            let line = format!("__cookie__:{password}");
+            std::fs::write(&path, &line).map_err(|source| SimNodeError::Cookie {
+                path: path.clone(),
+                source,
+            })?;
+            credentials.push(basic(&line));
+            cookie = Some(path);
+        }
+        if let Some((user, password)) = &config.user_password {
+            credentials.push(basic(&format!("{user}:{password}")));
+        }
+        let shared = Arc::new(Shared {
+            chain,
+            config,
+            credentials,
+        });
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            tracing::debug!("simnode: accept failed: {e}");
+                            continue;
+                        }
+                    },
+                    _ = stopped.changed() => break,
+                };
+                let shared = shared.clone();
+                let mut stopped = stopped.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, std::convert::Infallible>(handle(&shared, req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        result = conn.as_mut() => {
+                            if let Err(e) = result {
+                                tracing::debug!("simnode: connection ended: {e}");
+                            }
+                        }
+                        _ = stopped.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(SimNode {
+            addr,
+            cookie,
+            stop,
+            task,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>`, the URL a Core client is given.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The cookie file it wrote, if any.
+    pub fn cookie_path(&self) -> Option<&Path> {
+        self.cookie.as_deref()
+    }
+
+    /// Stops listening and closes every connection; removes the cookie
+    /// file, as Core does on shutdown.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        // The accept loop ends on the signal and drops the listener, so
+        // that the port is free when this returns.
+        let _ = (&mut self.task).await;
+        if let Some(path) = &self.cookie {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+    }
+}
+
+/// 32 random bytes in hex, from the standard library's randomly seeded
+/// hasher keys (the OS's randomness), so that no RNG crate with OS
+/// entropy is needed for one cookie.
+fn random_hex() -> String {
+    let mut out = String::with_capacity(64);
+    for i in 0..4u64 {
+        let word =
+            RandomState::new().hash_one((i, std::process::id(), std::time::SystemTime::now()));
+        out.push_str(&format!("{word:016x}"));
+    }
+    out
+}
+
+/// The `Authorization` header value for `user:password`.
+fn basic(user_password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(user_password)
+    )
+}
+
+/// A response with a body and a content type.
+pub(crate) fn reply(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    if let Some(rest) = path.strip_prefix("/rest/") {
+        if !shared.config.rest || req.method() != Method::GET {
+            // Core registers no REST handlers without -rest: libevent's 404.
+            return reply(StatusCode::NOT_FOUND, "text/html", "");
+        }
+        return rest::handle(shared, rest, query.as_deref());
+    }
+    if path != "/" && !path.starts_with("/wallet/") {
+        return reply(StatusCode::NOT_FOUND, "text/html", "");
+    }
+    if req.method() != Method::POST {
+        // Core: "JSONRPC server handles only POST requests".
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/html",
+            "JSONRPC server handles only POST requests",
+        );
+    }
+    let authorized = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| shared.credentials.iter().any(|c| c == v));
+    if !authorized {
+        let mut response = reply(StatusCode::UNAUTHORIZED, "text/html", "");
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"jsonrpc\""),
+        );
+        return response;
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return reply(StatusCode::BAD_REQUEST, "text/html", "request too large"),
+    };
+    rpc::handle(shared, &body)
+}
