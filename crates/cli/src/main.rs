@@ -64,6 +64,29 @@ enum Command {
     /// Sync many wallets on a simulated chain and check them all against
     /// its oracle.
     Demo(DemoArgs),
+    /// Serve a simulated regtest chain as a stand-in Bitcoin Core node
+    /// (REST and JSON-RPC in Core's formats, cookie authentication) on
+    /// 127.0.0.1, to try lockstep or any Core client without a node.
+    Simnode(SimnodeArgs),
+}
+
+#[derive(clap::Args)]
+struct SimnodeArgs {
+    /// Height of the chain it starts with.
+    #[arg(long, default_value_t = 200)]
+    blocks: u32,
+    /// Seed of the chain.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The port on 127.0.0.1 (0: any free one; the address is printed).
+    #[arg(long, default_value_t = 18443)]
+    port: u16,
+    /// Where to write the `.cookie` file, as `bitcoind -datadir` does.
+    #[arg(long, default_value = ".")]
+    datadir: std::path::PathBuf,
+    /// Mine a block this often, in seconds (0: never).
+    #[arg(long, default_value_t = 10)]
+    mine_every: u64,
 }
 
 #[derive(clap::Args)]
@@ -112,7 +135,59 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(demo(args))
         }
+        Command::Simnode(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(simnode(args))
+        }
     }
+}
+
+/// Runs the stand-in node until Ctrl-C.
+async fn simnode(args: SimnodeArgs) -> anyhow::Result<()> {
+    let chain = SimChain::generate(SimParams::signed(args.seed), args.blocks)?;
+    let config = lockstep_chain::SimNodeConfig {
+        port: args.port,
+        cookie_dir: Some(args.datadir.clone()),
+        ..lockstep_chain::SimNodeConfig::default()
+    };
+    let node = lockstep_chain::SimNode::start(chain.clone(), config).await?;
+    println!(
+        "stand-in Bitcoin Core node (regtest, {} blocks)",
+        chain.height()
+    );
+    println!("  url     {}", node.url());
+    if let Some(cookie) = node.cookie_path() {
+        println!("  cookie  {}", cookie.display());
+    }
+    println!("  REST and JSON-RPC in Core's formats: docs/bitcoind.md; Ctrl-C stops it");
+    let mining = (args.mine_every > 0).then(|| {
+        let chain = chain.clone();
+        let every = std::time::Duration::from_secs(args.mine_every);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match chain.mine(1) {
+                    Ok(blocks) => {
+                        if let Some(block) = blocks.last() {
+                            println!("  mined   {} {}", block.height, block.hash);
+                        }
+                    }
+                    Err(error) => {
+                        eprintln!("mining failed: {error}");
+                        return;
+                    }
+                }
+            }
+        })
+    });
+    tokio::signal::ctrl_c().await?;
+    if let Some(mining) = mining {
+        mining.abort();
+    }
+    node.shutdown().await;
+    Ok(())
 }
 
 /// The demo's wallets and what it paid them.
