@@ -17,6 +17,8 @@ use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_wallet::Keychain;
 
 const SEED: u64 = 17;
+/// Wallets synced from scratch through the node (issue #17 asks for 20).
+const WALLETS: u32 = 20;
 
 fn config() -> ManagerConfig {
     ManagerConfig {
@@ -74,7 +76,7 @@ async fn run(rest: bool) {
     let store = Store::open(&dir.path().join("lockstep.db"), StoreOptions::default()).unwrap();
     let manager = Manager::new(store.clone(), Arc::new(source), config());
     let mut wallets = Vec::new();
-    for i in 0..5 {
+    for i in 0..WALLETS {
         wallets.push(
             manager
                 .register(NewWallet {
@@ -93,7 +95,7 @@ async fn run(rest: bool) {
         chain.pay(script, Amount::from_sat(sat)).unwrap()
     };
     for round in 0..6u32 {
-        for i in 0..5u32 {
+        for i in 0..WALLETS {
             pay(
                 i,
                 Keychain::External,
@@ -101,7 +103,7 @@ async fn run(rest: bool) {
                 50_000 + u64::from(i * 1000 + round),
             );
         }
-        pay(round % 5, Keychain::Internal, round, 20_000);
+        pay(round % WALLETS, Keychain::Internal, round, 20_000);
         chain.mine(2).unwrap();
     }
     assert_eq!(manager.sync().await.unwrap(), chain.height());
