@@ -34,12 +34,21 @@ fn open(dir: &Path, chain: &SimChain) -> (Lockstep, Manager) {
 
 /// [`open`] over any source.
 fn open_on(dir: &Path, source: Arc<dyn ChainSource>) -> (Lockstep, Manager) {
-    let store = Store::open(&dir.join("w.db"), StoreOptions::default()).unwrap();
-    let manager = Manager::new(store, source, ManagerConfig::default());
     let config = ExecutorConfig {
         run_each_step_twice: true,
         ..ExecutorConfig::default()
     };
+    open_with(dir, source, config)
+}
+
+/// [`open_on`] with the executor's configuration given.
+fn open_with(
+    dir: &Path,
+    source: Arc<dyn ChainSource>,
+    config: ExecutorConfig,
+) -> (Lockstep, Manager) {
+    let store = Store::open(&dir.join("w.db"), StoreOptions::default()).unwrap();
+    let manager = Manager::new(store, source, ManagerConfig::default());
     (
         Lockstep::from_manager_with(manager.clone(), config),
         manager,
@@ -529,13 +538,11 @@ fn the_coins_of_an_action_never_resumed_come_back_with_the_block_that_reaches_th
     let dir = tempfile::tempdir().unwrap();
     runtime.block_on(async {
         let chain = SimChain::generate(SimParams::signed(166), 105).unwrap();
-        let store = Store::open(&dir.path().join("w.db"), StoreOptions::default()).unwrap();
-        let manager = Manager::new(store, Arc::new(chain.clone()), ManagerConfig::default());
         let config = ExecutorConfig {
             lock_ttl: 3,
             ..ExecutorConfig::default()
         };
-        let lockstep = Lockstep::from_manager_with(manager.clone(), config);
+        let (lockstep, manager) = open_with(dir.path(), Arc::new(chain.clone()), config);
         lockstep.sync().await.unwrap();
         let id = funded(&lockstep, &chain, 66, 2, 40_000).await;
         // Locked keys: the send locks its coins, then waits to sign.
@@ -790,14 +797,12 @@ fn a_send_resumed_after_its_locks_expired_chooses_again_instead_of_spending_a_co
     let dir = tempfile::tempdir().unwrap();
     runtime.block_on(async {
         let chain = SimChain::generate(SimParams::signed(171), 105).unwrap();
-        let store = Store::open(&dir.path().join("w.db"), StoreOptions::default()).unwrap();
-        let manager = Manager::new(store, Arc::new(chain.clone()), ManagerConfig::default());
         let config = ExecutorConfig {
             lock_ttl: 2,
             run_each_step_twice: true,
             ..ExecutorConfig::default()
         };
-        let lockstep = Lockstep::from_manager_with(manager.clone(), config);
+        let (lockstep, manager) = open_with(dir.path(), Arc::new(chain.clone()), config);
         lockstep.sync().await.unwrap();
         let id = funded(&lockstep, &chain, 71, 2, 40_000).await;
         let wallet = lockstep.wallet(id).await.unwrap();

@@ -69,22 +69,7 @@ impl Wallet {
                 "recipients must not be empty and the fee rate must be positive",
             ));
         }
-        let rows = tx.unspent_coins_with_locks(self.id())?;
-        let locked: u64 = rows
-            .iter()
-            .filter(|(_, h)| h.is_some())
-            .map(|(c, _)| c.value)
-            .sum();
-        // Immature coinbase outputs are left out, as Bitcoin Core's wallet
-        // counts them (and as the balance does).
-        let tip = tx.tip()?.map(|(h, _)| h);
-        let mature =
-            |c: &lockstep_store::CoinRow| !crate::wallet::is_immature(c.is_coinbase, c.height, tip);
-        let free: Vec<_> = rows
-            .into_iter()
-            .filter(|(c, h)| h.is_none() && mature(c))
-            .map(|(c, _)| c)
-            .collect();
+        let (free, locked) = self.free_coins(tx)?;
         let weight = |k: Keychain| self.satisfaction_weight(k);
         let candidates = free
             .iter()
@@ -255,20 +240,7 @@ impl Wallet {
             ));
         }
         self.refresh_if_moved(tx)?;
-        let rows = tx.unspent_coins_with_locks(self.id())?;
-        let locked: u64 = rows
-            .iter()
-            .filter(|(_, h)| h.is_some())
-            .map(|(c, _)| c.value)
-            .sum();
-        let tip = tx.tip()?.map(|(h, _)| h);
-        let mut free: Vec<_> = rows
-            .into_iter()
-            .filter(|(c, h)| {
-                h.is_none() && !crate::wallet::is_immature(c.is_coinbase, c.height, tip)
-            })
-            .map(|(c, _)| c)
-            .collect();
+        let (mut free, locked) = self.free_coins(tx)?;
         free.sort_by_key(|c| (c.value, c.txid, c.vout));
         free.truncate(max_inputs);
         let available: u64 = free.iter().map(|c| c.value).sum();
@@ -321,6 +293,30 @@ impl Wallet {
     /// The database's error.
     pub fn forget_broadcast(&self, tx: &mut WriteTx<'_>, txid: Txid) -> Result<bool, WalletError> {
         Ok(tx.forget_broadcast(self.id(), &txid.to_byte_array())?)
+    }
+
+    /// The wallet's unspent coins no holder has locked, mature ones only
+    /// (immature coinbase outputs are left out, as Bitcoin Core's wallet
+    /// counts them and as the balance does), and the sum the holders lock.
+    fn free_coins(
+        &self,
+        tx: &WriteTx<'_>,
+    ) -> Result<(Vec<lockstep_store::CoinRow>, u64), WalletError> {
+        let rows = tx.unspent_coins_with_locks(self.id())?;
+        let locked = rows
+            .iter()
+            .filter(|(_, h)| h.is_some())
+            .map(|(c, _)| c.value)
+            .sum();
+        let tip = tx.tip()?.map(|(h, _)| h);
+        let free = rows
+            .into_iter()
+            .filter(|(c, h)| {
+                h.is_none() && !crate::wallet::is_immature(c.is_coinbase, c.height, tip)
+            })
+            .map(|(c, _)| c)
+            .collect();
+        Ok((free, locked))
     }
 
     fn satisfaction_weight(&self, keychain: Keychain) -> Result<u64, WalletError> {
