@@ -32,8 +32,9 @@ pub use bitcoind::{BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource};
 pub use simnode::{SimNode, SimNodeConfig, SimNodeError};
 
 pub use sim::{
-    Accepted, ChainStats, Load, LoadError, ReorgReport, ReorgTxs, SaveError, ScriptTotals,
-    SignError, SimChain, SimError, SimMode, SimParams, SpentCoin, Truth, TruthCoin, TruthTx,
+    Accepted, ChainStats, Load, LoadError, MempoolTruth, PendingTruthTx, ReorgReport, ReorgTxs,
+    SaveError, ScriptTotals, SignError, SimChain, SimError, SimMode, SimParams, SpentCoin, Truth,
+    TruthCoin, TruthTx,
 };
 pub use source::{
     BlockId, BroadcastError, ChainSource, FeeRule, InvalidTx, MAX_REPLACEMENTS, Missing,

@@ -211,4 +211,17 @@ impl ChainSource for Metered {
         self.account(None, 32).await;
         Ok(txid)
     }
+
+    async fn mempool_txids(&self) -> Result<Option<Vec<Txid>>, SourceError> {
+        let txids = self.inner.mempool_txids().await?;
+        let len = txids.as_ref().map_or(0, Vec::len);
+        self.account(None, 32 * len).await;
+        Ok(txids)
+    }
+
+    async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
+        let tx = self.inner.mempool_tx(txid).await?;
+        self.account(None, tx.total_size()).await;
+        Ok(tx)
+    }
 }

@@ -91,6 +91,28 @@ pub trait ChainSource: Send + Sync + 'static {
     /// Hands a transaction to the network. `Ok` means the source accepted it
     /// into its mempool; a rejection says why in [`RejectReason`].
     async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError>;
+
+    /// The txids of the transactions in the source's mempool, in no
+    /// particular order, or `None` when the source shows no mempool (then
+    /// wallets see only confirmed transactions and their own broadcasts).
+    ///
+    /// The manager polls this at the tip and fetches each txid it has not
+    /// seen with [`mempool_tx`](Self::mempool_tx), so a source answers it
+    /// cheaply (Core: REST `mempool/contents.json?verbose=false`, or
+    /// `getrawmempool`). The default has no mempool.
+    async fn mempool_txids(&self) -> Result<Option<Vec<Txid>>, SourceError> {
+        Ok(None)
+    }
+
+    /// The mempool transaction `txid`. A transaction that left the mempool
+    /// since it was listed (mined, replaced, evicted) is
+    /// [`SourceError::NotFound`] of [`Missing::Transaction`]; the caller
+    /// checks that what it gets hashes to `txid`.
+    ///
+    /// The default, for sources with no mempool, finds nothing.
+    async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
+        Err(SourceError::NotFound(Missing::Transaction(txid)))
+    }
 }
 
 /// What the caller of a [`ChainSource`] can do about an error.
@@ -177,6 +199,8 @@ pub enum Missing {
     Filter(BlockHash),
     /// The basic filter header of this block.
     FilterHeader(BlockHash),
+    /// This transaction in the source's mempool.
+    Transaction(Txid),
 }
 
 impl std::fmt::Display for Missing {
@@ -187,6 +211,7 @@ impl std::fmt::Display for Missing {
             Missing::Block(b) => write!(f, "block {b}"),
             Missing::Filter(b) => write!(f, "basic filter of {b}"),
             Missing::FilterHeader(b) => write!(f, "basic filter header of {b}"),
+            Missing::Transaction(t) => write!(f, "mempool transaction {t}"),
         }
     }
 }

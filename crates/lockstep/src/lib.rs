@@ -31,8 +31,8 @@ pub use lockstep_dispatcher::{
     Stats as DispatchStats,
 };
 pub use lockstep_manager::{
-    ErrorKind, Event, ManagerConfig as Config, ManagerError, NewWallet, ScriptImport, Stats,
-    Status, Strategy, WaitError, WalletInfo,
+    ErrorKind, Event, ManagerConfig as Config, ManagerError, MempoolSync, NewWallet, ScriptImport,
+    Stats, Status, Strategy, WaitError, WalletInfo,
 };
 pub use lockstep_store::{OpenError, StoreOptions, WalletId};
 pub use lockstep_wallet::{
@@ -319,6 +319,17 @@ impl Lockstep {
     /// The first [`ManagerError`] of a step.
     pub async fn sync(&self) -> Result<u32, ManagerError> {
         self.manager.sync().await
+    }
+
+    /// Polls the source's mempool once: every wallet's unconfirmed
+    /// transactions follow it (the running loop does this at the tip, and
+    /// [`Lockstep::sync`] before it returns). `None` when the source shows
+    /// no mempool.
+    ///
+    /// # Errors
+    /// A source or database failure; nothing is half-recorded.
+    pub async fn sync_mempool(&self) -> Result<Option<MempoolSync>, ManagerError> {
+        self.manager.sync_mempool().await
     }
 
     /// Waits until the loop has committed a block at `height` or above

@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, watch};
 use crate::books::Books;
 use crate::connect::{Mode, Outcome, connect_batch};
 use crate::events::Counters;
+use crate::mempool::{MempoolSync, MempoolView, record_mempool};
 use crate::pipeline::{
     Fetched, Flow, Path, Pipeline, Policy, Snapshot, fetch_block, timed, wait_true,
 };
@@ -114,6 +115,8 @@ pub(crate) struct Engine {
     /// Scans started again in a row because something was not found on
     /// the source's best chain; bounded, then the error goes up.
     resets: u32,
+    /// The source's mempool as last polled.
+    mempool: MempoolView,
 }
 
 impl Engine {
@@ -146,6 +149,7 @@ impl Engine {
             registry_seen: None,
             pending_imports: false,
             resets: 0,
+            mempool: MempoolView::default(),
         }
     }
 
@@ -415,6 +419,71 @@ impl Engine {
         self.started = true;
         self.pending_imports = true;
         Ok(())
+    }
+
+    /// Polls the source's mempool and brings every active wallet's
+    /// unconfirmed view in step with it, in one write transaction (see
+    /// `crate::mempool`). `None` when the source shows no mempool. Called
+    /// at the tip, between batches.
+    pub(crate) async fn sync_mempool(&mut self) -> Result<Option<MempoolSync>, ManagerError> {
+        self.ensure_started().await?;
+        if self.pending_imports {
+            // Imports first: a wallet being imported is not in the books.
+            return Ok(None);
+        }
+        let books = self.take_books().await?;
+        let shape = |b: &Books, seen| (b.watch.len(), b.wallets.len(), seen);
+        let before = shape(&books, self.registry_seen);
+        let refreshed = match self
+            .mempool
+            .refresh(&self.source, &self.policy(), before)
+            .await
+        {
+            Ok(Some(refreshed)) => refreshed,
+            Ok(None) => {
+                self.books = Some(books);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.books = Some(books);
+                return Err(e);
+            }
+        };
+        let (listed, candidates) = (refreshed.listed, refreshed.candidates);
+        let result = self
+            .store
+            .write(move |tx| record_mempool(tx, books, &listed, &candidates))
+            .await;
+        let (books, mut sync) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // The books may be ahead of what was committed: read again.
+                self.mempool.forget_checks();
+                return Err(e);
+            }
+        };
+        sync.fetched = refreshed.fetched;
+        self.mempool
+            .checked_against(shape(&books, self.registry_seen));
+        self.books = Some(books);
+        for (txid, wallets) in &sync.added {
+            self.out.publish(Event::Unconfirmed {
+                txid: *txid,
+                wallets: wallets.clone(),
+            });
+        }
+        for (txid, wallets) in &sync.left {
+            self.out.publish(Event::LeftMempool {
+                txid: *txid,
+                wallets: wallets.clone(),
+            });
+        }
+        Ok(Some(sync))
+    }
+
+    /// After a reorg, the next mempool poll checks everything again.
+    pub(crate) fn mempool_after_reorg(&mut self) {
+        self.mempool.forget_checks();
     }
 
     fn publish_tip(&self) {

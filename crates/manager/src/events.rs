@@ -70,6 +70,23 @@ pub enum Event {
         /// The loop's tip it joined at.
         height: u32,
     },
+    /// A transaction in the source's mempool touches these wallets: they
+    /// recorded it as unconfirmed.
+    Unconfirmed {
+        /// The transaction.
+        txid: Txid,
+        /// The wallets it pays or spends from.
+        wallets: Vec<WalletId>,
+    },
+    /// An unconfirmed transaction left the source's mempool without
+    /// confirming (replaced, evicted, or conflicted by a block): these
+    /// wallets no longer count it.
+    LeftMempool {
+        /// The transaction.
+        txid: Txid,
+        /// The wallets that had it.
+        wallets: Vec<WalletId>,
+    },
     /// A wallet's transactions in one block.
     WalletActivity {
         /// The wallet.

@@ -39,6 +39,7 @@ mod connect;
 mod engine;
 mod error;
 mod events;
+mod mempool;
 mod pipeline;
 mod pow;
 
@@ -57,6 +58,7 @@ use tokio::task::JoinHandle;
 pub use config::{ManagerConfig, Strategy};
 pub use error::{ErrorKind, HookError, ManagerError};
 pub use events::{Event, Stats, Status};
+pub use mempool::MempoolSync;
 
 use engine::{Engine, Outputs, StepOutcome};
 use events::Counters;
@@ -408,11 +410,24 @@ impl Manager {
                     let tip = engine.tip();
                     looks += 1;
                     if looks >= 3 || engine.source_tip_is(tip).await? {
+                        engine.sync_mempool().await?;
                         return Ok(tip.map_or(0, |t| t.height));
                     }
                 }
             }
         }
+    }
+
+    /// Polls the source's mempool once and brings every active wallet's
+    /// unconfirmed transactions in step with it (the running loop does
+    /// this at the tip after every poll for blocks, and [`Manager::sync`]
+    /// before it returns). `None` when the source shows no mempool.
+    ///
+    /// # Errors
+    /// A source or database failure; nothing is half-recorded.
+    pub async fn sync_mempool(&self) -> Result<Option<MempoolSync>, ManagerError> {
+        let mut engine = self.shared.engine.lock().await;
+        engine.sync_mempool().await
     }
 
     /// Registers a wallet, the one way to add one. Born above the loop's
@@ -604,6 +619,12 @@ async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             Ok(StepOutcome::AtTip) => {
                 backoff = config.initial_backoff;
                 offline_since = None;
+                // At the tip: the mempool. A failure here leaves the
+                // confirmed view as it is; the next poll tries again.
+                let polled = shared.engine.lock().await.sync_mempool().await;
+                if let Err(error) = polled {
+                    tracing::warn!(%error, "mempool poll failed");
+                }
                 config.poll_interval
             }
             Err(error) if error.kind() == ErrorKind::Fatal => {

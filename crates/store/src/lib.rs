@@ -102,7 +102,7 @@ pub use open::StoreOptions;
 pub use store::{LoopClaim, Store};
 pub use tx::{BlockHash, ReadTx, WalletId, WalletRow, WriteTx};
 pub use wallet_tables::{
-    CoinRow, Disconnected, KeychainRow, NewKeychain, PendingBroadcast, WalletTxRow,
+    CoinRow, Disconnected, KeychainRow, NewKeychain, PendingBroadcast, UnconfirmedRow, WalletTxRow,
 };
 
 /// The `application_id` stamped in every lockstep database's header ("LKST"),

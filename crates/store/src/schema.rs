@@ -229,6 +229,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 
     ALTER TABLE coin_locks ADD COLUMN expires_at INTEGER NULL CHECK (expires_at >= 0);
     ",
+    // v11: unconfirmed transactions seen in the chain source's mempool.
+    // They are `wallet_txs` rows with no height and their raw bytes, like
+    // the wallet's own broadcasts, and `from_mempool = 1`: such a row goes
+    // when its transaction leaves the mempool unconfirmed (replaced,
+    // evicted). The wallet's own broadcasts stay, with `left_mempool = 1`
+    // while the source's mempool does not hold them (they no longer count
+    // as pending), since the action that made one may broadcast it again.
+    "
+    ALTER TABLE wallet_txs ADD COLUMN from_mempool INTEGER NOT NULL DEFAULT 0 CHECK (from_mempool IN (0, 1));
+    ALTER TABLE wallet_txs ADD COLUMN left_mempool INTEGER NOT NULL DEFAULT 0 CHECK (left_mempool IN (0, 1));
+    ",
 ];
 
 /// The latest schema version this build knows.

@@ -15,7 +15,7 @@ mod transactions;
 pub use coins::CoinRow;
 pub use disconnect::Disconnected;
 pub use keychains::{KeychainRow, NewKeychain};
-pub use transactions::{PendingBroadcast, WalletTxRow};
+pub use transactions::{PendingBroadcast, UnconfirmedRow, WalletTxRow};
 
 /// Reads a non-negative integer column as `u64` (SQLite integers are i64).
 pub(crate) fn get_u64(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<u64> {

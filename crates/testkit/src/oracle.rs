@@ -126,6 +126,120 @@ pub fn check_wallet_imported(
     compare(tx, id, wallet.name(), &truth, height, coins, problems)
 }
 
+/// One wallet's unconfirmed view compared with the mempool oracle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnconfirmedCheck {
+    /// The wallet.
+    pub wallet: WalletId,
+    /// Unconfirmed transactions it counts.
+    pub txs: usize,
+    /// Its trusted and untrusted pending amounts, and its outgoing.
+    pub pending: (Amount, Amount, Amount),
+    /// `None` when it equals the oracle; what differs otherwise.
+    pub mismatch: Option<String>,
+}
+
+impl UnconfirmedCheck {
+    /// Whether the wallet equals the oracle.
+    pub fn ok(&self) -> bool {
+        self.mismatch.is_none()
+    }
+}
+
+/// Compares wallet `id`'s unconfirmed transactions and the unconfirmed
+/// parts of its balance with [`SimChain::mempool_truth`], for the scripts
+/// the gap-limit rule reaches on the chain up to `height` and then through
+/// the mempool (a mempool payment to the window moves it, as a block's
+/// does). What the wallet counts: transactions with no height that are
+/// neither conflicted nor out of the mempool.
+///
+/// # Errors
+/// The wallet cannot be read.
+pub fn check_unconfirmed(
+    tx: &ReadTx<'_>,
+    chain: &SimChain,
+    id: WalletId,
+    height: u32,
+) -> Result<UnconfirmedCheck, WalletError> {
+    let wallet = Wallet::load(tx, id)?;
+    let coins = tx.wallet_coins(id, false)?;
+    let mut problems = Vec::new();
+    let mut scripts = expected_scripts(
+        chain,
+        wallet.descriptors(),
+        wallet.lookahead(),
+        height,
+        &[],
+        &coins,
+        &mut problems,
+    )?;
+    let mempool = chain.mempool();
+    loop {
+        let mut grow = Vec::new();
+        for out in mempool.iter().flat_map(|t| &t.output) {
+            if let Some(&(keychain, index)) = scripts.get(&out.script_pubkey) {
+                grow.push((
+                    keychain,
+                    index.saturating_add(1).saturating_add(wallet.lookahead()),
+                ));
+            }
+        }
+        let before = scripts.len();
+        for (keychain, end) in grow {
+            for index in 0..end.min(1 << 31) {
+                let script = wallet.descriptors().script_at(keychain, index)?;
+                scripts.entry(script).or_insert((keychain, index));
+            }
+        }
+        if scripts.len() == before {
+            break;
+        }
+    }
+    let truth = chain.mempool_truth(scripts.keys());
+    type TxKey = ([u8; 32], u64, u64);
+    let ours: BTreeSet<TxKey> = tx
+        .wallet_txs(id)?
+        .into_iter()
+        .filter(|t| t.height.is_none() && t.conflicted_by.is_none() && !t.left_mempool)
+        .map(|t| (t.txid, t.received, t.sent))
+        .collect();
+    let expected: BTreeSet<TxKey> = truth
+        .txs
+        .iter()
+        .map(|t| (t.txid.to_byte_array(), t.received.to_sat(), t.sent.to_sat()))
+        .collect();
+    if ours != expected {
+        let show = |k: &TxKey| format!("{} +{} -{}", bitcoin::Txid::from_byte_array(k.0), k.1, k.2);
+        problems.push(format!(
+            "unconfirmed: missing {:?}, unexpected {:?}",
+            expected.difference(&ours).map(show).collect::<Vec<_>>(),
+            ours.difference(&expected).map(show).collect::<Vec<_>>(),
+        ));
+    }
+    let balance = wallet.balance_details(tx)?;
+    let got = (
+        balance.trusted_pending,
+        balance.untrusted_pending,
+        balance.unconfirmed_outgoing,
+    );
+    let want = (
+        truth.trusted_pending(),
+        truth.untrusted_pending(),
+        truth.outgoing,
+    );
+    if got != want {
+        problems.push(format!(
+            "pending (trusted, untrusted, outgoing) {got:?} != oracle {want:?}"
+        ));
+    }
+    Ok(UnconfirmedCheck {
+        wallet: id,
+        txs: ours.len(),
+        pending: got,
+        mismatch: (!problems.is_empty()).then(|| problems.join("; ")),
+    })
+}
+
 /// The weak check this module used to make: the oracle over the scripts the
 /// wallet itself derived. It passes a wallet whose window is too narrow
 /// (the payments it misses are to scripts it does not derive, so the oracle

@@ -379,8 +379,9 @@ fn the_balance_shows_confirmed_locked_and_pending_parts() {
     let inputs: u64 = selection.coins.iter().map(|c| c.txout.value.to_sat()).sum();
     assert_eq!(b.locked.to_sat(), inputs);
     assert_eq!(b.unconfirmed_outgoing.to_sat(), inputs);
+    assert_eq!(b.untrusted_pending, Amount::ZERO);
     assert_eq!(
-        b.unconfirmed_incoming,
+        b.trusted_pending,
         selection.change.as_ref().map_or(Amount::ZERO, |c| c.value)
     );
     assert_eq!(b.spendable().to_sat(), 120_001 - inputs);

@@ -194,10 +194,17 @@ pub struct Balance {
     pub immature: Amount,
     /// Of those, what in-flight holders (actions) have locked.
     pub locked: Amount,
-    /// Outputs to the wallet of its own unconfirmed broadcasts.
-    pub unconfirmed_incoming: Amount,
-    /// Inputs of its own unconfirmed broadcasts (confirmed coins on their
-    /// way out).
+    /// Unspent outputs to the wallet of unconfirmed transactions that are
+    /// trusted: every input spends a confirmed coin of the wallet or an
+    /// output of another trusted one (its own payments and their change,
+    /// as Bitcoin Core's wallet counts `trusted_pending`).
+    pub trusted_pending: Amount,
+    /// Unspent outputs to the wallet of the other unconfirmed transactions
+    /// (payments from others, seen in the source's mempool): they may
+    /// never confirm.
+    pub untrusted_pending: Amount,
+    /// Confirmed coins that unconfirmed transactions spend (on their way
+    /// out; still counted in `confirmed`).
     pub unconfirmed_outgoing: Amount,
 }
 
@@ -217,6 +224,100 @@ impl Balance {
 /// output is immature.
 pub(crate) fn is_immature(is_coinbase: bool, height: u32, tip: Option<u32>) -> bool {
     is_coinbase && tip.is_none_or(|tip| tip < height.saturating_add(100))
+}
+
+/// The unconfirmed parts of a wallet's balance, in satoshis.
+#[derive(Debug, Default)]
+struct PendingParts {
+    trusted: u64,
+    untrusted: u64,
+    outgoing: u64,
+}
+
+/// Reads the wallet's unconfirmed transactions (those neither conflicted
+/// nor out of the source's mempool) and splits what they leave the wallet:
+/// their outputs to it that none of them spends, trusted or not, and the
+/// confirmed coins they spend. Computed from the transactions themselves
+/// each time, so that chains of unconfirmed transactions (a payment
+/// spending the change of another) count each coin once.
+fn pending_parts(tx: &ReadTx<'_>, id: WalletId) -> Result<PendingParts, WalletError> {
+    let corrupt = |e: bitcoin::consensus::encode::Error| WalletError::Corrupt {
+        wallet_id: id,
+        detail: format!("stored unconfirmed transaction: {e}"),
+    };
+    let mut live: HashMap<Txid, Transaction> = HashMap::new();
+    for row in tx.unconfirmed_txs(Some(id))? {
+        if !row.conflicted && !row.left_mempool {
+            let t: Transaction = bitcoin::consensus::deserialize(&row.raw).map_err(corrupt)?;
+            live.insert(Txid::from_byte_array(row.txid), t);
+        }
+    }
+    let mut parts = PendingParts::default();
+    if live.is_empty() {
+        return Ok(parts);
+    }
+    // Outputs to the wallet, and the outpoints the live transactions spend.
+    let mut ours: HashMap<OutPoint, u64> = HashMap::new();
+    for (txid, t) in &live {
+        for (vout, out) in t.output.iter().enumerate() {
+            if tx.wallet_owns_script(id, out.script_pubkey.as_bytes())? {
+                ours.insert(OutPoint::new(*txid, vout as u32), out.value.to_sat());
+            }
+        }
+    }
+    let mut spent_here: std::collections::HashSet<OutPoint> = std::collections::HashSet::new();
+    let mut confirmed_in: HashMap<OutPoint, u64> = HashMap::new();
+    for t in live.values() {
+        for input in &t.input {
+            let prev = input.previous_output;
+            spent_here.insert(prev);
+            if !ours.contains_key(&prev)
+                && let Some(coin) = tx.wallet_coin(id, &prev.txid.to_byte_array(), prev.vout)?
+                && coin.spent.is_none()
+            {
+                confirmed_in.insert(prev, coin.value);
+            }
+        }
+    }
+    parts.outgoing = confirmed_in.values().sum();
+    // Trusted: every input is a confirmed coin of the wallet or an output
+    // to it of a trusted live transaction (parents first, memoised).
+    let mut trusted: HashMap<Txid, bool> = HashMap::new();
+    fn is_trusted(
+        txid: Txid,
+        live: &HashMap<Txid, Transaction>,
+        ours: &HashMap<OutPoint, u64>,
+        confirmed_in: &HashMap<OutPoint, u64>,
+        memo: &mut HashMap<Txid, bool>,
+    ) -> bool {
+        if let Some(&known) = memo.get(&txid) {
+            return known;
+        }
+        // A cycle is impossible between valid transactions; guard anyway.
+        memo.insert(txid, false);
+        let t = &live[&txid];
+        let verdict = !t.input.is_empty()
+            && t.input.iter().all(|input| {
+                let prev = input.previous_output;
+                confirmed_in.contains_key(&prev)
+                    || (ours.contains_key(&prev)
+                        && live.contains_key(&prev.txid)
+                        && is_trusted(prev.txid, live, ours, confirmed_in, memo))
+            });
+        memo.insert(txid, verdict);
+        verdict
+    }
+    for (outpoint, value) in &ours {
+        if spent_here.contains(outpoint) {
+            continue;
+        }
+        if is_trusted(outpoint.txid, &live, &ours, &confirmed_in, &mut trusted) {
+            parts.trusted += value;
+        } else {
+            parts.untrusted += value;
+        }
+    }
+    Ok(parts)
 }
 
 /// A coin of the wallet.
@@ -252,6 +353,13 @@ pub struct HistoryTx {
     /// For a transaction the wallet broadcast: the confirmed transaction
     /// that spent one of its inputs instead, and its height.
     pub conflicted_by: Option<(Txid, u32)>,
+    /// First seen in the chain source's mempool (a payment from others, or
+    /// a transaction of the wallet's keys made elsewhere), rather than
+    /// broadcast by the wallet or first seen in a block.
+    pub from_mempool: bool,
+    /// For an unconfirmed broadcast of the wallet: the source's mempool no
+    /// longer holds it (replaced, evicted), so it counts in no balance.
+    pub left_mempool: bool,
 }
 
 impl HistoryTx {
@@ -779,6 +887,8 @@ impl Wallet {
                         received,
                         sent,
                         conflicted_by: None,
+                        from_mempool: false,
+                        left_mempool: false,
                     },
                 )?;
                 summary.received += Amount::from_sat(received);
@@ -819,6 +929,8 @@ impl Wallet {
             received,
             sent,
             conflicted_by: None,
+            from_mempool: false,
+            left_mempool: false,
         };
         tx.record_broadcast(self.id, &row, &bitcoin::consensus::serialize(transaction))?;
         Ok(HistoryTx {
@@ -827,6 +939,92 @@ impl Wallet {
             received: Amount::from_sat(received),
             sent: Amount::from_sat(sent),
             conflicted_by: None,
+            from_mempool: false,
+            left_mempool: false,
+        })
+    }
+
+    /// Records an unconfirmed transaction seen in the chain source's
+    /// mempool that pays the wallet or spends its coins (confirmed, or
+    /// outputs of its other unconfirmed transactions), unless the wallet
+    /// has it already. Scripts it pays count as used, as a block's would:
+    /// the window moves and the new scripts are returned for the
+    /// watchlist. `None` when the wallet had it.
+    pub fn record_from_mempool(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        transaction: &Transaction,
+    ) -> Result<Option<NewScripts>, WalletError> {
+        let txid = transaction.compute_txid();
+        let mut pending_outputs: HashMap<OutPoint, u64> = HashMap::new();
+        for row in tx.unconfirmed_txs(Some(self.id))? {
+            if row.conflicted || row.left_mempool {
+                continue;
+            }
+            let parent = self.decode(&row.raw)?;
+            let parent_txid = Txid::from_byte_array(row.txid);
+            for (vout, out) in parent.output.iter().enumerate() {
+                if self.script_index(&out.script_pubkey).is_some() {
+                    pending_outputs
+                        .insert(OutPoint::new(parent_txid, vout as u32), out.value.to_sat());
+                }
+            }
+        }
+        let mut sent = 0u64;
+        for input in &transaction.input {
+            let prev = input.previous_output;
+            if let Some(coin) = tx.wallet_coin(self.id, &prev.txid.to_byte_array(), prev.vout)? {
+                sent += coin.value;
+            } else if let Some(value) = pending_outputs.get(&prev) {
+                sent += value;
+            }
+        }
+        let mut received = 0u64;
+        let mut used = Vec::new();
+        for out in &transaction.output {
+            if let Some((keychain, index)) = self.script_index(&out.script_pubkey) {
+                received += out.value.to_sat();
+                used.push((keychain, index));
+            }
+        }
+        let row = WalletTxRow {
+            txid: txid.to_byte_array(),
+            height: None,
+            received,
+            sent,
+            conflicted_by: None,
+            from_mempool: true,
+            left_mempool: false,
+        };
+        if !tx.record_from_mempool(self.id, &row, &bitcoin::consensus::serialize(transaction))? {
+            return Ok(None);
+        }
+        let mut new_scripts = NewScripts::default();
+        for (keychain, index) in used {
+            new_scripts.0.extend(self.mark_used(tx, keychain, index)?.0);
+        }
+        Ok(Some(new_scripts))
+    }
+
+    /// Says whether the source's mempool holds the wallet's unconfirmed
+    /// transaction `txid`. One seen in the mempool that left it goes from
+    /// the wallet (it comes back as new if the mempool takes it again);
+    /// the wallet's own broadcast stays in the history, marked
+    /// [`HistoryTx::left_mempool`] and counted in no balance until the
+    /// mempool holds it again. Returns whether anything changed.
+    pub fn set_in_mempool(
+        &self,
+        tx: &mut WriteTx<'_>,
+        txid: Txid,
+        in_mempool: bool,
+    ) -> Result<bool, WalletError> {
+        Ok(tx.set_in_mempool(self.id, &txid.to_byte_array(), in_mempool)?)
+    }
+
+    fn decode(&self, raw: &[u8]) -> Result<Transaction, WalletError> {
+        bitcoin::consensus::deserialize(raw).map_err(|e| WalletError::Corrupt {
+            wallet_id: self.id,
+            detail: format!("stored unconfirmed transaction: {e}"),
         })
     }
 
@@ -868,19 +1066,14 @@ impl Wallet {
                 immature += coin.value;
             }
         }
-        let (mut incoming, mut outgoing) = (0u64, 0u64);
-        for row in tx.wallet_txs(id)? {
-            if row.height.is_none() && row.conflicted_by.is_none() {
-                incoming += row.received;
-                outgoing += row.sent;
-            }
-        }
+        let pending = pending_parts(tx, id)?;
         Ok(Balance {
             confirmed: Amount::from_sat(confirmed),
             immature: Amount::from_sat(immature),
             locked: Amount::from_sat(locked),
-            unconfirmed_incoming: Amount::from_sat(incoming),
-            unconfirmed_outgoing: Amount::from_sat(outgoing),
+            trusted_pending: Amount::from_sat(pending.trusted),
+            untrusted_pending: Amount::from_sat(pending.untrusted),
+            unconfirmed_outgoing: Amount::from_sat(pending.outgoing),
         })
     }
 
@@ -950,6 +1143,8 @@ impl Wallet {
                 conflicted_by: row
                     .conflicted_by
                     .map(|(t, h)| (Txid::from_byte_array(t), h)),
+                from_mempool: row.from_mempool,
+                left_mempool: row.left_mempool,
             })
             .collect())
     }

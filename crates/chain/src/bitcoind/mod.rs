@@ -829,6 +829,56 @@ impl ChainSource for BitcoindSource {
         Ok(out)
     }
 
+    /// REST `mempool/contents.json?verbose=false` (Core 25 and later), or
+    /// `getrawmempool`: the txids only, so that a poll costs 65 bytes per
+    /// mempool transaction and the manager fetches only the new ones.
+    async fn mempool_txids(&self) -> Result<Option<Vec<Txid>>, SourceError> {
+        let what = Missing::Transaction(Txid::all_zeros());
+        let value: Value = if self.rest {
+            let body = self
+                .rest_read("mempool/contents.json?verbose=false", what)
+                .await?;
+            serde_json::from_slice(&body)
+                .map_err(|e| invalid(what, format!("mempool contents: {e}")))?
+        } else {
+            self.read_call("getrawmempool", json!([false]), what)
+                .await?
+        };
+        let list = value
+            .as_array()
+            .ok_or_else(|| invalid(what, format!("expected a list of txids, got {value}")))?;
+        list.iter()
+            .map(|t| {
+                t.as_str()
+                    .and_then(|t| t.parse::<Txid>().ok())
+                    .ok_or_else(|| invalid(what, format!("not a txid: {t}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// REST `tx/<txid>.bin`, or `getrawtransaction`: Core finds a mempool
+    /// transaction without `-txindex`; one that left the mempool is
+    /// not found.
+    async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
+        let what = Missing::Transaction(txid);
+        let bytes = if self.rest {
+            self.rest_read(&format!("tx/{txid}.bin"), what)
+                .await?
+                .to_vec()
+        } else {
+            let value = self
+                .read_call("getrawtransaction", json!([txid.to_string()]), what)
+                .await?;
+            Self::hex_result(&value, what)?
+        };
+        let tx: Transaction = deserialize(&bytes).map_err(|e| invalid(what, e))?;
+        if tx.compute_txid() != txid {
+            return Err(invalid(what, "the transaction has another txid"));
+        }
+        Ok(tx)
+    }
+
     async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
         let txid = tx.compute_txid();
         let raw: String = serialize(tx).iter().map(|b| format!("{b:02x}")).collect();

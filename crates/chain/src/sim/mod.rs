@@ -27,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use file::{LoadError, SaveError};
 pub use keys::SignError;
-pub use truth::{ScriptTotals, SpentCoin, Truth, TruthCoin, TruthTx};
+pub use truth::{MempoolTruth, PendingTruthTx, ScriptTotals, SpentCoin, Truth, TruthCoin, TruthTx};
 
 use crate::source::{BlockId, BroadcastError, ChainSource, Missing, RejectReason, SourceError};
 use state::State;
@@ -176,6 +176,10 @@ pub enum ReorgTxs {
     /// They vanish: a payment the old branch confirmed is gone (what a
     /// double spend in the new branch looks like to a wallet).
     Drop,
+    /// They go back to the mempool, where still valid, and stay there: the
+    /// new branch carries none of them (nor the old mempool), so wallets
+    /// see their confirmed payments return to unconfirmed.
+    ToMempool,
 }
 
 /// What a reorg did.
@@ -505,6 +509,28 @@ impl SimChain {
         truth::scan(state.blocks.iter().map(|s| &*s.block), &scripts)
     }
 
+    /// The truth about `scripts` in the mempool, on top of
+    /// [`SimChain::truth`]: the unconfirmed transactions touching them,
+    /// what those pay them (trusted or not) and which of their confirmed
+    /// coins they spend. Every mempool test compares wallets with this.
+    pub fn mempool_truth<'a>(
+        &self,
+        scripts: impl IntoIterator<Item = &'a ScriptBuf>,
+    ) -> MempoolTruth {
+        let scripts: HashSet<&ScriptBuf> = scripts.into_iter().collect();
+        let state = self.read();
+        let confirmed = truth::scan(state.blocks.iter().map(|s| &*s.block), &scripts);
+        truth::scan_mempool(&confirmed, state.mempool.txs.iter(), &scripts)
+    }
+
+    /// Evicts the mempool transaction `txid` and its mempool descendants,
+    /// as a node does when a transaction expires or the mempool is full.
+    /// Returns what went, in mempool order (nothing if `txid` is not in
+    /// the mempool).
+    pub fn evict(&self, txid: Txid) -> Vec<Txid> {
+        self.write().evict_with_descendants(txid)
+    }
+
     /// Counts describing the chain.
     pub fn stats(&self) -> ChainStats {
         let state = self.read();
@@ -660,5 +686,17 @@ impl ChainSource for SimChain {
         let txid = tx.compute_txid();
         self.submit(tx.clone())
             .map_err(|reason| BroadcastError::Rejected { txid, reason })
+    }
+
+    async fn mempool_txids(&self) -> Result<Option<Vec<Txid>>, SourceError> {
+        Ok(Some(self.read().mempool.order().to_vec()))
+    }
+
+    async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
+        self.read()
+            .mempool
+            .get(&txid)
+            .cloned()
+            .ok_or(SourceError::NotFound(Missing::Transaction(txid)))
     }
 }

@@ -353,30 +353,27 @@ impl State {
         let fork = self.tip();
         self.rebuild_pool();
         let mut candidates: Vec<Transaction> = Vec::new();
-        if txs == ReorgTxs::Reappear {
+        if txs != ReorgTxs::Drop {
             for stored in &disconnected {
                 candidates.extend(stored.block.txdata.iter().skip(1).cloned());
             }
         }
         candidates.extend(old_mempool);
-        let mut dropped = 0;
-        for tx in candidates {
-            let txid = tx.compute_txid();
-            // Nothing replaces here: the old mempool was valid on top of the
-            // old blocks, so a conflict among candidates cannot pay for
-            // itself; a conflicting candidate is dropped.
-            match self.check_tx(&tx, txid, false) {
-                Ok(checked) if checked.conflicts.is_empty() => {
-                    self.enter_mempool(tx, txid, checked.fee);
-                }
-                _ => dropped += 1,
-            }
-        }
+        // Nothing replaces here: the old mempool was valid on top of the
+        // old blocks, so a conflict among candidates cannot pay for itself;
+        // a conflicting candidate is dropped.
+        let mut dropped = self.restore_mempool(candidates);
         self.branch += 1;
+        let held = if txs == ReorgTxs::ToMempool {
+            self.hold_mempool()
+        } else {
+            Vec::new()
+        };
         let mut new_blocks = Vec::with_capacity(depth as usize + 1);
         for _ in 0..=depth {
             new_blocks.push(self.mine_block()?);
         }
+        dropped += self.restore_mempool(held);
         Ok(ReorgReport {
             fork,
             disconnected: disconnected

@@ -566,7 +566,7 @@ fn scheduled_payments_land_at_their_height() {
 
 #[test]
 fn after_a_reorg_the_best_chain_changes_and_the_oracle_follows() {
-    for mode in [ReorgTxs::Drop, ReorgTxs::Reappear] {
+    for mode in [ReorgTxs::Drop, ReorgTxs::Reappear, ReorgTxs::ToMempool] {
         let chain = SimChain::generate(SimParams::signed(9), 110).unwrap();
         let s = p2tr(&key(1));
         chain.pay(s.clone(), Amount::from_sat(25_000)).unwrap();
@@ -594,6 +594,18 @@ fn after_a_reorg_the_best_chain_changes_and_the_oracle_follows() {
                 assert_eq!(truth.unspent.len(), 1);
                 assert_eq!(truth.unspent[0].height, 110);
             }
+            ReorgTxs::ToMempool => {
+                assert!(truth.unspent.is_empty());
+                let pending = chain.mempool_truth([&s]);
+                assert_eq!(pending.txs.len(), 1);
+                assert_eq!(pending.untrusted_pending(), Amount::from_sat(25_000));
+            }
+        }
+        if mode == ReorgTxs::ToMempool {
+            // It confirms in the next block.
+            chain.mine(1).unwrap();
+            assert_eq!(chain.truth([&s]).unspent[0].height, 115);
+            assert!(chain.mempool_truth([&s]).txs.is_empty());
         }
         // The new branch is as valid as the old one.
         let mut checker = Checker::new();
@@ -674,4 +686,42 @@ fn background_load_sets_filter_sizes() {
     let heavy = heavy.stats();
     assert!(light.max_filter_elements <= 2, "{light:?}");
     assert!(heavy.max_filter_elements >= 2_500, "{heavy:?}");
+}
+
+#[test]
+fn the_mempool_oracle_splits_trusted_from_untrusted_and_follows_evictions() {
+    let chain = SimChain::generate(SimParams::unsigned(21), 105).unwrap();
+    let (a, b) = (p2wpkh(&key(1)), p2wpkh(&key(2)));
+    let coin = chain.pay(a.clone(), Amount::from_sat(50_000)).unwrap();
+    chain.mine(1).unwrap();
+    // `a` pays itself (trusted), then passes that on to `b`; `b` also
+    // receives from the simulator (untrusted for `b`).
+    let own = chain.spend_to(coin, a.clone(), None).unwrap();
+    let to_b = chain
+        .spend_to(OutPoint::new(own, 0), b.clone(), None)
+        .unwrap();
+    let from_sim = chain.pay(b.clone(), Amount::from_sat(7_000)).unwrap();
+
+    let only_a = chain.mempool_truth([&a]);
+    assert_eq!(only_a.spends, vec![coin]);
+    assert_eq!(only_a.outgoing, Amount::from_sat(50_000));
+    assert_eq!(only_a.trusted_pending(), Amount::ZERO, "passed on to b");
+    assert_eq!(only_a.txs.len(), 2);
+    let only_b = chain.mempool_truth([&b]);
+    assert_eq!(only_b.untrusted_pending(), Amount::from_sat(49_000 + 7_000));
+    let both = chain.mempool_truth([&a, &b]);
+    assert_eq!(both.trusted_pending(), Amount::from_sat(49_000));
+    assert_eq!(both.untrusted_pending(), Amount::from_sat(7_000));
+
+    // Evicting `a`'s own payment evicts its child too.
+    assert_eq!(chain.evict(own), vec![own, to_b]);
+    assert_eq!(chain.evict(own), Vec::<bitcoin::Txid>::new());
+    let both = chain.mempool_truth([&a, &b]);
+    assert_eq!(both.txs.len(), 1);
+    assert_eq!(both.txs[0].txid, from_sim.txid);
+    assert!(both.spends.is_empty());
+    // The evicted coin can be spent again, and the chain stays valid.
+    chain.spend_to(coin, b.clone(), None).unwrap();
+    chain.mine(1).unwrap();
+    assert_eq!(chain.truth([&b]).unspent.len(), 2);
 }

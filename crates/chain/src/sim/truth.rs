@@ -75,6 +75,110 @@ impl Truth {
     }
 }
 
+/// A mempool transaction that touches the scripts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTruthTx {
+    /// The transaction.
+    pub txid: Txid,
+    /// What its outputs pay the scripts.
+    pub received: Amount,
+    /// What its inputs spend of the scripts' coins, confirmed or not.
+    pub sent: Amount,
+    /// Whether every input spends a coin of the scripts that is confirmed
+    /// or created by a trusted mempool transaction (Bitcoin Core's wallet
+    /// calls such a transaction trusted and its outputs `trusted_pending`).
+    pub trusted: bool,
+}
+
+/// What the mempool holds for a set of scripts, on top of [`Truth`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MempoolTruth {
+    /// Mempool transactions touching the scripts, parents first.
+    pub txs: Vec<PendingTruthTx>,
+    /// Outputs of those transactions paying the scripts that no mempool
+    /// transaction spends, with whether their transaction is trusted.
+    pub unspent: Vec<(OutPoint, TxOut, bool)>,
+    /// Confirmed coins of the scripts that mempool transactions spend.
+    pub spends: Vec<OutPoint>,
+    /// The sum of those confirmed coins.
+    pub outgoing: Amount,
+}
+
+impl MempoolTruth {
+    /// Unspent outputs of trusted mempool transactions.
+    pub fn trusted_pending(&self) -> Amount {
+        self.unspent.iter().filter(|u| u.2).map(|u| u.1.value).sum()
+    }
+
+    /// Unspent outputs of the other mempool transactions.
+    pub fn untrusted_pending(&self) -> Amount {
+        self.unspent
+            .iter()
+            .filter(|u| !u.2)
+            .map(|u| u.1.value)
+            .sum()
+    }
+}
+
+/// The mempool `txs` (parents before children, as a mempool holds them)
+/// against the confirmed `truth` of the same scripts.
+pub(crate) fn scan_mempool<'a>(
+    truth: &Truth,
+    txs: impl Iterator<Item = &'a bitcoin::Transaction>,
+    scripts: &HashSet<&ScriptBuf>,
+) -> MempoolTruth {
+    let confirmed: HashMap<OutPoint, &TruthCoin> =
+        truth.unspent.iter().map(|c| (c.outpoint, c)).collect();
+    // Outputs of touching mempool transactions: value and trusted.
+    let mut pending: HashMap<OutPoint, (TxOut, bool)> = HashMap::new();
+    let mut order: Vec<OutPoint> = Vec::new();
+    let mut out = MempoolTruth::default();
+    for tx in txs {
+        let txid = tx.compute_txid();
+        let (mut sent, mut all_ours, mut touched) = (Amount::ZERO, true, false);
+        for input in &tx.input {
+            let prev = input.previous_output;
+            if let Some(coin) = confirmed.get(&prev) {
+                sent += coin.txout.value;
+                touched = true;
+                out.spends.push(prev);
+                out.outgoing += coin.txout.value;
+            } else if let Some((txout, trusted)) = pending.remove(&prev) {
+                sent += txout.value;
+                touched = true;
+                all_ours &= trusted;
+            } else {
+                all_ours = false;
+            }
+        }
+        let trusted = touched && all_ours;
+        let mut received = Amount::ZERO;
+        for (vout, output) in tx.output.iter().enumerate() {
+            if scripts.contains(&output.script_pubkey) {
+                touched = true;
+                received += output.value;
+                let outpoint = OutPoint::new(txid, vout as u32);
+                pending.insert(outpoint, (output.clone(), trusted));
+                order.push(outpoint);
+            }
+        }
+        if touched {
+            out.txs.push(PendingTruthTx {
+                txid,
+                received,
+                sent,
+                trusted,
+            });
+        }
+    }
+    out.unspent = order
+        .into_iter()
+        .filter_map(|op| pending.remove(&op).map(|(txout, t)| (op, txout, t)))
+        .collect();
+    out.spends.sort();
+    out
+}
+
 pub(crate) fn scan<'a>(
     blocks: impl Iterator<Item = &'a Block>,
     scripts: &HashSet<&ScriptBuf>,

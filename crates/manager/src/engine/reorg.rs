@@ -171,6 +171,7 @@ impl Engine {
             })
             .await?;
         self.books = Some(result);
+        self.mempool_after_reorg();
         Counters::add(&self.out.counters.commits, 1);
         Counters::add(
             &self.out.counters.blocks_disconnected,

@@ -58,7 +58,7 @@ impl WriteTx<'_> {
             .or_store()?;
         let unconfirmed = tx
             .prepare_cached(
-                "UPDATE wallet_txs SET height = NULL WHERE wallet_id = ?1 AND height >= ?2",
+                "UPDATE wallet_txs SET height = NULL, left_mempool = 0 WHERE wallet_id = ?1 AND height >= ?2",
             )
             .or_store()?
             .execute(params![id, height])

@@ -24,6 +24,30 @@ pub struct WalletTxRow {
     pub sent: u64,
     /// The confirmed transaction that conflicts with it, and where.
     pub conflicted_by: Option<([u8; 32], u32)>,
+    /// Whether it was first seen in the chain source's mempool (not
+    /// broadcast by the wallet, not first seen in a block).
+    pub from_mempool: bool,
+    /// For an unconfirmed broadcast of the wallet: the source's mempool no
+    /// longer holds it.
+    pub left_mempool: bool,
+}
+
+/// An unconfirmed transaction of a wallet kept with its raw bytes (its
+/// own broadcast, or one seen in the source's mempool).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnconfirmedRow {
+    /// The wallet.
+    pub wallet_id: WalletId,
+    /// The transaction.
+    pub txid: [u8; 32],
+    /// Its raw bytes.
+    pub raw: Vec<u8>,
+    /// Seen in the source's mempool, rather than broadcast by the wallet.
+    pub from_mempool: bool,
+    /// The source's mempool no longer holds it (own broadcasts only).
+    pub left_mempool: bool,
+    /// A confirmed transaction spends one of its inputs.
+    pub conflicted: bool,
 }
 
 impl ReadTx<'_> {
@@ -36,8 +60,8 @@ impl ReadTx<'_> {
         let mut stmt = self
             .tx
             .prepare_cached(
-                "SELECT txid, height, received, sent, conflicted_by, conflicted_height FROM wallet_txs \
-                 WHERE wallet_id = ?1 ORDER BY height IS NULL, height, txid",
+                "SELECT txid, height, received, sent, conflicted_by, conflicted_height, from_mempool, left_mempool \
+                 FROM wallet_txs WHERE wallet_id = ?1 ORDER BY height IS NULL, height, txid",
             )
             .or_store()?;
         let rows = stmt
@@ -50,14 +74,68 @@ impl ReadTx<'_> {
                     received: get_u64(row, 2)?,
                     sent: get_u64(row, 3)?,
                     conflicted_by: by.zip(at),
+                    from_mempool: row.get(6)?,
+                    left_mempool: row.get(7)?,
                 })
             })
             .or_store()?;
         rows.collect::<Result<_, _>>().or_store()
     }
 
+    /// The unconfirmed transactions kept with their raw bytes, of one
+    /// wallet or (`None`) of every wallet, conflicted ones included.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn unconfirmed_txs(
+        &self,
+        wallet_id: Option<WalletId>,
+    ) -> Result<Vec<UnconfirmedRow>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT wallet_id, txid, raw, from_mempool, left_mempool, conflicted_by IS NOT NULL \
+                 FROM wallet_txs WHERE (?1 IS NULL OR wallet_id = ?1) AND height IS NULL \
+                 AND raw IS NOT NULL ORDER BY wallet_id, txid",
+            )
+            .or_store()?;
+        let rows = stmt
+            .query_map([wallet_id.map(WalletId::as_i64)], |row| {
+                Ok(UnconfirmedRow {
+                    wallet_id: WalletId::from_i64(row.get(0)?),
+                    txid: row.get(1)?,
+                    raw: row.get(2)?,
+                    from_mempool: row.get(3)?,
+                    left_mempool: row.get(4)?,
+                    conflicted: row.get(5)?,
+                })
+            })
+            .or_store()?;
+        rows.collect::<Result<_, _>>().or_store()
+    }
+
+    /// Whether `script` is one of the wallet's derived scripts.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn wallet_owns_script(
+        &self,
+        wallet_id: WalletId,
+        script: &[u8],
+    ) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT 1 FROM wallet_scripts WHERE script = ?2 AND wallet_id = ?1 LIMIT 1",
+            )
+            .or_store()?;
+        stmt.exists(params![wallet_id.as_i64(), script]).or_store()
+    }
+
     /// The wallet's own broadcast transactions that are neither confirmed
-    /// nor conflicted: (txid, raw transaction).
+    /// nor conflicted: (txid, raw transaction). Unconfirmed transactions
+    /// seen in the source's mempool are among them: their inputs are on
+    /// their way out just the same.
     ///
     /// # Errors
     /// [`StoreError`]: busy (retry) or corrupt (fatal).
@@ -124,6 +202,66 @@ impl WriteTx<'_> {
             .execute(params![wallet_id.as_i64(), row.txid, sql_amount(row.received)?, sql_amount(row.sent)?, raw])
             .or_store()?;
         Ok(())
+    }
+
+    /// Records an unconfirmed transaction seen in the source's mempool,
+    /// unless the wallet has it already (confirmed, or its own broadcast);
+    /// returns whether it was recorded.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn record_from_mempool(
+        &mut self,
+        wallet_id: WalletId,
+        row: &WalletTxRow,
+        raw: &[u8],
+    ) -> Result<bool, StoreError> {
+        let added = self
+            .read
+            .tx
+            .prepare_cached(
+                "INSERT INTO wallet_txs (wallet_id, txid, height, received, sent, raw, from_mempool) \
+                 VALUES (?1, ?2, NULL, ?3, ?4, ?5, 1) ON CONFLICT (wallet_id, txid) DO NOTHING",
+            )
+            .or_store()?
+            .execute(params![wallet_id.as_i64(), row.txid, sql_amount(row.received)?, sql_amount(row.sent)?, raw])
+            .or_store()?;
+        Ok(added > 0)
+    }
+
+    /// What follows when the source's mempool stops (`left`) or starts
+    /// again to hold the wallet's unconfirmed transaction `txid`: one seen
+    /// in the mempool goes (it returns as new if it comes back); the
+    /// wallet's own broadcast is marked. Returns whether anything changed.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn set_in_mempool(
+        &mut self,
+        wallet_id: WalletId,
+        txid: &[u8; 32],
+        in_mempool: bool,
+    ) -> Result<bool, StoreError> {
+        let tx = &self.read.tx;
+        let mut changed = 0;
+        if !in_mempool {
+            changed += tx
+                .prepare_cached(
+                    "DELETE FROM wallet_txs WHERE wallet_id = ?1 AND txid = ?2 AND height IS NULL AND from_mempool = 1",
+                )
+                .or_store()?
+                .execute(params![wallet_id.as_i64(), txid])
+                .or_store()?;
+        }
+        changed += tx
+            .prepare_cached(
+                "UPDATE wallet_txs SET left_mempool = ?3 WHERE wallet_id = ?1 AND txid = ?2 \
+                 AND height IS NULL AND from_mempool = 0 AND left_mempool != ?3",
+            )
+            .or_store()?
+            .execute(params![wallet_id.as_i64(), txid, !in_mempool])
+            .or_store()?;
+        Ok(changed > 0)
     }
 
     /// Forgets a broadcast the source rejected: the row of `txid` goes if

@@ -75,12 +75,17 @@ impl Mempool {
         txs
     }
 
+    /// The txids, in mempool order (parents before children).
+    pub(crate) fn order(&self) -> &[Txid] {
+        &self.order
+    }
+
     pub(crate) fn contains(&self, txid: &Txid) -> bool {
         self.entries.contains_key(txid)
     }
 
     /// The mempool transaction `txid`.
-    pub(super) fn get(&self, txid: &Txid) -> Option<&Transaction> {
+    pub(crate) fn get(&self, txid: &Txid) -> Option<&Transaction> {
         let at = self.order.iter().position(|t| t == txid)?;
         Some(&self.txs[at])
     }
@@ -277,6 +282,50 @@ impl State {
             });
         }
         Ok(evicted)
+    }
+
+    /// Evicts `txid` and its mempool descendants (a node's expiry or size
+    /// limit); returns what went, in mempool order.
+    pub(crate) fn evict_with_descendants(&mut self, txid: Txid) -> Vec<Txid> {
+        if !self.mempool.contains(&txid) {
+            return Vec::new();
+        }
+        let gone = self.mempool.with_descendants(&[txid]);
+        self.evict(&gone);
+        gone
+    }
+
+    /// Takes every transaction out of the mempool, and their inputs out of
+    /// the pool of spendable simulator coins too, so that blocks mined
+    /// meanwhile neither carry nor conflict with them (a reorg's
+    /// [`ReorgTxs::ToMempool`](crate::ReorgTxs::ToMempool)); returns them in
+    /// mempool order for [`State::restore_mempool`].
+    pub(crate) fn hold_mempool(&mut self) -> Vec<Transaction> {
+        let txs = self.mempool.txs.clone();
+        let all = self.mempool.order.clone();
+        self.evict(&all);
+        for tx in &txs {
+            for input in &tx.input {
+                self.pool.remove(&input.previous_output);
+            }
+        }
+        txs
+    }
+
+    /// Puts held transactions back, each checked against the chain as it
+    /// is now; returns how many no longer fit (conflicting or invalid).
+    pub(crate) fn restore_mempool(&mut self, txs: Vec<Transaction>) -> usize {
+        let mut dropped = 0;
+        for tx in txs {
+            let txid = tx.compute_txid();
+            match self.check_tx(&tx, txid, false) {
+                Ok(checked) if checked.conflicts.is_empty() => {
+                    self.enter_mempool(tx, txid, checked.fee);
+                }
+                _ => dropped += 1,
+            }
+        }
+        dropped
     }
 
     /// Removes `evicted` (mempool transactions, closed under descendants)
