@@ -9,5 +9,6 @@ mod events;
 mod foundation;
 mod live;
 mod manager;
+mod regtest;
 mod tidy;
 mod trust;
