@@ -21,9 +21,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bitcoin::consensus::encode::deserialize_hex;
 use bitcoin::hashes::Hash as _;
-use bitcoin::{Address, Amount, BlockHash, Denomination, Network, Txid};
-use lockstep_chain::{BitcoindAuth, BitcoindConfig, BitcoindSource};
+use bitcoin::{Address, Amount, BlockHash, Denomination, Network, Transaction, Txid};
+use lockstep_chain::{
+    BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, BroadcastError, ChainSource,
+    RejectReason,
+};
 use lockstep_manager::{ErrorKind, Manager, ManagerConfig, NewWallet};
 use lockstep_store::{Store, StoreOptions, WalletId};
 use lockstep_testkit::oracle::test_descriptors;
@@ -57,6 +61,24 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The options that differ between the nodes started here: lockstep needs
+/// both on (docs/bitcoind.md); the refusal tests turn them off.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    /// `-blockfilterindex`.
+    filter_index: bool,
+    /// `-rest`.
+    rest: bool,
+}
+
+impl Options {
+    /// What lockstep needs.
+    const LOCKSTEP: Options = Options {
+        filter_index: true,
+        rest: true,
+    };
+}
+
 /// A `bitcoind -regtest` in a temporary data directory, killed on drop.
 struct Bitcoind {
     child: Child,
@@ -79,9 +101,8 @@ impl std::fmt::Display for RpcError {
 }
 
 impl Bitcoind {
-    /// Starts `exe` with the options lockstep needs (docs/bitcoind.md) and
-    /// waits until its RPC answers.
-    async fn start(exe: &Path) -> Bitcoind {
+    /// Starts `exe` with `options` and waits until its RPC answers.
+    async fn start(exe: &Path, options: Options) -> Bitcoind {
         let datadir = tempfile::tempdir().expect("a temporary directory");
         let rpc_port = free_port();
         let p2p_port = std::iter::repeat_with(free_port)
@@ -93,14 +114,17 @@ impl Bitcoind {
         let child = Command::new(exe)
             .args([
                 "-regtest",
-                "-blockfilterindex=1",
-                "-rest=1",
                 "-server=1",
                 "-fallbackfee=0.0002",
                 "-bind=127.0.0.1",
                 "-listen=0",
                 "-printtoconsole=0",
             ])
+            .arg(format!(
+                "-blockfilterindex={}",
+                u8::from(options.filter_index)
+            ))
+            .arg(format!("-rest={}", u8::from(options.rest)))
             .arg(format!("-rpcport={rpc_port}"))
             .arg(format!("-port={p2p_port}"))
             .arg(format!("-datadir={}", datadir.path().display()))
@@ -270,9 +294,14 @@ impl Drop for Bitcoind {
     }
 }
 
-/// A Core amount (BTC, as a JSON number) in satoshis.
+/// A Core amount (BTC, as a JSON number) in satoshis. Through `f64`'s
+/// shortest decimal form, which gives back Core's digits (at most 16
+/// significant) and, unlike serde_json's, never an exponent (`1e-5`).
 fn sats(value: &Value) -> u64 {
-    let text = value.to_string();
+    let text = value
+        .as_f64()
+        .unwrap_or_else(|| panic!("{value} is not a number"))
+        .to_string();
     Amount::from_str_in(&text, Denomination::Bitcoin)
         .unwrap_or_else(|e| panic!("{text} is not an amount: {e}"))
         .to_sat()
@@ -307,7 +336,7 @@ struct World {
 
 impl World {
     async fn start(exe: &Path) -> World {
-        let core = Bitcoind::start(exe).await;
+        let core = Bitcoind::start(exe, Options::LOCKSTEP).await;
         core.call("createwallet", json!({"wallet_name": "miner"}))
             .await;
         let mine_to = core.wallet_call("miner", "getnewaddress", json!([])).await;
@@ -318,13 +347,9 @@ impl World {
         }
         core.wait_for_index().await;
 
-        let source = BitcoindSource::connect(BitcoindConfig::new(
-            core.url(),
-            BitcoindAuth::Cookie(core.cookie_path()),
-            Network::Regtest,
-        ))
-        .await
-        .expect("lockstep connects to a node started as docs/bitcoind.md says");
+        let source = BitcoindSource::connect(source_config(&core))
+            .await
+            .expect("lockstep connects to a node started as docs/bitcoind.md says");
         assert!(source.uses_rest());
         let db = tempfile::tempdir().expect("a temporary directory");
         let store = Store::open(&db.path().join("lockstep.db"), StoreOptions::default())
@@ -608,6 +633,169 @@ async fn reorg_equals_core(exe: PathBuf) {
 #[test]
 fn wallets_follow_a_core_reorg_as_core_s_own_wallets_do() {
     with_bitcoind(reorg_equals_core);
+}
+
+/// A config for lockstep to connect to `core` with.
+fn source_config(core: &Bitcoind) -> BitcoindConfig {
+    BitcoindConfig::new(
+        core.url(),
+        BitcoindAuth::Cookie(core.cookie_path()),
+        Network::Regtest,
+    )
+}
+
+async fn refusals(exe: PathBuf) {
+    // Core's own answers, not the stand-in's, must map to the typed errors:
+    // no filter index first (REST off too, so that the index is the one
+    // thing refused).
+    let bare = Bitcoind::start(
+        &exe,
+        Options {
+            filter_index: false,
+            rest: false,
+        },
+    )
+    .await;
+    match BitcoindSource::connect(source_config(&bare)).await {
+        Err(e @ BitcoindError::NoFilterIndex { .. }) => {
+            assert!(e.to_string().contains("-blockfilterindex=1"), "{e}");
+        }
+        other => panic!("a node without -blockfilterindex: {other:?}"),
+    }
+    drop(bare);
+
+    let no_rest = Bitcoind::start(
+        &exe,
+        Options {
+            filter_index: true,
+            rest: false,
+        },
+    )
+    .await;
+    no_rest.wait_for_index().await;
+    let source = BitcoindSource::connect(source_config(&no_rest))
+        .await
+        .expect("a node without REST is used through RPC");
+    assert!(!source.uses_rest());
+    let (height, hash) = no_rest.tip().await;
+    let tip = source.tip().await.expect("the tip through RPC");
+    assert_eq!((tip.height, tip.hash), (height, hash));
+
+    let mut wrong = source_config(&no_rest);
+    wrong.auth = BitcoindAuth::UserPassword {
+        user: "__cookie__".to_owned(),
+        password: "not-the-cookie".to_owned(),
+    };
+    match BitcoindSource::connect(wrong).await {
+        Err(e @ BitcoindError::Unauthorized { .. }) => {
+            assert!(e.to_string().contains("-rpcuser/-rpcpassword"), "{e}");
+        }
+        other => panic!("a wrong password: {other:?}"),
+    }
+    let mut signet = source_config(&no_rest);
+    signet.network = Network::Signet;
+    match BitcoindSource::connect(signet).await {
+        Err(BitcoindError::WrongNetwork { node, expected, .. }) => {
+            assert_eq!((node.as_str(), expected), ("regtest", "signet"));
+        }
+        other => panic!("a regtest node for signet wallets: {other:?}"),
+    }
+}
+
+#[test]
+fn core_s_refusals_are_lockstep_s_typed_errors() {
+    with_bitcoind(refusals);
+}
+
+/// A transaction of Core's wallet spending its coin `(txid, vout)` of
+/// `value` sats whole to `to`, less `fee`, signalling replacement, signed
+/// by Core.
+async fn core_spend(
+    core: &Bitcoind,
+    coin: (&str, u64),
+    value: u64,
+    to: &str,
+    fee: u64,
+) -> Transaction {
+    let (txid, vout) = coin;
+    let amount = Amount::from_sat(value - fee).to_string_in(Denomination::Bitcoin);
+    let raw = core
+        .call(
+            "createrawtransaction",
+            json!([[{"txid": txid, "vout": vout, "sequence": 0xffff_fffd_u32}], [{to: amount}]]),
+        )
+        .await;
+    let signed = core
+        .wallet_call("miner", "signrawtransactionwithwallet", json!([raw]))
+        .await;
+    assert_eq!(signed["complete"], json!(true), "{signed}");
+    let hex = signed["hex"].as_str().expect("signed hex");
+    deserialize_hex(hex).expect("Core's transaction decodes")
+}
+
+async fn replacement(exe: PathBuf) {
+    let world = World::start(&exe).await;
+    world.sync().await;
+    // A matured coinbase of Core's wallet.
+    let unspent = world
+        .core
+        .wallet_call("miner", "listunspent", json!([100]))
+        .await;
+    let coin = &unspent.as_array().expect("listunspent answers an array")[0];
+    let (txid, vout) = (
+        coin["txid"].as_str().expect("txid"),
+        coin["vout"].as_u64().expect("vout"),
+    );
+    let value = sats(&coin["amount"]);
+    let to = address(0, Keychain::External, 5);
+    let source = world.manager.source();
+
+    let original = core_spend(&world.core, (txid, vout), value, &to, 10_000).await;
+    assert_eq!(
+        source.broadcast(&original).await.expect("Core takes it"),
+        original.compute_txid()
+    );
+    // The same spend paying less: Core's `insufficient fee` words are
+    // lockstep's InsufficientFee.
+    let cheaper = core_spend(&world.core, (txid, vout), value, &to, 5_000).await;
+    match source.broadcast(&cheaper).await {
+        Err(BroadcastError::Rejected {
+            txid,
+            reason: RejectReason::InsufficientFee { .. },
+        }) => assert_eq!(txid, cheaper.compute_txid()),
+        other => panic!("a replacement paying less: {other:?}"),
+    }
+    // Paying more: it replaces the original, and is what confirms.
+    let bumped = core_spend(&world.core, (txid, vout), value, &to, 50_000).await;
+    assert_eq!(
+        source
+            .broadcast(&bumped)
+            .await
+            .expect("Core takes the replacement"),
+        bumped.compute_txid()
+    );
+    let mempool = world.core.call("getrawmempool", json!([])).await;
+    assert_eq!(mempool, json!([bumped.compute_txid().to_string()]));
+    world.mine(1).await;
+    world.sync().await;
+    assert_eq!(world.compare_with_core().await, 1);
+    let rows = world
+        .store
+        .read_blocking({
+            let id = world.wallets[0];
+            move |tx| tx.wallet_coins(id, true)
+        })
+        .expect("the coins read");
+    assert_eq!(
+        Txid::from_byte_array(rows[0].txid),
+        bumped.compute_txid(),
+        "the wallet holds the replacement's output"
+    );
+}
+
+#[test]
+fn a_replacement_through_core_is_refused_then_accepted() {
+    with_bitcoind(replacement);
 }
 
 // enabled at merge with the mempool API
