@@ -10,5 +10,6 @@ mod foundation;
 mod live;
 mod manager;
 mod mempool;
+mod regtest;
 mod tidy;
 mod trust;

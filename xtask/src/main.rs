@@ -1,5 +1,5 @@
 //! lockstep's automation, in Rust rather than shell scripts:
-//! `cargo xtask ci | bench [NAME] | demo`.
+//! `cargo xtask ci | bench [NAME] | demo | regtest`.
 
 use std::process::Command;
 
@@ -29,7 +29,13 @@ enum Task {
     },
     /// The demo, in release mode.
     Demo,
+    /// The tests against a real Bitcoin Core on regtest (tests/it/regtest.rs),
+    /// which `cargo test` skips: BITCOIND_EXE must name a bitcoind binary.
+    Regtest,
 }
+
+/// The variable naming the `bitcoind` the regtest tests start.
+const BITCOIND_EXE: &str = "BITCOIND_EXE";
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     eprintln!("$ cargo {}", args.join(" "));
@@ -74,5 +80,34 @@ fn main() -> anyhow::Result<()> {
             cargo(&args)
         }
         Task::Demo => cargo(&["run", "--release", "-p", "lockstep-cli", "--", "demo"]),
+        Task::Regtest => {
+            // Without the variable the tests skip themselves and pass: that
+            // must not look like a run against Core.
+            let exe = std::env::var_os(BITCOIND_EXE)
+                .filter(|exe| !exe.is_empty())
+                .with_context(|| {
+                    format!(
+                        "set {BITCOIND_EXE} to a bitcoind binary (Bitcoin Core 28 or later), e.g. \
+                         {BITCOIND_EXE}=/path/to/bitcoind cargo xtask regtest"
+                    )
+                })?;
+            let path = std::path::Path::new(&exe);
+            if !path.is_file() {
+                bail!(
+                    "{BITCOIND_EXE}={} is not a file: set it to a bitcoind binary",
+                    path.display()
+                );
+            }
+            cargo(&[
+                "test",
+                "-p",
+                "lockstep-tests",
+                "--test",
+                "it",
+                "regtest::",
+                "--",
+                "--nocapture",
+            ])
+        }
     }
 }

@@ -29,7 +29,7 @@ mod source;
 pub mod verify;
 
 pub use bitcoind::{BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource};
-pub use simnode::{SimNode, SimNodeConfig, SimNodeError};
+pub use simnode::{Lie, SimNode, SimNodeConfig, SimNodeError};
 
 pub use sim::{
     Accepted, ChainStats, Load, LoadError, MempoolTruth, PendingTruthTx, ReorgReport, ReorgTxs,

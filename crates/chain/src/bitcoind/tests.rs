@@ -1,7 +1,8 @@
 //! BitcoindSource against the stand-in node over real HTTP on loopback:
 //! every read equals SimChain's own answer, through REST and through the
-//! JSON-RPC fallback; broadcasts and their rejections; and each
-//! configuration error is its typed error.
+//! JSON-RPC fallback; broadcasts and their rejections; each configuration
+//! error is its typed error and says what to change; a node that lies,
+//! goes away, hangs or is reconfigured after connect is caught.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::{Amount, CompressedPublicKey, ScriptBuf, TxOut};
 
 use super::*;
-use crate::{SimChain, SimNode, SimNodeConfig, SimParams, SourceErrorKind};
+use crate::{Lie, SimChain, SimNode, SimNodeConfig, SimParams, SourceErrorKind};
 
 fn key(n: u8) -> SecretKey {
     SecretKey::from_slice(&[n; 32]).expect("a valid key")
@@ -257,10 +258,9 @@ async fn configuration_errors_are_typed() {
         },
         Network::Regtest,
     );
-    assert!(matches!(
-        BitcoindSource::connect(config.clone()).await,
-        Err(BitcoindError::Unauthorized { .. })
-    ));
+    let err = BitcoindSource::connect(config.clone()).await.unwrap_err();
+    assert!(matches!(err, BitcoindError::Unauthorized { .. }), "{err}");
+    assert!(err.to_string().contains("-rpcuser/-rpcpassword"), "{err}");
     // The right user and password work.
     config.auth = BitcoindAuth::UserPassword {
         user: "alice".to_owned(),
@@ -330,10 +330,17 @@ async fn configuration_errors_are_typed() {
         },
     )
     .await;
-    assert!(matches!(
-        BitcoindSource::connect(cookie_config(&ibd)).await,
-        Err(BitcoindError::InitialBlockDownload { .. })
-    ));
+    let err = BitcoindSource::connect(cookie_config(&ibd))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BitcoindError::InitialBlockDownload { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("wait until it has synced"),
+        "{err}"
+    );
 
     // Nobody listening: unreachable, and retryable as a SourceError.
     let url = good.url();
@@ -473,4 +480,265 @@ fn data_that_does_not_match_its_request_is_invalid() {
         parse_rest_filter(&[], hash),
         Err(SourceError::Invalid { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_cookie_that_is_not_core_s_says_where_to_point() {
+    let chain = SimChain::generate(SimParams::unsigned(3), 10).unwrap();
+    let (node, dir) = node(&chain, SimNodeConfig::default()).await;
+    let with_cookie = |path: PathBuf| {
+        let mut config = cookie_config(&node);
+        config.auth = BitcoindAuth::Cookie(path);
+        config
+    };
+    // Garbage, without Core's `user:password`; and a path that is a
+    // directory (a datadir given for the cookie: unreadable as a file,
+    // even for root, which reads files whatever their mode).
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, "not a cookie\n").unwrap();
+    for path in [garbage, dir.path().to_owned()] {
+        let err = BitcoindSource::connect(with_cookie(path.clone()))
+            .await
+            .unwrap_err();
+        match &err {
+            BitcoindError::CookieUnreadable { path: p, .. } => assert_eq!(*p, path),
+            other => panic!("{other:?}"),
+        }
+        let message = err.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(
+            message.contains(".cookie in the node's data directory"),
+            "{message}"
+        );
+    }
+    // Shaped like a cookie but not the node's (a stale one): refused by
+    // the node, Unauthorized, pointing at the cookie path.
+    let stale = dir.path().join("stale");
+    std::fs::write(&stale, format!("__cookie__:{}\n", "ab".repeat(32))).unwrap();
+    let err = BitcoindSource::connect(with_cookie(stale))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BitcoindError::Unauthorized { .. }), "{err}");
+    assert!(err.to_string().contains("the cookie path"), "{err}");
+}
+
+/// WARN events' messages, from lockstep's own code, while installed as the
+/// thread's default subscriber.
+#[derive(Default, Clone)]
+struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.target().starts_with("lockstep")
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            self.0.lock().unwrap().push(message.0);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test]
+async fn rest_off_falls_back_to_rpc_and_says_how_to_turn_it_on() {
+    let chain = SimChain::generate(SimParams::unsigned(3), 10).unwrap();
+    let warnings = Warnings::default();
+    // The test runtime is single-threaded: connect logs on this thread.
+    let _guard = tracing::subscriber::set_default(warnings.clone());
+    for rest in [true, false] {
+        let config = SimNodeConfig {
+            rest,
+            ..SimNodeConfig::default()
+        };
+        let (node, _dir) = node(&chain, config).await;
+        let source = BitcoindSource::connect(cookie_config(&node)).await.unwrap();
+        assert_eq!(source.uses_rest(), rest);
+        assert_eq!(source.tip().await.unwrap(), chain.tip());
+        let said = std::mem::take(&mut *warnings.0.lock().unwrap());
+        if rest {
+            assert!(said.is_empty(), "{said:?}");
+        } else {
+            assert_eq!(said.len(), 1, "{said:?}");
+            assert!(said[0].contains("REST interface is off"), "{said:?}");
+            assert!(said[0].contains("-rest=1"), "{said:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lying_node_is_invalid() {
+    let chain = SimChain::generate(SimParams::unsigned(4).with_load(2..=4, 1..=2), 20).unwrap();
+    let at = 12;
+    let hash = chain.hash_at(at).unwrap();
+    for rest in [true, false] {
+        let start = |lie| {
+            node(
+                &chain,
+                SimNodeConfig {
+                    rest,
+                    lie: Some(lie),
+                    ..SimNodeConfig::default()
+                },
+            )
+        };
+        let invalid = |result: Result<(), SourceError>, what: Missing| match result {
+            Err(SourceError::Invalid { what: w, reason }) => {
+                assert_eq!(w, what, "{reason}");
+                assert_eq!(
+                    SourceError::Invalid { what, reason }.kind(),
+                    SourceErrorKind::Invalid
+                );
+            }
+            other => panic!("rest {rest}: {other:?}"),
+        };
+
+        // Another block for the hash.
+        let (lying, _dir) = start(Lie::Block(at)).await;
+        let source = BitcoindSource::connect(cookie_config(&lying))
+            .await
+            .unwrap();
+        invalid(source.block(hash).await.map(drop), Missing::Block(hash));
+        // Only that block: the others are served and accepted.
+        let below = chain.hash_at(at - 1).unwrap();
+        assert_eq!(
+            *source.block(below).await.unwrap(),
+            *chain.block_at(at - 1).unwrap()
+        );
+
+        // A header that does not hash to the hash asked for.
+        let (lying, _dir) = start(Lie::Header(at)).await;
+        let source = BitcoindSource::connect(cookie_config(&lying))
+            .await
+            .unwrap();
+        invalid(source.header(hash).await.map(drop), Missing::Header(hash));
+        assert_eq!(
+            source.header(below).await.unwrap(),
+            chain.block_at(at - 1).unwrap().header
+        );
+
+        // A filter the node's filter header does not commit to: it decodes
+        // and is served under the right hash, so the source passes it on;
+        // the manager checks it against the filter-header chain
+        // (tests/it/bitcoind.rs).
+        let (lying, _dir) = start(Lie::Filter(at)).await;
+        let source = BitcoindSource::connect(cookie_config(&lying))
+            .await
+            .unwrap();
+        let served = source.filter(hash).await.unwrap();
+        assert_eq!(served, chain.filter_at(at - 1).unwrap());
+        assert_ne!(served, chain.filter_at(at).unwrap());
+        assert_eq!(
+            source.filter_header(hash).await.unwrap(),
+            chain.filter_header_at(at).unwrap()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_node_reconfigured_after_connect_is_misconfigured_and_retryable() {
+    let chain = SimChain::generate(SimParams::unsigned(3), 10).unwrap();
+    let hash = chain.hash_at(5).unwrap();
+    for rest in [true, false] {
+        let (first, _dir) = node(
+            &chain,
+            SimNodeConfig {
+                rest,
+                ..SimNodeConfig::default()
+            },
+        )
+        .await;
+        let port = first.addr().port();
+        let mut config = cookie_config(&first);
+        config.auth = BitcoindAuth::UserPassword {
+            user: "alice".to_owned(),
+            password: "secret".to_owned(),
+        };
+        let source = BitcoindSource::connect(config).await.unwrap();
+        source.filter(hash).await.unwrap();
+        first.shutdown().await;
+        // Restarted on the same port without the filter index.
+        let (second, _dir2) = node(
+            &chain,
+            SimNodeConfig {
+                port,
+                rest,
+                filter_index: false,
+                ..SimNodeConfig::default()
+            },
+        )
+        .await;
+        for result in [
+            source.filter(hash).await.map(drop),
+            source.filter_header(hash).await.map(drop),
+        ] {
+            match result {
+                Err(e @ SourceError::Misconfigured { .. }) => {
+                    assert!(e.is_retryable());
+                    assert!(e.to_string().contains("-blockfilterindex=1"), "{e}");
+                }
+                other => panic!("rest {rest}: {other:?}"),
+            }
+        }
+        second.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_goes_away_or_hangs_after_connect_is_retryable() {
+    let chain = SimChain::generate(SimParams::unsigned(3), 10).unwrap();
+    let (node, _dir) = node(&chain, SimNodeConfig::default()).await;
+    let addr = node.addr();
+    let mut config = cookie_config(&node);
+    config.timeout = Duration::from_millis(300);
+    let source = BitcoindSource::connect(config).await.unwrap();
+    assert_eq!(source.tip().await.unwrap(), chain.tip());
+
+    // Gone: nothing listens.
+    node.shutdown().await;
+    for result in [
+        source.tip().await.map(drop),
+        source.block(chain.tip().hash).await.map(drop),
+    ] {
+        match result {
+            Err(e @ SourceError::Unavailable { .. }) => assert!(e.is_retryable()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // Back on the port, but it accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    for result in [
+        source.tip().await.map(drop),
+        source.filter(chain.tip().hash).await.map(drop),
+    ] {
+        match result {
+            Err(e @ SourceError::Timeout { after_ms: 300 }) => assert!(e.is_retryable()),
+            other => panic!("{other:?}"),
+        }
+    }
+    hold.abort();
 }

@@ -7,7 +7,8 @@
 //! — can be tested, benchmarked and demonstrated over real HTTP without a
 //! `bitcoind`. Formats follow Core 28/29's `doc/REST-interface.md`,
 //! `src/rest.cpp` and `src/rpc/*.cpp`; what it serves and what it does not
-//! is listed on [`SimNode`].
+//! is listed on [`SimNode`]. [`SimNodeConfig`] plays misconfigured and
+//! lying nodes, for clients' error paths.
 
 pub mod format;
 mod rest;
@@ -23,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine;
+use bitcoin::Block;
+use bitcoin::block::Header;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
@@ -61,6 +64,43 @@ pub struct SimNodeConfig {
     pub filter_index: bool,
     /// What `getblockchaininfo` says of `initialblockdownload`.
     pub initial_block_download: bool,
+    /// Wrong data to serve for one block, to play a lying (or broken)
+    /// node: a client must check what it reads against what it asked for
+    /// and what the node committed to. `None`: every answer is right.
+    pub lie: Option<Lie>,
+}
+
+/// Wrong data a [`SimNode`] serves for the block at a height (see
+/// [`SimNodeConfig::lie`]), through REST and JSON-RPC alike. Each answer is
+/// well formed and is the real data of another block (the one below, or
+/// block 1 for the genesis block), so that only a client that checks
+/// hashes and commitments notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lie {
+    /// The block asked for by its hash is another block (REST `block`,
+    /// `getblock`): its header does not hash to the hash asked for.
+    Block(u32),
+    /// The header asked for by its hash is another block's header (REST
+    /// `headers`, `getblockheader`).
+    Header(u32),
+    /// The basic filter is another block's, served under this block's
+    /// hash (REST `blockfilter`, `getblockfilter`'s `filter`): it decodes,
+    /// but the node's own filter header for this block does not commit to
+    /// it.
+    Filter(u32),
+}
+
+impl Lie {
+    /// The height whose data is served instead of `height`'s, if this lie
+    /// is about `height` and `kind` of data.
+    fn instead(self, kind: fn(u32) -> Lie, height: u32) -> u32 {
+        if self == kind(height) {
+            height.checked_sub(1).unwrap_or(1)
+        } else {
+            height
+        }
+    }
 }
 
 impl Default for SimNodeConfig {
@@ -73,6 +113,7 @@ impl Default for SimNodeConfig {
             rest: true,
             filter_index: true,
             initial_block_download: false,
+            lie: None,
         }
     }
 }
@@ -135,6 +176,32 @@ pub(crate) struct Shared {
     pub(crate) config: SimNodeConfig,
     /// Accepted `Authorization: Basic …` values, precomputed.
     credentials: Vec<String>,
+}
+
+impl Shared {
+    /// The height whose `kind` of data is served for `height`: itself,
+    /// unless the node is configured to lie about it.
+    fn served(&self, kind: fn(u32) -> Lie, height: u32) -> u32 {
+        self.config
+            .lie
+            .map_or(height, |lie| lie.instead(kind, height))
+    }
+
+    /// The block served for `height`.
+    pub(crate) fn block_at(&self, height: u32) -> Option<Arc<Block>> {
+        self.chain.block_at(self.served(Lie::Block, height))
+    }
+
+    /// The header served for `height`.
+    pub(crate) fn header_at(&self, height: u32) -> Option<Header> {
+        let served = self.served(Lie::Header, height);
+        self.chain.block_at(served).map(|b| b.header)
+    }
+
+    /// The basic filter served for `height`.
+    pub(crate) fn filter_at(&self, height: u32) -> Option<Vec<u8>> {
+        self.chain.filter_at(self.served(Lie::Filter, height))
+    }
 }
 
 impl SimNode {

@@ -173,8 +173,8 @@ fn headers(shared: &Shared, part: &str, query: Option<&str>) -> Response<Full<By
     };
     let mut bytes = Vec::new();
     for height in chain_from(shared, &hash, count) {
-        if let Some(block) = shared.chain.block_at(height) {
-            bytes.extend(serialize(&block.header));
+        if let Some(header) = shared.header_at(height) {
+            bytes.extend(serialize(&header));
         }
     }
     bin_or_hex(format, bytes, ALL_FORMATS)
@@ -188,7 +188,7 @@ fn block(shared: &Shared, part: &str) -> Response<Full<Bytes>> {
     let Some(block) = shared
         .chain
         .height_of(&hash)
-        .and_then(|h| shared.chain.block_at(h))
+        .and_then(|h| shared.block_at(h))
     else {
         return not_found(format!("{raw_hash} not found"));
     };
@@ -213,7 +213,7 @@ fn block_filter(shared: &Shared, part: &str) -> Response<Full<Bytes>> {
     let Some(height) = shared.chain.height_of(&hash) else {
         return not_found(format!("{raw_hash} not found"));
     };
-    let Some(filter) = shared.chain.filter_at(height) else {
+    let Some(filter) = shared.filter_at(height) else {
         return not_found("Filter not found.");
     };
     match format {

@@ -327,13 +327,14 @@ fn call(shared: &Shared, request: &serde_json::Map<String, Value>) -> Result<Str
             let height = chain
                 .height_of(&hash)
                 .ok_or_else(|| err(RPC_INVALID_ADDRESS_OR_KEY, "Block not found"))?;
-            let block = chain
-                .block_at(height)
-                .ok_or_else(|| err(RPC_INVALID_ADDRESS_OR_KEY, "Block not found"))?;
+            let (Some(block), Some(header)) = (chain.block_at(height), shared.header_at(height))
+            else {
+                return Err(err(RPC_INVALID_ADDRESS_OR_KEY, "Block not found"));
+            };
             if verbose {
-                Ok(header_json(shared, height, &block.header, block.txdata.len()).to_string())
+                Ok(header_json(shared, height, &header, block.txdata.len()).to_string())
             } else {
-                Ok(json_string(&hex(&serialize(&block.header))))
+                Ok(json_string(&hex(&serialize(&header))))
             }
         }
         "getblockfilter" => {
@@ -355,7 +356,7 @@ fn call(shared: &Shared, request: &serde_json::Map<String, Value>) -> Result<Str
                 .height_of(&hash)
                 .ok_or_else(|| err(RPC_INVALID_ADDRESS_OR_KEY, "Block not found"))?;
             let (Some(filter), Some(header)) =
-                (chain.filter_at(height), chain.filter_header_at(height))
+                (shared.filter_at(height), chain.filter_header_at(height))
             else {
                 return Err(err(RPC_MISC_ERROR, "Filter not found."));
             };
@@ -373,7 +374,7 @@ fn call(shared: &Shared, request: &serde_json::Map<String, Value>) -> Result<Str
             };
             let block = chain
                 .height_of(&hash)
-                .and_then(|h| chain.block_at(h))
+                .and_then(|h| shared.block_at(h))
                 .ok_or_else(|| err(RPC_INVALID_ADDRESS_OR_KEY, "Block not found"))?;
             if verbosity != 0 {
                 return Err(err(
