@@ -20,14 +20,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use bitcoin::hashes::Hash as _;
 use bitcoin::{Amount, OutPoint, ScriptBuf, TxOut};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep_chain::metered::Metered;
-use lockstep_chain::{ChainSource, ReorgTxs, SimChain, SimParams};
+use lockstep_chain::{
+    BitcoindAuth, BitcoindConfig, BitcoindSource, ChainSource, ReorgTxs, SimChain, SimNode,
+    SimNodeConfig, SimParams,
+};
 use lockstep_manager::{Manager, ManagerConfig, NewWallet, ScriptImport};
 use lockstep_store::{Store, StoreOptions, WalletId};
-use lockstep_testkit::oracle::{KINDS, WalletCheck, check_wallet_imported, test_descriptors};
+use lockstep_testkit::oracle::{
+    KINDS, WalletCheck, check_unconfirmed, check_wallet_imported, test_descriptors,
+};
 use lockstep_wallet::Keychain;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -113,6 +119,11 @@ struct DemoArgs {
     /// so that each can pay two others; 0 skips the second part).
     #[arg(long, default_value_t = 5)]
     signers: u32,
+    /// Read the simulated chain in process instead of through the stand-in
+    /// node (`lockstep simnode`'s server, on a free loopback port, read
+    /// with `BitcoindSource` over REST and JSON-RPC as a real node is).
+    #[arg(long)]
+    embedded: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -327,7 +338,33 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| dir.path().join("lockstep.db"));
     let store = Store::open(&db, StoreOptions::default())?;
-    let metered = Metered::new(Arc::new(chain.clone()));
+    // The stand-in node serves the chain as Bitcoin Core would; lockstep
+    // reads it over loopback HTTP, the path a deployment takes.
+    let (_node, inner): (Option<SimNode>, Arc<dyn ChainSource>) = if args.embedded {
+        (None, Arc::new(chain.clone()))
+    } else {
+        let (user, password) = ("lockstep".to_owned(), format!("demo-{}", args.seed));
+        let node = SimNode::start(
+            chain.clone(),
+            SimNodeConfig {
+                user_password: Some((user.clone(), password.clone())),
+                ..SimNodeConfig::default()
+            },
+        )
+        .await?;
+        let source = BitcoindSource::connect(BitcoindConfig::new(
+            node.url(),
+            BitcoindAuth::UserPassword { user, password },
+            bitcoin::Network::Regtest,
+        ))
+        .await?;
+        println!(
+            "  through the stand-in node at {} (Bitcoin Core's REST and JSON-RPC; --embedded reads in process)",
+            node.url()
+        );
+        (Some(node), Arc::new(source))
+    };
+    let metered = Metered::new(inner);
     let demo_source = DemoSource::new(metered.clone(), chain.clone());
     let source: Arc<dyn ChainSource> = demo_source.clone();
     let manager = Manager::new(store.clone(), source, ManagerConfig::default());
@@ -525,6 +562,60 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     if ok != checks.len() || !gap_found {
         bail!("{} wallets differ from the oracle", checks.len() - ok);
+    }
+
+    // Unconfirmed: payments to every third wallet and a payment from wallet
+    // 1 to wallet 2 enter the mempool; one poll records them for every
+    // wallet they touch, compared with the mempool oracle.
+    let mut pending = 0;
+    for i in (0..n).step_by(3) {
+        let script = scenario.script(i, Keychain::External, 0)?;
+        chain.pay(script, Amount::from_sat(12_345 + u64::from(i)))?;
+        pending += 1;
+    }
+    let from = ids[&1];
+    let coin = store
+        .read(move |tx| tx.wallet_coins(from, true))
+        .await?
+        .into_iter()
+        .find(|c| c.value > 1_000);
+    if let Some(coin) = coin {
+        let outpoint = OutPoint::new(bitcoin::Txid::from_byte_array(coin.txid), coin.vout);
+        chain.spend_to(outpoint, scenario.script(2, Keychain::External, 0)?, None)?;
+        pending += 1;
+    }
+    let polled = manager
+        .sync_mempool()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the source shows no mempool"))?;
+    let unconfirmed = {
+        let ids = ids.clone();
+        let chain = chain.clone();
+        store
+            .read(move |tx| {
+                ids.values()
+                    .map(|id| check_unconfirmed(tx, &chain, *id, chain_tip.height))
+                    .collect::<Result<Vec<_>, lockstep_wallet::WalletError>>()
+            })
+            .await?
+    };
+    let pending_ok = unconfirmed.iter().filter(|c| c.ok()).count();
+    let touched = unconfirmed.iter().filter(|c| c.txs > 0).count();
+    println!(
+        "  unconfirmed                  {pending} payments in the mempool ({} listed, {} fetched): {touched} wallets see them; unconfirmed views equal to the oracle {pending_ok} of {}",
+        polled.listed,
+        polled.fetched,
+        unconfirmed.len()
+    );
+    if pending_ok != unconfirmed.len() {
+        let bad: Vec<String> = unconfirmed
+            .iter()
+            .filter_map(|c| c.mismatch.clone())
+            .collect();
+        bail!(
+            "unconfirmed views differ from the oracle: {}",
+            bad.join("; ")
+        );
     }
     if args.signers == 0 {
         return Ok(());

@@ -1,4 +1,5 @@
-//! The demo's chain source: the simulated chain through the meter, with two
+//! The demo's chain source: the simulated chain (in process, or through the
+//! stand-in node over HTTP) through the meter, with two
 //! demo aids on broadcasts only (every read is passed through untouched, so
 //! the sync part's request counts are what the meter alone would count).
 //!
@@ -119,6 +120,12 @@ impl ChainSource for DemoSource {
     }
     async fn headers(&self, from: u32, count: u32) -> Result<Vec<Header>, SourceError> {
         self.inner.headers(from, count).await
+    }
+    async fn mempool_txids(&self) -> Result<Option<Vec<Txid>>, SourceError> {
+        self.inner.mempool_txids().await
+    }
+    async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
+        self.inner.mempool_tx(txid).await
     }
 
     async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
