@@ -501,11 +501,18 @@ fn resumed_actions_hold_their_wallets_before_any_new_action_is_admitted() {
             "{refused:?}"
         );
         let task = tasks.into_iter().next().unwrap();
+        // Blocks keep coming until the send is done (however late a loaded
+        // machine lets it broadcast), a minute at most.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mined = {
             let chain = chain.clone();
             let lockstep = lockstep.clone();
+            let done = done.clone();
             tokio::spawn(async move {
-                for _ in 0..5 {
+                for _ in 0..1200 {
+                    if done.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     chain.mine(1).unwrap();
                     lockstep.sync().await.unwrap();
@@ -526,6 +533,7 @@ fn resumed_actions_hold_their_wallets_before_any_new_action_is_admitted() {
             .unwrap()
             .unwrap();
         assert!(matches!(outcome, DriveOutcome::Done(_)), "{outcome:?}");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
         mined.await.unwrap();
         assert_eq!(paid_to(&chain, &payee), vec![Amount::from_sat(15_000)]);
         settled(&manager, &chain, id).await;
