@@ -384,3 +384,133 @@ async fn an_own_broadcast_out_of_the_mempool_is_marked_not_forgotten() {
         Amount::from_sat(69_000)
     );
 }
+
+/// Starts a node publishing ZMQ `rawtx` (or, with `dead_endpoint`, points
+/// the source at a port nobody publishes on) and a running loop that polls
+/// every `poll_interval`; returns what a test needs to pay and watch.
+async fn zmq_rig(
+    dead_endpoint: bool,
+    poll_interval: Duration,
+) -> (SimChain, SimNode, Manager, ScriptBuf, tempfile::TempDir) {
+    let chain = SimChain::generate(SimParams::unsigned(SEED).with_load(2..=5, 1..=2), 105).unwrap();
+    let node = SimNode::start(
+        chain.clone(),
+        SimNodeConfig {
+            zmq_rawtx: true,
+            user_password: Some(("lockstep".to_owned(), "test".to_owned())),
+            ..SimNodeConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let endpoint = if dead_endpoint {
+        // A port that was free a moment ago: nothing publishes there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("tcp://127.0.0.1:{port}")
+    } else {
+        node.zmq_rawtx().unwrap().to_owned()
+    };
+    let source = BitcoindSource::connect(
+        BitcoindConfig::new(
+            node.url(),
+            BitcoindAuth::UserPassword {
+                user: "lockstep".to_owned(),
+                password: "test".to_owned(),
+            },
+            Network::Regtest,
+        )
+        .with_zmq_rawtx(endpoint),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("lockstep.db"), StoreOptions::default()).unwrap();
+    let manager = Manager::new(
+        store,
+        Arc::new(source),
+        ManagerConfig {
+            poll_interval,
+            initial_backoff: Duration::from_millis(5),
+            ..ManagerConfig::default()
+        },
+    );
+    manager
+        .register(NewWallet {
+            name: "w0".to_owned(),
+            descriptors: test_descriptors(SEED, 0),
+            birth_height: 1,
+            lookahead: 5,
+            passphrase: None,
+        })
+        .await
+        .unwrap();
+    let script = test_descriptors(SEED, 0)
+        .script_at(Keychain::External, 0)
+        .unwrap();
+    manager.start();
+    manager
+        .wait_for(chain.height(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    (chain, node, manager, script, dir)
+}
+
+/// Pays `script` until the loop announces an unconfirmed transaction,
+/// giving each payment `patience`; whether one was announced in `tries`.
+async fn announced_within(
+    chain: &SimChain,
+    manager: &Manager,
+    script: &ScriptBuf,
+    tries: u32,
+    patience: Duration,
+) -> bool {
+    let mut events = manager.subscribe();
+    for _ in 0..tries {
+        chain.pay(script.clone(), Amount::from_sat(30_000)).unwrap();
+        let seen = tokio::time::timeout(patience, async {
+            loop {
+                match events.recv().await {
+                    Ok(Event::Unconfirmed { .. }) => return true,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await;
+        if seen == Ok(true) {
+            return true;
+        }
+    }
+    false
+}
+
+/// With the node's ZMQ `rawtx` feed, a payment is seen at once although the
+/// loop polls only every minute: the feed wakes the poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zmq_rawtx_wakes_the_mempool_poll_at_once() {
+    let (chain, _node, manager, script, _dir) = zmq_rig(false, Duration::from_secs(60)).await;
+    // The loop's first poll at the tip finds a first payment whatever
+    // wakes it; then it settles into its minute-long wait.
+    assert!(announced_within(&chain, &manager, &script, 1, Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ZMQ subscribers may miss what is published while they connect: a
+    // few payments, 2 s each, well inside the minute a poll would take.
+    assert!(
+        announced_within(&chain, &manager, &script, 5, Duration::from_secs(2)).await,
+        "no unconfirmed payment seen within 10 s: the ZMQ feed did not wake the poll"
+    );
+    manager.stop().await;
+}
+
+/// With the feed down (nothing publishes at the endpoint), polling finds
+/// the payment all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_zmq_feed_polling_finds_the_payment() {
+    let (chain, _node, manager, script, _dir) = zmq_rig(true, Duration::from_millis(50)).await;
+    assert!(announced_within(&chain, &manager, &script, 1, Duration::from_secs(10)).await);
+    manager.stop().await;
+}

@@ -219,6 +219,10 @@ impl ChainSource for Metered {
         Ok(txids)
     }
 
+    async fn mempool_news(&self, seen: u64) -> u64 {
+        self.inner.mempool_news(seen).await
+    }
+
     async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
         let tx = self.inner.mempool_tx(txid).await?;
         self.account(None, tx.total_size()).await;

@@ -113,6 +113,19 @@ pub trait ChainSource: Send + Sync + 'static {
     async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
         Err(SourceError::NotFound(Missing::Transaction(txid)))
     }
+
+    /// Resolves when the source has heard of more than `seen` new mempool
+    /// transactions since it started, sooner than a poll would find them
+    /// (Bitcoin Core's ZMQ `rawtx`), and returns how many it has heard of:
+    /// the manager then polls the mempool at once. A hint only: the
+    /// mempool listing stays the truth.
+    ///
+    /// The default never resolves: the manager polls every
+    /// `poll_interval`.
+    async fn mempool_news(&self, seen: u64) -> u64 {
+        let _ = seen;
+        std::future::pending().await
+    }
 }
 
 /// What the caller of a [`ChainSource`] can do about an error.

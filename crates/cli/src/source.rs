@@ -127,6 +127,9 @@ impl ChainSource for DemoSource {
     async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
         self.inner.mempool_tx(txid).await
     }
+    async fn mempool_news(&self, seen: u64) -> u64 {
+        self.inner.mempool_news(seen).await
+    }
 
     async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
         let txid = tx.compute_txid();

@@ -595,12 +595,18 @@ impl Manager {
     }
 }
 
+/// The shortest gap between two mempool polls woken by the source's news.
+const MEMPOOL_WAKE_GAP: Duration = Duration::from_millis(100);
+
 /// The chain loop: steps while there is work, waits for new blocks at the
 /// tip, retries failures with backoff while the status says offline.
 async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let config = &shared.config;
     let mut backoff = config.initial_backoff;
     let mut offline_since: Option<SystemTime> = None;
+    // How many mempool transactions the source had announced when the
+    // loop last looked (`ChainSource::mempool_news`).
+    let mut news_seen = 0u64;
     loop {
         if *stop.borrow() {
             break;
@@ -625,7 +631,20 @@ async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 if let Err(error) = polled {
                     tracing::warn!(%error, "mempool poll failed");
                 }
-                config.poll_interval
+                // Until the next poll, news from the source (ZMQ `rawtx`)
+                // wakes the loop at once, at most every MEMPOOL_WAKE_GAP
+                // (a busy node publishes many transactions a second, and
+                // each poll lists the node's whole mempool).
+                let wake_after = tokio::time::Instant::now() + MEMPOOL_WAKE_GAP;
+                tokio::select! {
+                    _ = tokio::time::sleep(config.poll_interval) => {}
+                    seen = shared.source.mempool_news(news_seen) => {
+                        news_seen = seen;
+                        tokio::time::sleep_until(wake_after).await;
+                    }
+                    _ = pipeline::wait_true(&mut stop) => break,
+                }
+                continue;
             }
             Err(error) if error.kind() == ErrorKind::Fatal => {
                 // Retrying cannot mend a corrupt database or a failing

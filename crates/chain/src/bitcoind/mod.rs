@@ -16,6 +16,7 @@
 
 #[cfg(test)]
 mod tests;
+mod zmq;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,6 +78,12 @@ pub struct BitcoindConfig {
     /// Most idle keep-alive connections kept to the node (the manager
     /// prefetches this many requests at a time at most).
     pub max_idle_connections: usize,
+    /// The node's ZMQ `rawtx` endpoint (its `-zmqpubrawtx=`, e.g.
+    /// `tcp://127.0.0.1:28332`), if the operator enabled it: new
+    /// transactions then wake the manager's mempool poll at once, and come
+    /// with the notification. `None`: the mempool is polled every
+    /// `poll_interval` only.
+    pub zmq_rawtx: Option<String>,
 }
 
 impl BitcoindConfig {
@@ -89,7 +96,15 @@ impl BitcoindConfig {
             network,
             timeout: Duration::from_secs(30),
             max_idle_connections: 16,
+            zmq_rawtx: None,
         }
+    }
+
+    /// Subscribes to the node's ZMQ `rawtx` notifications at `endpoint`
+    /// (see [`BitcoindConfig::zmq_rawtx`]).
+    pub fn with_zmq_rawtx(mut self, endpoint: impl Into<String>) -> BitcoindConfig {
+        self.zmq_rawtx = Some(endpoint.into());
+        self
     }
 }
 
@@ -215,6 +230,8 @@ pub struct BitcoindSource {
     authorization: RwLock<String>,
     rest: bool,
     next_id: AtomicU64,
+    /// The ZMQ `rawtx` subscription, when configured.
+    feed: Option<zmq::RawTxFeed>,
 }
 
 impl BitcoindSource {
@@ -241,6 +258,7 @@ impl BitcoindSource {
             authorization,
             rest: false,
             next_id: AtomicU64::new(0),
+            feed: None,
         };
         let info = source.checked_call("getblockchaininfo", json!([])).await?;
         let unexpected = |reason: &str| BitcoindError::Unexpected {
@@ -307,6 +325,7 @@ impl BitcoindSource {
                 });
             }
         };
+        source.feed = source.config.zmq_rawtx.clone().map(zmq::RawTxFeed::start);
         Ok(source)
     }
 
@@ -857,10 +876,22 @@ impl ChainSource for BitcoindSource {
             .map(Some)
     }
 
+    /// With ZMQ `rawtx` configured, resolves as soon as a transaction is
+    /// published; otherwise never.
+    async fn mempool_news(&self, seen: u64) -> u64 {
+        match &self.feed {
+            Some(feed) => feed.news(seen).await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// REST `tx/<txid>.bin`, or `getrawtransaction`: Core finds a mempool
     /// transaction without `-txindex`; one that left the mempool is
     /// not found.
     async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
+        if let Some(tx) = self.feed.as_ref().and_then(|feed| feed.take(&txid)) {
+            return Ok(tx);
+        }
         let what = Missing::Transaction(txid);
         let bytes = if self.rest {
             self.rest_read(&format!("tx/{txid}.bin"), what)

@@ -13,6 +13,7 @@
 pub mod format;
 mod rest;
 mod rpc;
+mod zmq;
 
 #[cfg(test)]
 mod tests;
@@ -44,6 +45,12 @@ const MAX_BODY: usize = 32 * 1024 * 1024;
 /// How a [`SimNode`] presents itself and who may call its RPC.
 #[derive(Debug, Clone)]
 pub struct SimNodeConfig {
+    /// Whether to publish each transaction entering the mempool on a ZMQ
+    /// `rawtx` endpoint on 127.0.0.1 (Core's `-zmqpubrawtx`), at
+    /// [`SimNode::zmq_rawtx`]. The chain's mempool is looked at every
+    /// 10 ms for that (it may change under the node, through the
+    /// `SimChain` handle the test holds).
+    pub zmq_rawtx: bool,
     /// The port on 127.0.0.1; 0 lets the system choose (see
     /// [`SimNode::addr`]).
     pub port: u16,
@@ -106,6 +113,7 @@ impl Lie {
 impl Default for SimNodeConfig {
     fn default() -> Self {
         SimNodeConfig {
+            zmq_rawtx: false,
             port: 0,
             cookie_dir: None,
             user_password: None,
@@ -159,11 +167,14 @@ pub enum SimNodeError {
 ///
 /// Not served: JSON forms of blocks, headers and transactions (REST
 /// `.json`, `getblock` verbosity 1 and 2, verbose `getrawtransaction`,
-/// `getrawmempool true`), `getutxos`, `gettxout`, wallets, ZMQ. They
+/// `getrawmempool true`), `getutxos`, `gettxout`, wallets, ZMQ topics
+/// other than `rawtx` (published with [`SimNodeConfig::zmq_rawtx`]). They
 /// answer as Core does for an unknown method or format.
 #[derive(Debug)]
 pub struct SimNode {
     addr: SocketAddr,
+    /// The ZMQ `rawtx` endpoint and its publishing task.
+    zmq: Option<(String, JoinHandle<()>)>,
     cookie: Option<PathBuf>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -235,6 +246,18 @@ impl SimNode {
         if let Some((user, password)) = &config.user_password {
             credentials.push(basic(&format!("{user}:{password}")));
         }
+        let zmq = if config.zmq_rawtx {
+            Some(
+                zmq::publish_rawtx(chain.clone())
+                    .await
+                    .map_err(|e| SimNodeError::Bind {
+                        port: 0,
+                        source: std::io::Error::other(e.to_string()),
+                    })?,
+            )
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             chain,
             config,
@@ -276,6 +299,7 @@ impl SimNode {
         });
         Ok(SimNode {
             addr,
+            zmq,
             cookie,
             stop,
             task,
@@ -292,6 +316,12 @@ impl SimNode {
         format!("http://{}", self.addr)
     }
 
+    /// The ZMQ `rawtx` endpoint (`tcp://127.0.0.1:<port>`), when
+    /// [`SimNodeConfig::zmq_rawtx`] is on.
+    pub fn zmq_rawtx(&self) -> Option<&str> {
+        self.zmq.as_ref().map(|(endpoint, _)| endpoint.as_str())
+    }
+
     /// The cookie file it wrote, if any.
     pub fn cookie_path(&self) -> Option<&Path> {
         self.cookie.as_deref()
@@ -301,6 +331,9 @@ impl SimNode {
     /// file, as Core does on shutdown.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        if let Some((_, task)) = &self.zmq {
+            task.abort();
+        }
         // The accept loop ends on the signal and drops the listener, so
         // that the port is free when this returns.
         let _ = (&mut self.task).await;
@@ -313,6 +346,9 @@ impl SimNode {
 impl Drop for SimNode {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        if let Some((_, task)) = &self.zmq {
+            task.abort();
+        }
         self.task.abort();
     }
 }
