@@ -117,7 +117,7 @@ struct Selection {
     charging: bool,
     http: bool,
     counts: Vec<u32>,
-    one_by_one: bool,
+    per_wallet_clients: bool,
     import: bool,
     /// The strategies (a) is run with, each in every run: all three unless
     /// `auto`, `filters` or `blocks` name some.
@@ -170,7 +170,7 @@ impl Selection {
             } else {
                 counts
             },
-            one_by_one: !has("no-b"),
+            per_wallet_clients: !has("no-b"),
             import: !has("no-import"),
             strategies: if named.is_empty() {
                 all.to_vec()
@@ -680,7 +680,7 @@ async fn manager_run(
 /// wallet its own database, manager and source, registration not
 /// measured; then all W `sync()` calls started together, measured until
 /// the last ends. Counters are the sum over the clients.
-async fn one_by_one(chain: &SimChain, link: &Link, wallets: &[u32]) -> Res<Measured> {
+async fn per_wallet_clients(chain: &SimChain, link: &Link, wallets: &[u32]) -> Res<Measured> {
     let tip = chain.height();
     let (sources, meters) = link.clients(chain, wallets.len()).await?;
     let mut clients = Vec::with_capacity(wallets.len());
@@ -1121,7 +1121,7 @@ async fn run_case(
             run + 1
         );
         let started = Instant::now();
-        let result = one_by_one(chain, link, &wallets).await;
+        let result = per_wallet_clients(chain, link, &wallets).await;
         let took = started.elapsed();
         match case.b.record("(b)", result) {
             Some(m) => eprintln!(
@@ -1490,7 +1490,7 @@ fn main() {
                     &l,
                     w,
                     &selection.strategies,
-                    selection.one_by_one,
+                    selection.per_wallet_clients,
                 ))
             })
             .collect();
