@@ -797,6 +797,7 @@ impl Engine {
                 *filter_header = Some(header);
                 if main {
                     self.cost.filter.add(f.match_nanos);
+                    self.cost.filter_bytes.add(f.bytes);
                     self.cost.filter_scripts = watch.len();
                 }
             } else {
@@ -806,6 +807,7 @@ impl Engine {
             if let (Some(timing), true) = (item.block_timing, main) {
                 self.cost.block_fetch.add(timing.fetch_nanos);
                 self.cost.block_check.add(timing.check_nanos);
+                self.cost.block_bytes.add(timing.bytes);
             }
             let need = item.needs_block(watch);
             let checked = watch.len();

@@ -84,6 +84,9 @@ pub(crate) struct FetchedFilter {
     pub(crate) matched: bool,
     /// CPU time of decoding and matching (not of fetching).
     pub(crate) match_nanos: u64,
+    /// Its size as served: what the filter path moves per block (the cost
+    /// model weighs it against a whole block's).
+    pub(crate) bytes: u64,
 }
 
 /// One block's worth of prefetched data.
@@ -112,6 +115,8 @@ pub(crate) struct BlockTiming {
     pub(crate) fetch_nanos: u64,
     /// CPU time of checking it against its header.
     pub(crate) check_nanos: u64,
+    /// Its serialised size: what the block path moves per block.
+    pub(crate) bytes: u64,
 }
 
 impl Fetched {
@@ -435,6 +440,7 @@ async fn fetch(
     }
     if snapshot.path == Path::Filters {
         let raw = timed(&policy, || source.filter(hash)).await?;
+        let bytes = raw.len() as u64;
         // Decoding and matching cost CPU in proportion to the watchlist
         // (milliseconds a block at a million scripts): on rayon's pool, so
         // that a runtime embedding lockstep never has a worker stalled by
@@ -468,6 +474,7 @@ async fn fetch(
             checked: snapshot.checked,
             matched,
             match_nanos,
+            bytes,
         });
         if !matched {
             return Ok(fetched);

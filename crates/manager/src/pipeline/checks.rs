@@ -50,6 +50,7 @@ pub(crate) async fn fetch_block(
     let timing = BlockTiming {
         fetch_nanos: (fetched - start).as_nanos() as u64,
         check_nanos,
+        bytes: block.total_size() as u64,
     };
     Ok((block, timing))
 }
