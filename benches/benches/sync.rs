@@ -314,6 +314,9 @@ impl HttpNode {
             Network::Regtest,
         );
         config.max_idle_connections = connections;
+        // The stand-in node has no work queue to overflow (a real node's
+        // `-rpcworkqueue` is what `max_in_flight`'s default of 32 is for).
+        config.max_in_flight = connections;
         let source = BitcoindSource::connect(config).await?;
         if !source.uses_rest() {
             return Err("the stand-in node's REST interface is off".into());

@@ -78,6 +78,14 @@ pub struct BitcoindConfig {
     /// Most idle keep-alive connections kept to the node (the manager
     /// prefetches this many requests at a time at most).
     pub max_idle_connections: usize,
+    /// Most requests in flight to the node at once; more wait for a turn.
+    /// Bitcoin Core queues at most `-rpcworkqueue` requests (64 by default
+    /// in recent versions, 16 in older ones) and answers
+    /// HTTP 503 "Work queue depth exceeded" past that, REST included, so
+    /// the manager's deep prefetch (256) must not reach the node as is.
+    /// The default, 32, leaves half the default queue to the node's other
+    /// clients.
+    pub max_in_flight: usize,
     /// The node's ZMQ `rawtx` endpoint (its `-zmqpubrawtx=`, e.g.
     /// `tcp://127.0.0.1:28332`), if the operator enabled it: new
     /// transactions then wake the manager's mempool poll at once, and come
@@ -96,6 +104,7 @@ impl BitcoindConfig {
             network,
             timeout: Duration::from_secs(30),
             max_idle_connections: 16,
+            max_in_flight: 32,
             zmq_rawtx: None,
         }
     }
@@ -232,6 +241,8 @@ pub struct BitcoindSource {
     next_id: AtomicU64,
     /// The ZMQ `rawtx` subscription, when configured.
     feed: Option<zmq::RawTxFeed>,
+    /// Turns for requests in flight ([`BitcoindConfig::max_in_flight`]).
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl BitcoindSource {
@@ -251,6 +262,7 @@ impl BitcoindSource {
                 reason: e.to_string(),
             })?;
         let authorization = RwLock::new(authorization(&config.auth)?);
+        let in_flight = tokio::sync::Semaphore::new(config.max_in_flight.max(1));
         let mut source = BitcoindSource {
             http,
             url,
@@ -259,6 +271,7 @@ impl BitcoindSource {
             rest: false,
             next_id: AtomicU64::new(0),
             feed: None,
+            in_flight,
         };
         let info = source.checked_call("getblockchaininfo", json!([])).await?;
         let unexpected = |reason: &str| BitcoindError::Unexpected {
@@ -403,6 +416,8 @@ impl BitcoindSource {
     }
 
     async fn call_once(&self, method: &str, params: &Value) -> Result<Value, RpcFailure> {
+        // Never closed: the semaphore lives as long as `self`.
+        let _turn = self.in_flight.acquire().await.ok();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "1.0", "id": id, "method": method, "params": params});
         let authorization = self
@@ -480,6 +495,8 @@ impl BitcoindSource {
 
     /// A REST GET of `/rest/<path>`: the status and body.
     async fn rest_get(&self, path: &str) -> Result<(StatusCode, Bytes), SourceError> {
+        // Never closed: the semaphore lives as long as `self`.
+        let _turn = self.in_flight.acquire().await.ok();
         let response = self
             .http
             .get(format!("{}/rest/{path}", self.url))

@@ -742,3 +742,55 @@ async fn a_node_that_goes_away_or_hangs_after_connect_is_retryable() {
     }
     hold.abort();
 }
+
+/// Bitcoin Core answers 503 past its `-rpcworkqueue`: the source keeps at
+/// most `max_in_flight` requests at the node, so the manager's deep
+/// prefetch fits a busy node's queue; without that limit the same burst
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_stay_within_the_node_s_work_queue() {
+    let chain = SimChain::generate(SimParams::unsigned(31), 80).unwrap();
+    let (node, _dir) = node(
+        &chain,
+        SimNodeConfig {
+            work_queue: Some(8),
+            service_time: Some(Duration::from_millis(5)),
+            ..SimNodeConfig::default()
+        },
+    )
+    .await;
+    let burst = |source: Arc<BitcoindSource>| {
+        let chain = chain.clone();
+        async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for height in 1..=64 {
+                let (source, hash) = (source.clone(), chain.hash_at(height).unwrap());
+                tasks.spawn(async move { source.filter(hash).await });
+            }
+            let mut refused = 0;
+            while let Some(result) = tasks.join_next().await {
+                match result.unwrap() {
+                    Ok(_) => {}
+                    Err(SourceError::Unavailable { reason }) => {
+                        assert!(reason.contains("Work queue depth exceeded"), "{reason}");
+                        refused += 1;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            refused
+        }
+    };
+    let mut within = cookie_config(&node);
+    within.max_in_flight = 8;
+    let within = Arc::new(BitcoindSource::connect(within).await.unwrap());
+    assert_eq!(
+        burst(within).await,
+        0,
+        "64 filters, 8 at a time: none refused"
+    );
+    let mut beyond = cookie_config(&node);
+    beyond.max_in_flight = 64;
+    let beyond = Arc::new(BitcoindSource::connect(beyond).await.unwrap());
+    assert!(burst(beyond).await > 0, "64 at once overflow a queue of 8");
+}

@@ -45,6 +45,13 @@ const MAX_BODY: usize = 32 * 1024 * 1024;
 /// How a [`SimNode`] presents itself and who may call its RPC.
 #[derive(Debug, Clone)]
 pub struct SimNodeConfig {
+    /// Core's `-rpcworkqueue`: past this many requests being served at
+    /// once, a request is answered HTTP 503 "Work queue depth exceeded",
+    /// as Core does (REST and RPC alike). `None`: no limit.
+    pub work_queue: Option<usize>,
+    /// How long the node takes to serve each request (a busy node), so
+    /// that requests pile up as they do at a real one.
+    pub service_time: Option<std::time::Duration>,
     /// Whether to publish each transaction entering the mempool on a ZMQ
     /// `rawtx` endpoint on 127.0.0.1 (Core's `-zmqpubrawtx`), at
     /// [`SimNode::zmq_rawtx`]. The chain's mempool is looked at every
@@ -113,6 +120,8 @@ impl Lie {
 impl Default for SimNodeConfig {
     fn default() -> Self {
         SimNodeConfig {
+            work_queue: None,
+            service_time: None,
             zmq_rawtx: false,
             port: 0,
             cookie_dir: None,
@@ -187,6 +196,8 @@ pub(crate) struct Shared {
     pub(crate) config: SimNodeConfig,
     /// Accepted `Authorization: Basic …` values, precomputed.
     credentials: Vec<String>,
+    /// Requests being served now (for [`SimNodeConfig::work_queue`]).
+    serving: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -262,6 +273,7 @@ impl SimNode {
             chain,
             config,
             credentials,
+            serving: std::sync::atomic::AtomicUsize::new(0),
         });
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
@@ -389,6 +401,30 @@ pub(crate) fn reply(
 }
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use std::sync::atomic::Ordering;
+    let serving = shared.serving.fetch_add(1, Ordering::SeqCst) + 1;
+    let response = if shared
+        .config
+        .work_queue
+        .is_some_and(|depth| serving > depth)
+    {
+        // Core's `http_request_cb` when its work queue is full.
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/html",
+            "Work queue depth exceeded",
+        )
+    } else {
+        if let Some(time) = shared.config.service_time {
+            tokio::time::sleep(time).await;
+        }
+        serve(shared, req).await
+    };
+    shared.serving.fetch_sub(1, Ordering::SeqCst);
+    response
+}
+
+async fn serve(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     if let Some(rest) = path.strip_prefix("/rest/") {
