@@ -30,6 +30,24 @@ enum Via {
     RpcOnly,
 }
 
+/// The stand-in node serving `chain`, with the user lockstep/test.
+async fn start_node(chain: &SimChain, config: SimNodeConfig) -> SimNode {
+    let config = SimNodeConfig {
+        user_password: Some(("lockstep".to_owned(), "test".to_owned())),
+        ..config
+    };
+    SimNode::start(chain.clone(), config).await.unwrap()
+}
+
+/// A source configuration for `node`, logging in as lockstep/test.
+fn source_config(node: &SimNode) -> BitcoindConfig {
+    let auth = BitcoindAuth::UserPassword {
+        user: "lockstep".to_owned(),
+        password: "test".to_owned(),
+    };
+    BitcoindConfig::new(node.url(), auth, Network::Regtest)
+}
+
 struct Rig {
     chain: SimChain,
     store: Store,
@@ -46,26 +64,15 @@ impl Rig {
         let (source, node): (Arc<dyn ChainSource>, _) = match via {
             Via::Embedded => (Arc::new(chain.clone()), None),
             Via::Rest | Via::RpcOnly => {
-                let node = SimNode::start(
-                    chain.clone(),
+                let node = start_node(
+                    &chain,
                     SimNodeConfig {
                         rest: matches!(via, Via::Rest),
-                        user_password: Some(("lockstep".to_owned(), "test".to_owned())),
                         ..SimNodeConfig::default()
                     },
                 )
-                .await
-                .unwrap();
-                let source = BitcoindSource::connect(BitcoindConfig::new(
-                    node.url(),
-                    BitcoindAuth::UserPassword {
-                        user: "lockstep".to_owned(),
-                        password: "test".to_owned(),
-                    },
-                    Network::Regtest,
-                ))
-                .await
-                .unwrap();
+                .await;
+                let source = BitcoindSource::connect(source_config(&node)).await.unwrap();
                 (Arc::new(source), Some(node))
             }
         };
@@ -136,6 +143,11 @@ impl Rig {
         let bad: Vec<_> = unconfirmed.iter().filter(|c| !c.ok()).collect();
         assert!(bad.is_empty(), "{step}: unconfirmed differs: {bad:#?}");
         unconfirmed.iter().map(|c| c.txs).collect()
+    }
+
+    async fn balance(&self, wallet: usize) -> lockstep_wallet::Balance {
+        let live = self.manager.wallet(self.wallets[wallet]).await.unwrap();
+        live.balance().await.unwrap()
     }
 
     async fn history_of(&self, wallet: usize, txid: Txid) -> Option<lockstep_wallet::HistoryTx> {
@@ -232,24 +244,10 @@ async fn scenario(via: Via) {
         )
         .unwrap();
     rig.sync_and_check("spends").await;
-    let b2 = rig
-        .manager
-        .wallet(rig.wallets[2])
-        .await
-        .unwrap()
-        .balance()
-        .await
-        .unwrap();
+    let b2 = rig.balance(2).await;
     assert_eq!(b2.trusted_pending, Amount::from_sat(90_002 - 500));
     assert_eq!(b2.unconfirmed_outgoing, Amount::from_sat(90_002));
-    let b4 = rig
-        .manager
-        .wallet(rig.wallets[4])
-        .await
-        .unwrap()
-        .balance()
-        .await
-        .unwrap();
+    let b4 = rig.balance(4).await;
     assert_eq!(b4.untrusted_pending, Amount::ZERO, "w4 passed it on");
     assert!(rig.history_of(4, to_w5).await.is_some());
 
@@ -393,16 +391,14 @@ async fn zmq_rig(
     poll_interval: Duration,
 ) -> (SimChain, SimNode, Manager, ScriptBuf, tempfile::TempDir) {
     let chain = SimChain::generate(SimParams::unsigned(SEED).with_load(2..=5, 1..=2), 105).unwrap();
-    let node = SimNode::start(
-        chain.clone(),
+    let node = start_node(
+        &chain,
         SimNodeConfig {
             zmq_rawtx: true,
-            user_password: Some(("lockstep".to_owned(), "test".to_owned())),
             ..SimNodeConfig::default()
         },
     )
-    .await
-    .unwrap();
+    .await;
     let endpoint = if dead_endpoint {
         // A port that was free a moment ago: nothing publishes there.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -414,19 +410,9 @@ async fn zmq_rig(
     } else {
         node.zmq_rawtx().unwrap().to_owned()
     };
-    let source = BitcoindSource::connect(
-        BitcoindConfig::new(
-            node.url(),
-            BitcoindAuth::UserPassword {
-                user: "lockstep".to_owned(),
-                password: "test".to_owned(),
-            },
-            Network::Regtest,
-        )
-        .with_zmq_rawtx(endpoint),
-    )
-    .await
-    .unwrap();
+    let source = BitcoindSource::connect(source_config(&node).with_zmq_rawtx(endpoint))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("lockstep.db"), StoreOptions::default()).unwrap();
     let manager = Manager::new(

@@ -243,12 +243,7 @@ pub(crate) fn record_mempool(
         }
         have.insert((id, txid));
         if in_mempool && !row.conflicted {
-            let t: Transaction = bitcoin::consensus::deserialize(&row.raw).map_err(|e| {
-                ManagerError::Wallet(lockstep_wallet::WalletError::Corrupt {
-                    wallet_id: id,
-                    detail: format!("stored unconfirmed transaction: {e}"),
-                })
-            })?;
+            let t = lockstep_wallet::decode_stored(id, &row.raw)?;
             for (vout, out) in t.output.iter().enumerate() {
                 owners.clear();
                 books.watch.wallets_of(&out.script_pubkey, &mut owners);

@@ -38,5 +38,5 @@ pub use registry::{DEFAULT_CAPACITY, Registry, RegistryStats};
 pub use selection::{Selection, SpendRequest};
 pub use wallet::{
     Balance, Coin, DEFAULT_LOOKAHEAD, FirstScripts, HistoryTx, IngestSummary, NewScripts, Wallet,
-    WalletError, WalletParams,
+    WalletError, WalletParams, decode_stored,
 };

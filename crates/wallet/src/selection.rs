@@ -167,11 +167,7 @@ impl Wallet {
             {
                 let mut inputs = std::collections::HashSet::new();
                 for (_, raw) in tx.pending_broadcasts(wallet)? {
-                    let pending: bitcoin::Transaction = bitcoin::consensus::deserialize(&raw)
-                        .map_err(|e| WalletError::Corrupt {
-                            wallet_id: wallet,
-                            detail: format!("stored broadcast: {e}"),
-                        })?;
+                    let pending = crate::wallet::decode_stored(wallet, &raw)?;
                     inputs.extend(pending.input.iter().map(|i| i.previous_output));
                 }
                 slot.insert(inputs);

@@ -226,6 +226,16 @@ pub(crate) fn is_immature(is_coinbase: bool, height: u32, tip: Option<u32>) -> b
     is_coinbase && tip.is_none_or(|tip| tip < height.saturating_add(100))
 }
 
+/// An unconfirmed transaction of wallet `id` as stored (its broadcast, or
+/// one seen in the mempool); bytes that do not decode are a corrupt
+/// database, never a panic.
+pub fn decode_stored(id: WalletId, raw: &[u8]) -> Result<Transaction, WalletError> {
+    bitcoin::consensus::deserialize(raw).map_err(|e| WalletError::Corrupt {
+        wallet_id: id,
+        detail: format!("stored unconfirmed transaction: {e}"),
+    })
+}
+
 /// The unconfirmed parts of a wallet's balance, in satoshis.
 #[derive(Debug, Default)]
 struct PendingParts {
@@ -241,15 +251,13 @@ struct PendingParts {
 /// each time, so that chains of unconfirmed transactions (a payment
 /// spending the change of another) count each coin once.
 fn pending_parts(tx: &ReadTx<'_>, id: WalletId) -> Result<PendingParts, WalletError> {
-    let corrupt = |e: bitcoin::consensus::encode::Error| WalletError::Corrupt {
-        wallet_id: id,
-        detail: format!("stored unconfirmed transaction: {e}"),
-    };
     let mut live: HashMap<Txid, Transaction> = HashMap::new();
     for row in tx.unconfirmed_txs(Some(id))? {
         if !row.conflicted && !row.left_mempool {
-            let t: Transaction = bitcoin::consensus::deserialize(&row.raw).map_err(corrupt)?;
-            live.insert(Txid::from_byte_array(row.txid), t);
+            live.insert(
+                Txid::from_byte_array(row.txid),
+                decode_stored(id, &row.raw)?,
+            );
         }
     }
     let mut parts = PendingParts::default();
@@ -813,11 +821,7 @@ impl Wallet {
         // conflicts them.
         let mut pending: HashMap<OutPoint, [u8; 32]> = HashMap::new();
         for (own, raw) in tx.pending_broadcasts(self.id)? {
-            let own_tx: Transaction =
-                bitcoin::consensus::deserialize(&raw).map_err(|e| WalletError::Corrupt {
-                    wallet_id: self.id,
-                    detail: format!("stored broadcast: {e}"),
-                })?;
+            let own_tx = decode_stored(self.id, &raw)?;
             for input in &own_tx.input {
                 pending.insert(input.previous_output, own);
             }
@@ -961,7 +965,7 @@ impl Wallet {
             if row.conflicted || row.left_mempool {
                 continue;
             }
-            let parent = self.decode(&row.raw)?;
+            let parent = decode_stored(self.id, &row.raw)?;
             let parent_txid = Txid::from_byte_array(row.txid);
             for (vout, out) in parent.output.iter().enumerate() {
                 if self.script_index(&out.script_pubkey).is_some() {
@@ -1019,13 +1023,6 @@ impl Wallet {
         in_mempool: bool,
     ) -> Result<bool, WalletError> {
         Ok(tx.set_in_mempool(self.id, &txid.to_byte_array(), in_mempool)?)
-    }
-
-    fn decode(&self, raw: &[u8]) -> Result<Transaction, WalletError> {
-        bitcoin::consensus::deserialize(raw).map_err(|e| WalletError::Corrupt {
-            wallet_id: self.id,
-            detail: format!("stored unconfirmed transaction: {e}"),
-        })
     }
 
     /// Undoes exactly what [`Wallet::ingest`] did at `height` and above:
