@@ -21,6 +21,7 @@
 //!   Taproot included.
 
 mod bitcoind;
+pub mod block_checks;
 pub mod filters;
 pub mod metered;
 mod sim;

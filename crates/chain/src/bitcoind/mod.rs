@@ -595,13 +595,10 @@ fn check_block(block: &Block, hash: BlockHash) -> Result<(), SourceError> {
     if block.block_hash() != hash {
         return Err(invalid(what, "the block has another hash"));
     }
-    if !block.check_merkle_root() {
-        return Err(invalid(
-            what,
-            "the transactions do not match the Merkle root",
-        ));
+    if let Err(reason) = crate::block_checks::check_merkle_root(block) {
+        return Err(invalid(what, reason));
     }
-    if !block.check_witness_commitment() {
+    if !crate::block_checks::check_witness_commitment(block) {
         return Err(invalid(what, "the witnesses do not match the commitment"));
     }
     Ok(())

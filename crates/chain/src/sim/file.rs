@@ -86,7 +86,7 @@ pub(crate) fn save(state: &State, path: &Path) -> Result<(), SaveError> {
         state
             .blocks
             .iter()
-            .map(|s| s.block.total_size() + s.filter.len() + 64)
+            .map(|s| s.size + s.filter.len() + 64)
             .sum(),
     );
     out.extend_from_slice(MAGIC);
@@ -239,12 +239,7 @@ fn decode_state(r: &mut &[u8]) -> Result<State, String> {
             }
             continue;
         }
-        let stored = Stored {
-            block: block.into(),
-            hash,
-            filter,
-            filter_header,
-        };
+        let stored = Stored::new(block, filter, filter_header);
         state.replay(stored).map_err(|e| e.to_string())?;
     }
     let n_foreign: u64 = get(r)?;

@@ -290,6 +290,12 @@ impl SimChain {
         self.read().height()
     }
 
+    /// The serialized size of every block of the best chain, genesis
+    /// included (what the stand-in node reports as `size_on_disk`).
+    pub fn blocks_size(&self) -> u64 {
+        self.read().blocks.iter().map(|s| s.size as u64).sum()
+    }
+
     /// The best chain's block at `height`.
     pub fn block_at(&self, height: u32) -> Option<Arc<Block>> {
         self.read()
@@ -548,7 +554,7 @@ impl SimChain {
                 .iter()
                 .map(|tx| tx.output.len() as u64)
                 .sum::<u64>();
-            stats.block_bytes += stored.block.total_size() as u64;
+            stats.block_bytes += stored.size as u64;
             stats.filter_bytes += stored.filter.len() as u64;
             let n = crate::filters::filter_element_count(&stored.filter).unwrap_or(0);
             elements += n;

@@ -620,10 +620,7 @@ pub(crate) fn blockchain_info(shared: &Shared) -> Obj {
     let tip = chain.tip();
     let tip_block = chain.block_at(tip.height);
     let header = tip_block.as_ref().map(|b| b.header);
-    let size_on_disk: usize = (0..=tip.height)
-        .filter_map(|h| chain.block_at(h))
-        .map(|b| b.total_size())
-        .sum();
+    let size_on_disk = chain.blocks_size();
     let ibd = shared.config.initial_block_download;
     Obj::new()
         .put("chain", shared.config.chain.as_str())
