@@ -638,9 +638,11 @@ impl Engine {
             keep: self.config.recent_hashes,
             seen: self.registry_seen,
         };
-        let result = self
-            .store
-            .write(move |tx| connect_batch(tx, books, items, mode, hook))
+        let result = pipe
+            .fill_while(
+                self.store
+                    .write(move |tx| connect_batch(tx, books, items, mode, hook)),
+            )
             .await;
         let (books, outcome) = match result {
             Ok(done) => done,

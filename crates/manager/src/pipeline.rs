@@ -376,6 +376,26 @@ impl Pipeline {
         }
     }
 
+    /// Awaits `work` (a batch's commit) while starting fetch tasks in place
+    /// of those that finish meanwhile. Without it the cores idle once the
+    /// running tasks are done: a profile of the W = 10 sync over HTTP
+    /// showed gaps of 25-40 ms with no CPU used at all, each a commit
+    /// (an fsync) with nothing left to fetch. Tasks started here match
+    /// against the snapshot the batch was fetched with; the blocks they
+    /// fetch are matched again for scripts the commit adds, as any block
+    /// fetched ahead is.
+    pub(crate) async fn fill_while<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+        let finished = Arc::clone(&self.finished);
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                () = finished.notified() => self.fill(),
+            }
+        }
+    }
+
     /// The next block in order, once fetched; `None` if none is known.
     pub(crate) async fn next(
         &mut self,

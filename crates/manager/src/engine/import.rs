@@ -523,11 +523,10 @@ impl Engine {
                 }
             }
             let taken = std::mem::replace(books, Books::empty(&self.registry));
-            let (returned, mut outcome) = match self
+            let commit = self
                 .store
-                .write(move |tx| connect_batch(tx, taken, items, Mode::Import(id), None))
-                .await
-            {
+                .write(move |tx| connect_batch(tx, taken, items, Mode::Import(id), None));
+            let (returned, mut outcome) = match pipe.fill_while(commit).await {
                 Ok(done) => done,
                 Err(e) => {
                     // The import's mirror may be ahead of the database:
