@@ -76,7 +76,7 @@ use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Runs whose median is reported for (a), (c) and the import row.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 /// (b) is run [`RUNS`] times only while one run takes less than this;
 /// otherwise once.
 const B_REPEAT_BELOW: Duration = Duration::from_secs(40);
