@@ -1042,3 +1042,45 @@ fn a_checkpoint_is_replaced_step_by_step_and_finishing_keeps_only_the_outcome() 
     assert_eq!((one, all.len()), (None, 0));
     assert_eq!(ended, Some(outcome));
 }
+
+/// `unconfirmed_tx` finds one row by its key: the same row
+/// `unconfirmed_txs` lists, nothing for another wallet or an unknown txid.
+#[test]
+fn one_unconfirmed_transaction_is_found_by_its_txid() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&db_path(&dir));
+    store
+        .write_blocking(|tx| {
+            let a = tx.insert_wallet("a", 0, None)?;
+            let b = tx.insert_wallet("b", 0, None)?;
+            for (n, wallet) in [(1u8, a), (2, a), (3, b)] {
+                let row = crate::WalletTxRow {
+                    txid: [n; 32],
+                    height: None,
+                    received: 1_000 * u64::from(n),
+                    sent: 0,
+                    conflicted_by: None,
+                    from_mempool: true,
+                    left_mempool: false,
+                };
+                assert!(tx.record_from_mempool(wallet, &row, &[n; 60])?);
+            }
+            let listed = tx.unconfirmed_txs(Some(a))?;
+            assert_eq!(listed.len(), 2);
+            for row in &listed {
+                let found = tx.unconfirmed_tx(a, &row.txid)?.expect("listed, so found");
+                assert_eq!(
+                    (found.wallet_id, found.txid, &found.raw, found.from_mempool),
+                    (row.wallet_id, row.txid, &row.raw, row.from_mempool)
+                );
+            }
+            assert_eq!(
+                tx.unconfirmed_tx(a, &[2; 32])?.map(|r| r.raw),
+                Some(vec![2; 60])
+            );
+            assert!(tx.unconfirmed_tx(a, &[3; 32])?.is_none(), "wallet b's");
+            assert!(tx.unconfirmed_tx(b, &[9; 32])?.is_none(), "unknown");
+            Ok::<_, StoreError>(())
+        })
+        .unwrap();
+}

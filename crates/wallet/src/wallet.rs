@@ -960,27 +960,37 @@ impl Wallet {
         transaction: &Transaction,
     ) -> Result<Option<NewScripts>, WalletError> {
         let txid = transaction.compute_txid();
-        let mut pending_outputs: HashMap<OutPoint, u64> = HashMap::new();
-        for row in tx.unconfirmed_txs(Some(self.id))? {
-            if row.conflicted || row.left_mempool {
-                continue;
-            }
-            let parent = decode_stored(self.id, &row.raw)?;
-            let parent_txid = Txid::from_byte_array(row.txid);
-            for (vout, out) in parent.output.iter().enumerate() {
-                if self.script_index(&out.script_pubkey).is_some() {
-                    pending_outputs
-                        .insert(OutPoint::new(parent_txid, vout as u32), out.value.to_sat());
-                }
-            }
-        }
+        // Each input's parent looked up by its txid (not every unconfirmed
+        // transaction of the wallet read for each one recorded): a spend
+        // of the wallet's coin, confirmed or in one of its unconfirmed
+        // transactions still in the mempool.
+        let mut parents: HashMap<Txid, Option<Transaction>> = HashMap::new();
         let mut sent = 0u64;
         for input in &transaction.input {
             let prev = input.previous_output;
             if let Some(coin) = tx.wallet_coin(self.id, &prev.txid.to_byte_array(), prev.vout)? {
                 sent += coin.value;
-            } else if let Some(value) = pending_outputs.get(&prev) {
-                sent += value;
+                continue;
+            }
+            let parent = match parents.entry(prev.txid) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let row = tx
+                        .unconfirmed_tx(self.id, &prev.txid.to_byte_array())?
+                        .filter(|row| !row.conflicted && !row.left_mempool);
+                    let parent = match row {
+                        Some(row) => Some(decode_stored(self.id, &row.raw)?),
+                        None => None,
+                    };
+                    slot.insert(parent)
+                }
+            };
+            if let Some(out) = parent
+                .as_ref()
+                .and_then(|parent| parent.output.get(prev.vout as usize))
+                && self.script_index(&out.script_pubkey).is_some()
+            {
+                sent += out.value.to_sat();
             }
         }
         let mut received = 0u64;

@@ -1,7 +1,7 @@
 //! The `wallet_txs` table: the transactions that touched each wallet, the
 //! ones it broadcast (kept raw until they confirm) and their conflicts.
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension as _, params};
 
 use super::{get_u64, sql_amount};
 use crate::error::{SqlResultExt as _, StoreError};
@@ -48,6 +48,19 @@ pub struct UnconfirmedRow {
     pub left_mempool: bool,
     /// A confirmed transaction spends one of its inputs.
     pub conflicted: bool,
+}
+
+/// An [`UnconfirmedRow`] from a row of `wallet_id, txid, raw,
+/// from_mempool, left_mempool, conflicted_by IS NOT NULL`.
+fn unconfirmed_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UnconfirmedRow> {
+    Ok(UnconfirmedRow {
+        wallet_id: WalletId::from_i64(row.get(0)?),
+        txid: row.get(1)?,
+        raw: row.get(2)?,
+        from_mempool: row.get(3)?,
+        left_mempool: row.get(4)?,
+        conflicted: row.get(5)?,
+    })
 }
 
 impl ReadTx<'_> {
@@ -100,18 +113,33 @@ impl ReadTx<'_> {
             )
             .or_store()?;
         let rows = stmt
-            .query_map([wallet_id.map(WalletId::as_i64)], |row| {
-                Ok(UnconfirmedRow {
-                    wallet_id: WalletId::from_i64(row.get(0)?),
-                    txid: row.get(1)?,
-                    raw: row.get(2)?,
-                    from_mempool: row.get(3)?,
-                    left_mempool: row.get(4)?,
-                    conflicted: row.get(5)?,
-                })
-            })
+            .query_map([wallet_id.map(WalletId::as_i64)], unconfirmed_row)
             .or_store()?;
         rows.collect::<Result<_, _>>().or_store()
+    }
+
+    /// The wallet's unconfirmed transaction `txid` kept with its raw
+    /// bytes, if it has one (conflicted ones included): one lookup by the
+    /// table's key, where [`Self::unconfirmed_txs`] reads them all.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry) or corrupt (fatal).
+    pub fn unconfirmed_tx(
+        &self,
+        wallet_id: WalletId,
+        txid: &[u8; 32],
+    ) -> Result<Option<UnconfirmedRow>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT wallet_id, txid, raw, from_mempool, left_mempool, conflicted_by IS NOT NULL \
+                 FROM wallet_txs WHERE wallet_id = ?1 AND txid = ?2 AND height IS NULL \
+                 AND raw IS NOT NULL",
+            )
+            .or_store()?;
+        stmt.query_row(params![wallet_id.as_i64(), &txid[..]], unconfirmed_row)
+            .optional()
+            .or_store()
     }
 
     /// Whether `script` is one of the wallet's derived scripts.
