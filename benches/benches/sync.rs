@@ -414,6 +414,8 @@ impl Measured {
                 filters: m1.filters - m0.filters,
                 blocks: m1.blocks - m0.blocks,
                 headers: m1.headers - m0.headers,
+                tips: m1.tips - m0.tips,
+                mempool_listings: m1.mempool_listings - m0.mempool_listings,
                 bytes: m1.bytes - m0.bytes,
             },
             commits: s1.commits - s0.commits,
@@ -538,6 +540,8 @@ fn total(meters: &[Metered]) -> Meter {
             filters: a.filters + m.filters,
             blocks: a.blocks + m.blocks,
             headers: a.headers + m.headers,
+            tips: a.tips + m.tips,
+            mempool_listings: a.mempool_listings + m.mempool_listings,
             bytes: a.bytes + m.bytes,
         })
 }

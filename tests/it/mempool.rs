@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitcoin::{Amount, Network, OutPoint, ScriptBuf, TxOut, Txid};
+use lockstep_chain::metered::Metered;
 use lockstep_chain::{
     BitcoindAuth, BitcoindConfig, BitcoindSource, ChainSource, ReorgTxs, SimChain, SimNode,
     SimNodeConfig, SimParams,
@@ -383,12 +384,51 @@ async fn an_own_broadcast_out_of_the_mempool_is_marked_not_forgotten() {
     );
 }
 
+/// A running loop over `source` (serving `chain`) with one wallet, `w0`,
+/// looking for blocks every 10 ms and listing the mempool every
+/// `mempool_poll_interval`; returned once it reached the chain's tip.
+async fn synced_loop(
+    chain: &SimChain,
+    source: Arc<dyn ChainSource>,
+    mempool_poll_interval: Duration,
+) -> (Manager, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("lockstep.db"), StoreOptions::default()).unwrap();
+    let manager = Manager::new(
+        store,
+        source,
+        ManagerConfig {
+            poll_interval: Duration::from_millis(10),
+            mempool_poll_interval,
+            initial_backoff: Duration::from_millis(5),
+            ..ManagerConfig::default()
+        },
+    );
+    manager
+        .register(NewWallet {
+            name: "w0".to_owned(),
+            descriptors: test_descriptors(SEED, 0),
+            birth_height: 1,
+            lookahead: 5,
+            passphrase: None,
+        })
+        .await
+        .unwrap();
+    manager.start();
+    manager
+        .wait_for(chain.height(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    (manager, dir)
+}
+
 /// Starts a node publishing ZMQ `rawtx` (or, with `dead_endpoint`, points
 /// the source at a port nobody publishes on) and a running loop that polls
-/// every `poll_interval`; returns what a test needs to pay and watch.
+/// its mempool every `mempool_poll_interval`; returns what a test needs
+/// to pay and watch.
 async fn zmq_rig(
     dead_endpoint: bool,
-    poll_interval: Duration,
+    mempool_poll_interval: Duration,
 ) -> (SimChain, SimNode, Manager, ScriptBuf, tempfile::TempDir) {
     let chain = SimChain::generate(SimParams::unsigned(SEED).with_load(2..=5, 1..=2), 105).unwrap();
     let node = start_node(
@@ -413,34 +453,9 @@ async fn zmq_rig(
     let source = BitcoindSource::connect(source_config(&node).with_zmq_rawtx(endpoint))
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("lockstep.db"), StoreOptions::default()).unwrap();
-    let manager = Manager::new(
-        store,
-        Arc::new(source),
-        ManagerConfig {
-            poll_interval,
-            initial_backoff: Duration::from_millis(5),
-            ..ManagerConfig::default()
-        },
-    );
-    manager
-        .register(NewWallet {
-            name: "w0".to_owned(),
-            descriptors: test_descriptors(SEED, 0),
-            birth_height: 1,
-            lookahead: 5,
-            passphrase: None,
-        })
-        .await
-        .unwrap();
+    let (manager, dir) = synced_loop(&chain, Arc::new(source), mempool_poll_interval).await;
     let script = test_descriptors(SEED, 0)
         .script_at(Keychain::External, 0)
-        .unwrap();
-    manager.start();
-    manager
-        .wait_for(chain.height(), Duration::from_secs(30))
-        .await
         .unwrap();
     (chain, node, manager, script, dir)
 }
@@ -475,7 +490,7 @@ async fn announced_within(
 }
 
 /// With the node's ZMQ `rawtx` feed, a payment is seen at once although the
-/// loop polls only every minute: the feed wakes the poll.
+/// loop polls the mempool only every minute: the feed wakes the poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zmq_rawtx_wakes_the_mempool_poll_at_once() {
     let (chain, _node, manager, script, _dir) = zmq_rig(false, Duration::from_secs(60)).await;
@@ -498,5 +513,46 @@ async fn zmq_rawtx_wakes_the_mempool_poll_at_once() {
 async fn without_a_zmq_feed_polling_finds_the_payment() {
     let (chain, _node, manager, script, _dir) = zmq_rig(true, Duration::from_millis(50)).await;
     assert!(announced_within(&chain, &manager, &script, 1, Duration::from_secs(10)).await);
+    manager.stop().await;
+}
+
+/// The synced loop looks for blocks every `poll_interval` but lists the
+/// source's mempool (all of it, each time) only every
+/// `mempool_poll_interval`, and after each new block: at 10 ms between
+/// looks for blocks, a second at the tip lists the mempool once or twice,
+/// not a hundred times; a mined block brings one more listing at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_synced_loop_lists_the_mempool_on_its_own_schedule() {
+    let chain = SimChain::generate(SimParams::unsigned(SEED).with_load(2..=5, 1..=2), 105).unwrap();
+    let metered = Metered::new(Arc::new(chain.clone()));
+    let (manager, _dir) =
+        synced_loop(&chain, Arc::new(metered.clone()), Duration::from_secs(60)).await;
+    let at_tip = metered.meter();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = metered.meter();
+    let looks = idle.tips - at_tip.tips;
+    let listings = idle.mempool_listings - at_tip.mempool_listings;
+    assert!(
+        looks >= 20,
+        "the loop looked for blocks {looks} times in a second"
+    );
+    assert!(
+        listings <= 1,
+        "{listings} mempool listings in a second at the tip (looks for blocks: {looks})"
+    );
+    // A new block: the mempool is listed again at once.
+    chain.mine(1).unwrap();
+    manager
+        .wait_for(chain.height(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metered.meter().mempool_listings == idle.mempool_listings {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no mempool listing after a new block"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     manager.stop().await;
 }

@@ -64,6 +64,10 @@ pub struct Meter {
     pub blocks: u64,
     /// Header and filter-header requests (single or batched).
     pub headers: u64,
+    /// Tip requests: a synced loop's polls for new blocks.
+    pub tips: u64,
+    /// Listings of the source's mempool (each lists all of it).
+    pub mempool_listings: u64,
     /// Bytes answered, in their wire encoding.
     pub bytes: u64,
 }
@@ -74,6 +78,8 @@ struct Counters {
     filters: AtomicU64,
     blocks: AtomicU64,
     headers: AtomicU64,
+    tips: AtomicU64,
+    mempool_listings: AtomicU64,
     bytes: AtomicU64,
 }
 
@@ -124,6 +130,8 @@ impl Metered {
             filters: c.filters.load(Ordering::Relaxed),
             blocks: c.blocks.load(Ordering::Relaxed),
             headers: c.headers.load(Ordering::Relaxed),
+            tips: c.tips.load(Ordering::Relaxed),
+            mempool_listings: c.mempool_listings.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
         }
     }
@@ -156,7 +164,7 @@ impl Metered {
 impl ChainSource for Metered {
     async fn tip(&self) -> Result<BlockId, SourceError> {
         let tip = self.inner.tip().await?;
-        self.account(None, 36).await;
+        self.account(Some(&self.counters.tips), 36).await;
         Ok(tip)
     }
 
@@ -215,7 +223,8 @@ impl ChainSource for Metered {
     async fn mempool_txids(&self) -> Result<Option<Vec<Txid>>, SourceError> {
         let txids = self.inner.mempool_txids().await?;
         let len = txids.as_ref().map_or(0, Vec::len);
-        self.account(None, 32 * len).await;
+        self.account(Some(&self.counters.mempool_listings), 32 * len)
+            .await;
         Ok(txids)
     }
 

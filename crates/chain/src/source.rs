@@ -120,8 +120,8 @@ pub trait ChainSource: Send + Sync + 'static {
     /// the manager then polls the mempool at once. A hint only: the
     /// mempool listing stays the truth.
     ///
-    /// The default never resolves: the manager polls every
-    /// `poll_interval`.
+    /// The default never resolves: the manager polls on its own schedule
+    /// (`mempool_poll_interval`, and after each new block).
     async fn mempool_news(&self, seen: u64) -> u64 {
         let _ = seen;
         std::future::pending().await

@@ -50,6 +50,13 @@ pub struct ManagerConfig {
     pub max_backoff: Duration,
     /// How often the loop asks the source for a new tip once synced.
     pub poll_interval: Duration,
+    /// How often the synced loop lists the source's mempool for
+    /// unconfirmed transactions, at the least; it also does after each new
+    /// block, and when the source announces a transaction (Bitcoin Core's
+    /// ZMQ `rawtx`), at most once a second. Each poll lists the node's
+    /// whole mempool (about 6.5 MB of JSON at 100,000 transactions), so
+    /// not at `poll_interval`.
+    pub mempool_poll_interval: Duration,
     /// Filters or blocks, per block.
     pub strategy: Strategy,
     /// Where a loop with an empty database starts (the block at this
@@ -77,6 +84,7 @@ impl Default for ManagerConfig {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(10),
             poll_interval: Duration::from_millis(200),
+            mempool_poll_interval: Duration::from_secs(5),
             strategy: Strategy::Auto,
             start_height: 0,
             network: Network::Regtest,

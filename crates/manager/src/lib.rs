@@ -596,8 +596,10 @@ impl Manager {
     }
 }
 
-/// The shortest gap between two mempool polls woken by the source's news.
-const MEMPOOL_WAKE_GAP: Duration = Duration::from_millis(100);
+/// The shortest gap between two mempool polls woken by the source's news:
+/// a busy node announces several transactions a second, and each poll
+/// lists its whole mempool.
+const MEMPOOL_WAKE_GAP: Duration = Duration::from_secs(1);
 
 /// The chain loop: steps while there is work, waits for new blocks at the
 /// tip, retries failures with backoff while the status says offline.
@@ -608,6 +610,10 @@ async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     // How many mempool transactions the source had announced when the
     // loop last looked (`ChainSource::mempool_news`).
     let mut news_seen = 0u64;
+    // The last mempool poll: when, and at which tip. The next is due
+    // `mempool_poll_interval` after it, after a new block, or on news.
+    let mut mempool_polled: Option<(tokio::time::Instant, Option<BlockId>)> = None;
+    let mut mempool_news = false;
     loop {
         if *stop.borrow() {
             break;
@@ -626,21 +632,36 @@ async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             Ok(StepOutcome::AtTip) => {
                 backoff = config.initial_backoff;
                 offline_since = None;
-                // At the tip: the mempool. A failure here leaves the
-                // confirmed view as it is; the next poll tries again.
-                let polled = shared.engine.lock().await.sync_mempool().await;
-                if let Err(error) = polled {
-                    tracing::warn!(%error, "mempool poll failed");
+                // At the tip: the mempool, when a poll is due. A failure
+                // here leaves the confirmed view as it is; the next poll
+                // tries again.
+                let now = tokio::time::Instant::now();
+                let tip = shared.engine.lock().await.tip();
+                let due = match mempool_polled {
+                    None => true,
+                    Some((at, polled_tip)) => {
+                        mempool_news
+                            || polled_tip != tip
+                            || now >= at + config.mempool_poll_interval
+                    }
+                };
+                if due {
+                    mempool_news = false;
+                    mempool_polled = Some((now, tip));
+                    let polled = shared.engine.lock().await.sync_mempool().await;
+                    if let Err(error) = polled {
+                        tracing::warn!(%error, "mempool poll failed");
+                    }
                 }
-                // Until the next poll, news from the source (ZMQ `rawtx`)
-                // wakes the loop at once, at most every MEMPOOL_WAKE_GAP
-                // (a busy node publishes many transactions a second, and
-                // each poll lists the node's whole mempool).
-                let wake_after = tokio::time::Instant::now() + MEMPOOL_WAKE_GAP;
+                // Until the next look for blocks, news from the source
+                // (ZMQ `rawtx`) wakes the loop for a mempool poll, at most
+                // every MEMPOOL_WAKE_GAP.
+                let wake_after = mempool_polled.map_or(now, |(at, _)| at) + MEMPOOL_WAKE_GAP;
                 tokio::select! {
                     _ = tokio::time::sleep(config.poll_interval) => {}
                     seen = shared.source.mempool_news(news_seen) => {
                         news_seen = seen;
+                        mempool_news = true;
                         tokio::time::sleep_until(wake_after).await;
                     }
                     _ = pipeline::wait_true(&mut stop) => break,

@@ -89,8 +89,9 @@ pub struct BitcoindConfig {
     /// The node's ZMQ `rawtx` endpoint (its `-zmqpubrawtx=`, e.g.
     /// `tcp://127.0.0.1:28332`), if the operator enabled it: new
     /// transactions then wake the manager's mempool poll at once, and come
-    /// with the notification. `None`: the mempool is polled every
-    /// `poll_interval` only.
+    /// with the notification. `None`: the mempool is polled on the
+    /// manager's schedule only (its `mempool_poll_interval`, and after
+    /// each new block).
     pub zmq_rawtx: Option<String>,
 }
 
