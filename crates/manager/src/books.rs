@@ -221,6 +221,35 @@ impl Books {
         }
     }
 
+    /// The wallets `t` touches, sorted, each once, into `touched`: those
+    /// watching a script it pays, and those owning an outpoint it spends,
+    /// among the wallets' coins and, if given, `also` (the outputs of
+    /// their unconfirmed transactions). A block and the mempool route
+    /// transactions alike.
+    pub(crate) fn wallets_touched(
+        &self,
+        t: &bitcoin::Transaction,
+        also: Option<&HashMap<OutPoint, Vec<WalletId>>>,
+        touched: &mut Vec<WalletId>,
+    ) {
+        touched.clear();
+        for out in &t.output {
+            self.watch.wallets_of(&out.script_pubkey, touched);
+        }
+        if !t.is_coinbase() {
+            for input in &t.input {
+                let prev = &input.previous_output;
+                for map in std::iter::once(&self.outpoints).chain(also) {
+                    if let Some(owners) = map.get(prev) {
+                        touched.extend_from_slice(owners);
+                    }
+                }
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+    }
+
     /// Books of the active wallets (those not importing), read from the
     /// database: their stored scripts and coins (no wallet is loaded).
     pub(crate) fn load_active(tx: &ReadTx<'_>, registry: &Registry) -> Result<Books, ManagerError> {

@@ -168,22 +168,10 @@ fn connect_block(
         let mut derived: HashSet<ScriptBuf> = HashSet::new();
         let mut last_derivation = None;
         for (position, t) in block.txdata.iter().enumerate() {
-            touched.clear();
-            for out in &t.output {
-                books.watch.wallets_of(&out.script_pubkey, &mut touched);
-            }
-            if !t.is_coinbase() {
-                for input in &t.input {
-                    if let Some(owners) = books.outpoints.get(&input.previous_output) {
-                        touched.extend_from_slice(owners);
-                    }
-                }
-            }
+            books.wallets_touched(t, None, &mut touched);
             if touched.is_empty() {
                 continue;
             }
-            touched.sort_unstable();
-            touched.dedup();
             let txid = t.compute_txid();
             for &id in &touched {
                 if !books.wallets.contains_key(&id) {

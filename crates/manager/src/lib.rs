@@ -636,7 +636,8 @@ async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 // here leaves the confirmed view as it is; the next poll
                 // tries again.
                 let now = tokio::time::Instant::now();
-                let tip = shared.engine.lock().await.tip();
+                let mut engine = shared.engine.lock().await;
+                let tip = engine.tip();
                 let due = match mempool_polled {
                     None => true,
                     Some((at, polled_tip)) => {
@@ -648,11 +649,11 @@ async fn run_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 if due {
                     mempool_news = false;
                     mempool_polled = Some((now, tip));
-                    let polled = shared.engine.lock().await.sync_mempool().await;
-                    if let Err(error) = polled {
+                    if let Err(error) = engine.sync_mempool().await {
                         tracing::warn!(%error, "mempool poll failed");
                     }
                 }
+                drop(engine);
                 // Until the next look for blocks, news from the source
                 // (ZMQ `rawtx`) wakes the loop for a mempool poll, at most
                 // every MEMPOOL_WAKE_GAP.

@@ -87,16 +87,16 @@ impl MempoolView {
         let fetched = fetch_all(source, policy, &missing).await?;
         let count = fetched.len();
         let recheck = self.checked != Some(books);
-        let mut candidates: Vec<Arc<Transaction>> = Vec::new();
+        let mut candidates: Vec<(Txid, Arc<Transaction>)> = Vec::new();
         for (txid, tx) in fetched {
             let tx = Arc::new(tx);
             if !recheck {
-                candidates.push(tx.clone());
+                candidates.push((txid, tx.clone()));
             }
             self.txs.insert(txid, tx);
         }
         if recheck {
-            candidates = self.txs.values().cloned().collect();
+            candidates = self.txs.iter().map(|(t, tx)| (*t, tx.clone())).collect();
         }
         Ok(Some(Refreshed {
             listed,
@@ -122,7 +122,8 @@ impl MempoolView {
 pub(crate) struct Refreshed {
     pub(crate) listed: HashSet<Txid>,
     pub(crate) fetched: usize,
-    pub(crate) candidates: Vec<Arc<Transaction>>,
+    /// With their txids, parents first.
+    pub(crate) candidates: Vec<(Txid, Arc<Transaction>)>,
 }
 
 /// Fetches `txids`, [`FETCH_CONCURRENCY`] at a time, each checked to hash
@@ -169,11 +170,11 @@ async fn fetch_all(
 
 /// `txs` ordered so that a transaction spending another of them comes
 /// after it (a node lists its mempool in no such order).
-fn parents_first(txs: Vec<Arc<Transaction>>) -> Vec<Arc<Transaction>> {
+fn parents_first(txs: Vec<(Txid, Arc<Transaction>)>) -> Vec<(Txid, Arc<Transaction>)> {
     let by_txid: HashMap<Txid, usize> = txs
         .iter()
         .enumerate()
-        .map(|(i, t)| (t.compute_txid(), i))
+        .map(|(i, (txid, _))| (*txid, i))
         .collect();
     let mut placed = vec![false; txs.len()];
     let mut order = Vec::with_capacity(txs.len());
@@ -191,7 +192,7 @@ fn parents_first(txs: Vec<Arc<Transaction>>) -> Vec<Arc<Transaction>> {
                 continue;
             }
             stack.push((i, true));
-            for input in &txs[i].input {
+            for input in &txs[i].1.input {
                 if let Some(&parent) = by_txid.get(&input.previous_output.txid)
                     && !placed[parent]
                 {
@@ -200,7 +201,7 @@ fn parents_first(txs: Vec<Arc<Transaction>>) -> Vec<Arc<Transaction>> {
             }
         }
     }
-    let mut slots: Vec<Option<Arc<Transaction>>> = txs.into_iter().map(Some).collect();
+    let mut slots: Vec<Option<(Txid, Arc<Transaction>)>> = txs.into_iter().map(Some).collect();
     order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
@@ -211,7 +212,7 @@ pub(crate) fn record_mempool(
     tx: &mut WriteTx<'_>,
     mut books: Books,
     listed: &HashSet<Txid>,
-    candidates: &[Arc<Transaction>],
+    candidates: &[(Txid, Arc<Transaction>)],
 ) -> Result<(Books, MempoolSync), ManagerError> {
     let mut sync = MempoolSync {
         listed: listed.len(),
@@ -257,7 +258,7 @@ pub(crate) fn record_mempool(
         }
     }
     let mut touched: Vec<WalletId> = Vec::new();
-    let mut added = Vec::new();
+    let mut derived = Vec::new();
     // A payment to a wallet's window moves it; a transaction that pays a
     // script derived that way and was passed over is found by another
     // pass (recording is idempotent), as for a block.
@@ -270,7 +271,7 @@ pub(crate) fn record_mempool(
             &mut have,
             &mut pending,
             &mut touched,
-            &mut added,
+            &mut derived,
             &mut sync,
         )?;
         if books.watch.len() == derived_before {
@@ -290,32 +291,19 @@ pub(crate) fn record_mempool(
 fn record_pass(
     tx: &mut WriteTx<'_>,
     books: &mut Books,
-    candidates: &[Arc<Transaction>],
+    candidates: &[(Txid, Arc<Transaction>)],
     have: &mut HashSet<(WalletId, Txid)>,
     pending: &mut HashMap<OutPoint, Vec<WalletId>>,
     touched: &mut Vec<WalletId>,
-    added: &mut Vec<bitcoin::ScriptBuf>,
+    derived: &mut Vec<bitcoin::ScriptBuf>,
     sync: &mut MempoolSync,
 ) -> Result<(), ManagerError> {
-    for t in candidates {
-        touched.clear();
-        for out in &t.output {
-            books.watch.wallets_of(&out.script_pubkey, touched);
-        }
-        for input in &t.input {
-            let prev = &input.previous_output;
-            for map in [&books.outpoints, &*pending] {
-                if let Some(ids) = map.get(prev) {
-                    touched.extend_from_slice(ids);
-                }
-            }
-        }
+    for (txid, t) in candidates {
+        let txid = *txid;
+        books.wallets_touched(t, Some(pending), touched);
         if touched.is_empty() {
             continue;
         }
-        touched.sort_unstable();
-        touched.dedup();
-        let txid = t.compute_txid();
         let mut recorded = Vec::new();
         for &id in touched.iter() {
             if !books.wallets.contains_key(&id) || have.contains(&(id, txid)) {
@@ -336,8 +324,8 @@ fn record_pass(
                         .push(id);
                 }
             }
-            added.clear();
-            books.watch_derived(id, &wallet, &new_scripts, added);
+            derived.clear();
+            books.watch_derived(id, &wallet, &new_scripts, derived);
         }
         if !recorded.is_empty() {
             sync.added.push((txid, recorded));
@@ -387,16 +375,12 @@ mod tests {
             ],
             5,
         );
-        let listed = vec![
-            both.clone(),
-            grandchild.clone(),
-            other.clone(),
-            child.clone(),
-            root.clone(),
-        ];
+        let listed = [&both, &grandchild, &other, &child, &root]
+            .map(|t| (t.compute_txid(), Arc::clone(t)))
+            .to_vec();
         let order: Vec<Txid> = parents_first(listed)
             .iter()
-            .map(|t| t.compute_txid())
+            .map(|(txid, _)| *txid)
             .collect();
         assert_eq!(order.len(), 5);
         let at = |t: &Arc<Transaction>| {
