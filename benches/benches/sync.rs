@@ -237,9 +237,7 @@ impl Link {
         Ok(match self {
             Link::InProcess => Metered::new(inner),
             Link::Charging(link) => Metered::charging(inner, *link),
-            Link::Http(node) => Metered::new(Arc::new(
-                node.client(ManagerConfig::default().prefetch).await?,
-            )),
+            Link::Http(node) => Metered::new(Arc::new(node.client(None).await?)),
         })
     }
 
@@ -260,7 +258,7 @@ impl Link {
                 let mut sources = Vec::with_capacity(n);
                 for _ in 0..n {
                     let gated = Gated {
-                        inner: Arc::new(node.client(each).await?),
+                        inner: Arc::new(node.client(Some(each)).await?),
                         gate: Arc::new(Semaphore::new(each)),
                     };
                     sources.push(Metered::new(Arc::new(gated)));
@@ -305,20 +303,28 @@ impl HttpNode {
     }
 
     /// A client of its own, as a separate program would have: REST reads,
-    /// and `connections` idle connections kept, as many as it keeps
-    /// requests in flight (the default keeps 16, and with the manager's
-    /// 256 the other 240 connections of each wave of prefetches would be
-    /// closed and opened again).
-    async fn client(&self, connections: usize) -> Res<BitcoindSource> {
+    /// with `BitcoindConfig`'s defaults (32 requests in flight, 64 idle
+    /// connections kept: what a deployment runs with), or with
+    /// `connections` in flight and kept.
+    ///
+    /// The rows (a), (c) and (d) used 256 in flight (the manager's
+    /// prefetch) until the tenth session: on two cores the extra
+    /// concurrency bought nothing, and each sync opened 300-470
+    /// connections (the floor's about 256), whose handshakes and teardowns
+    /// cost both rows CPU; with 32, each opens 32-50.
+    async fn client(&self, connections: Option<usize>) -> Res<BitcoindSource> {
         let mut config = BitcoindConfig::new(
             self.node.url(),
             BitcoindAuth::Cookie(self.cookie.clone()),
             Network::Regtest,
         );
-        config.max_idle_connections = connections;
-        // The stand-in node has no work queue to overflow (a real node's
-        // `-rpcworkqueue` is what `max_in_flight`'s default of 32 is for).
-        config.max_in_flight = connections;
+        if let Some(connections) = connections {
+            config.max_idle_connections = connections;
+            // The stand-in node has no work queue to overflow (a real
+            // node's `-rpcworkqueue` is what `max_in_flight`'s default
+            // of 32 is for).
+            config.max_in_flight = connections;
+        }
         let source = BitcoindSource::connect(config).await?;
         if !source.uses_rest() {
             return Err("the stand-in node's REST interface is off".into());
@@ -1465,10 +1471,11 @@ fn main() {
         out,
         "- **(d) floor + blocks to fetch**: (c), and the task of each block any BIP158 client watching these scripts must fetch also fetches it (after its filter) and checks it against its header's merkle root (as any client must before it trusts what the block pays), nothing more. Those blocks are the ones paying the W wallets and the ones whose filter matches a watched script by a false positive (1 in M per script per block, so about W × 1,000 / 784,931 of all blocks), found before timing. (d)/(c) is the part of (a)/(c) no manager can avoid"
     );
+    let defaults = BitcoindConfig::new("", BitcoindAuth::Cookie(PathBuf::new()), Network::Regtest);
     let _ = writeln!(
         out,
-        "- **sources**: *in-process* = the SimChain behind `Metered::new` (counts, costs nothing); *charging* = `Metered::charging(LinkModel::datacenter())`: **{link}**; *http* = the stand-in node (`SimNode`, the same chain in Bitcoin Core's REST formats on 127.0.0.1, in this process and runtime) read through `BitcoindSource` (REST, keep-alive pool of {} connections) behind `Metered::new` (counts, charges nothing; bytes are the payloads' wire sizes, not HTTP's); a fresh wrapper (and HTTP client) per measured run",
-        ManagerConfig::default().prefetch
+        "- **sources**: *in-process* = the SimChain behind `Metered::new` (counts, costs nothing); *charging* = `Metered::charging(LinkModel::datacenter())`: **{link}**; *http* = the stand-in node (`SimNode`, the same chain in Bitcoin Core's REST formats on 127.0.0.1, in this process and runtime) read through `BitcoindSource` (REST; `BitcoindConfig`'s defaults for (a), (c) and (d): {} requests in flight, {} idle keep-alive connections kept) behind `Metered::new` (counts, charges nothing; bytes are the payloads' wire sizes, not HTTP's); a fresh wrapper (and HTTP client) per measured run",
+        defaults.max_in_flight, defaults.max_idle_connections
     );
     let _ = writeln!(
         out,

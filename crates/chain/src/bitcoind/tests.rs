@@ -794,3 +794,39 @@ async fn requests_in_flight_stay_within_the_node_s_work_queue() {
     let beyond = Arc::new(BitcoindSource::connect(beyond).await.unwrap());
     assert!(burst(beyond).await > 0, "64 at once overflow a queue of 8");
 }
+
+/// Waves of more requests than may be in flight, as the manager's
+/// prefetch sends them: with the default configuration the source reuses
+/// its keep-alive connections instead of closing some after each wave and
+/// opening them again (each a TCP handshake, a task on both sides and a
+/// teardown). A pool keeping fewer idle connections than requests in
+/// flight (16 against 32, the defaults before) opened some 16 more per
+/// wave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_of_requests_reuse_the_connections() {
+    let chain = SimChain::generate(SimParams::unsigned(32), 100).unwrap();
+    let (node, _dir) = node(&chain, SimNodeConfig::default()).await;
+    let config = cookie_config(&node);
+    let in_flight = config.max_in_flight as u64;
+    let source = Arc::new(BitcoindSource::connect(config).await.unwrap());
+    let before = node.connections_accepted();
+    const WAVES: u64 = 20;
+    for _ in 0..WAVES {
+        let mut tasks = tokio::task::JoinSet::new();
+        for height in 1..=2 * in_flight as u32 {
+            let (source, hash) = (source.clone(), chain.hash_at(height).unwrap());
+            tasks.spawn(async move { source.filter(hash).await });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.unwrap().unwrap();
+        }
+        // Idle between waves, as the loop is while it commits a batch.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let opened = node.connections_accepted() - before;
+    assert!(
+        opened <= 2 * in_flight,
+        "{opened} connections opened for {WAVES} waves of {} requests, {in_flight} in flight",
+        2 * in_flight
+    );
+}

@@ -187,6 +187,8 @@ pub struct SimNode {
     cookie: Option<PathBuf>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// TCP connections accepted so far.
+    accepted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What every request handler sees.
@@ -276,11 +278,16 @@ impl SimNode {
             serving: std::sync::atomic::AtomicUsize::new(0),
         });
         let (stop, mut stopped) = watch::channel(false);
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&accepted);
         let task = tokio::spawn(async move {
             loop {
                 let stream = tokio::select! {
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
+                        Ok((stream, _)) => {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            stream
+                        }
                         Err(e) => {
                             tracing::debug!("simnode: accept failed: {e}");
                             continue;
@@ -315,7 +322,15 @@ impl SimNode {
             cookie,
             stop,
             task,
+            accepted,
         })
+    }
+
+    /// How many TCP connections it has accepted: a client that keeps its
+    /// connections alive and reuses them opens few, one that closes and
+    /// reopens them shows here.
+    pub fn connections_accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The address it listens on.
