@@ -101,6 +101,11 @@ const BLOCKS_FLOOR_TARGET: f64 = 1.3;
 /// The automatic strategy's wall at most this times the better of the two
 /// forced ones.
 const AUTO_TARGET: f64 = 1.1;
+/// The automatic strategy's blocks fetched, per run, at most this many
+/// percent apart: a switch decided at another batch moves the count by
+/// most of a batch (of 250 blocks, those whose filters do not match);
+/// the reported flip-flop fetched 1,317-1,572.
+const STABLE_PERCENT: u64 = 1;
 /// Requests the W light clients of (b) keep in flight to the stand-in node
 /// at once, all together (each client 1,024 / W of them, on as many
 /// connections of its own): a W = 100 run would otherwise open up to
@@ -1347,14 +1352,19 @@ fn case_tables(out: &mut String, link: &Link, cases: &[Case]) {
                 Some(r),
                 Some((&format!("≤ {AUTO_TARGET}"), r <= AUTO_TARGET)),
             );
+            // A choice made at another batch in another run moves the
+            // count by most of a batch (250 blocks); a few blocks of
+            // difference are the fetches already under way on the old
+            // path when it switched, which timing decides.
             let stable = case.forced(Strategy::Auto).is_some_and(|row| {
-                row.runs
-                    .windows(2)
-                    .all(|p| p[0].meter.blocks == p[1].meter.blocks)
+                let counts = row.runs.iter().map(|m| m.meter.blocks);
+                let (low, high) = (counts.clone().min(), counts.max());
+                low.zip(high)
+                    .is_some_and(|(low, high)| (high - low) * 100 <= high * STABLE_PERCENT)
             });
             let _ = writeln!(
                 out,
-                "| {w} | automatic: blocks fetched per run | {} | the same in every run | {} |",
+                "| {w} | automatic: blocks fetched per run | {} | within {STABLE_PERCENT}% of each other | {} |",
                 case.forced(Strategy::Auto).map_or(String::new(), |row| row
                     .runs
                     .iter()

@@ -33,7 +33,7 @@ mod import;
 mod reorg;
 mod strategy;
 
-use strategy::{CostModel, initial_path};
+use strategy::{CostModel, FRACTION_ONE, initial_path};
 
 /// The loop's committed tip.
 #[derive(Debug, Clone, Copy)]
@@ -142,7 +142,7 @@ impl Engine {
             recent: BTreeMap::new(),
             pipe: None,
             started: false,
-            cost: CostModel::default(),
+            cost: CostModel::for_cores(rayon::current_num_threads()),
             path,
             stop,
             claim: None,
@@ -812,6 +812,11 @@ impl Engine {
                 self.cost.block_bytes.add(timing.bytes);
             }
             let need = item.needs_block(watch);
+            if main && item.filter.is_some() {
+                self.cost
+                    .filter_fetches
+                    .add(if need { FRACTION_ONE } else { 0 });
+            }
             let checked = watch.len();
             if let Some(f) = &mut item.filter {
                 f.matched |= need;
