@@ -346,7 +346,6 @@ mod tests {
         // block 300 µs to check, 300 µs to route and 5 µs for its bytes:
         // 338 µs a block over two cores against 303 µs, within a quarter,
         // while no filter matches...
-
         let costs = Costs {
             cores: 2,
             block_check_ns: 300_000,
