@@ -1358,16 +1358,15 @@ fn case_tables(out: &mut String, link: &Link, cases: &[Case]) {
                 Some((&format!("≤ {AUTO_TARGET}"), r <= AUTO_TARGET)),
             );
             let batch = u64::from(ManagerConfig::default().batch_size);
+            let apart = batch / STABLE_SHARE_OF_BATCH;
             let stable = case.forced(Strategy::Auto).is_some_and(|row| {
                 let counts = row.runs.iter().map(|m| m.meter.blocks);
                 let (low, high) = (counts.clone().min(), counts.max());
-                low.zip(high)
-                    .is_some_and(|(low, high)| high - low < batch / STABLE_SHARE_OF_BATCH)
+                low.zip(high).is_some_and(|(low, high)| high - low < apart)
             });
             let _ = writeln!(
                 out,
-                "| {w} | automatic: blocks fetched per run | {} | fewer than {} apart (a switch one batch of {batch} earlier or later: most of {batch}) | {} |",
-                batch / STABLE_SHARE_OF_BATCH,
+                "| {w} | automatic: blocks fetched per run | {} | fewer than {apart} apart (a switch one batch of {batch} earlier or later: most of {batch}) | {} |",
                 case.forced(Strategy::Auto).map_or(String::new(), |row| row
                     .runs
                     .iter()
