@@ -92,26 +92,18 @@ pub(crate) fn connect_batch(
             outcome.filters += 1;
         }
         let mut activity = Vec::new();
-        // The writer's own CPU time, not wall time: the fetch tasks keep
-        // every core busy meanwhile, and wall time here counted the time
-        // the writer waited for one (half again as much on two cores).
-        let start = (
-            cpu_time::ThreadTime::try_now().ok(),
-            std::time::Instant::now(),
-        );
+        let mut route_nanos = 0;
         let routed = need && item.block.is_some();
         if let (true, Some(block)) = (need, &item.block) {
-            activity = connect_block(tx, &mut books, item.height, block)?;
+            let (connected, nanos) =
+                thread_cpu_timed(|| connect_block(tx, &mut books, item.height, block));
+            activity = connected?;
+            route_nanos = nanos;
             outcome.blocks += 1;
             if activity.is_empty() {
                 outcome.false_positives += 1;
             }
         }
-        let route_nanos = match start {
-            (Some(cpu), _) => cpu.elapsed(),
-            (None, wall) => wall.elapsed(),
-        }
-        .as_nanos() as u64;
         if let Mode::Loop { keep, .. } = mode {
             // Only the last `keep` hashes are kept: a long catch-up batch
             // writes just those.
@@ -149,6 +141,21 @@ pub(crate) fn connect_batch(
     }
     books.watch.compact();
     Ok((books, outcome))
+}
+
+/// Runs `work` and says how long it took in this thread's CPU time (wall
+/// time where the platform has no thread clock), for the strategy's cost
+/// model: the fetch tasks keep every core busy meanwhile, and wall time
+/// counted the time the writer waited for one (half again as much on two
+/// cores).
+fn thread_cpu_timed<T>(work: impl FnOnce() -> T) -> (T, u64) {
+    let (cpu, wall) = (
+        cpu_time::ThreadTime::try_now().ok(),
+        std::time::Instant::now(),
+    );
+    let out = work();
+    let took = cpu.map_or_else(|| wall.elapsed(), |cpu| cpu.elapsed());
+    (out, took.as_nanos() as u64)
 }
 
 /// Routes one block's transactions to the wallets they touch and ingests

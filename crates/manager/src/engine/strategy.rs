@@ -212,6 +212,8 @@ mod tests {
         block_check_ns: u64,
         block_bytes: u64,
         route_ns: u64,
+        /// The share of filters that match, in [`FRACTION_ONE`]ths.
+        matched_share: u64,
     }
 
     /// One core. Matching 100,000 scripts costs 900 µs and a 4 kB filter;
@@ -226,6 +228,7 @@ mod tests {
         block_check_ns: 400_000,
         block_bytes: 100_000,
         route_ns: 0,
+        matched_share: 0,
     };
 
     /// A cost model measured ten times at these costs.
@@ -238,6 +241,7 @@ mod tests {
             cost.block_check.add(c.block_check_ns);
             cost.block_bytes.add(c.block_bytes);
             cost.route.add(c.route_ns);
+            cost.filter_fetches.add(c.matched_share);
         }
         cost.filter_scripts = c.scripts;
         cost
@@ -353,17 +357,14 @@ mod tests {
             ..LOCAL
         };
         let mut few = measured(&costs);
-        for _ in 0..10 {
-            few.filter_fetches.add(0);
-        }
         assert_eq!(after(&mut few, Path::Filters, 75_000, 5), Path::Filters);
         // ...but when half of them match, so that those blocks are
         // fetched, checked and routed on the filter path as well, it costs
         // 489 µs a block: the block path.
-        let mut many = measured(&costs);
-        for _ in 0..10 {
-            many.filter_fetches.add(FRACTION_ONE / 2);
-        }
+        let mut many = measured(&Costs {
+            matched_share: FRACTION_ONE / 2,
+            ..costs
+        });
         assert_eq!(after(&mut many, Path::Filters, 75_000, 2), Path::Blocks);
     }
 
