@@ -520,7 +520,7 @@ struct Fresh {
 /// Profiling only the measured windows: with `LOCKSTEP_PERF_CTL` naming
 /// the control FIFO of `perf record --delay=-1 --control fifo:PATH`, each
 /// measured `sync()` (and floor run) is bracketed by `enable`/`disable`;
-/// `LOCKSTEP_PERF_ROW=sync` or `floor` keeps only one of the two.
+/// `LOCKSTEP_PERF_ROW=sync`, `floor` ((c)) or `floor+blocks` ((d)) keeps only one.
 fn perf_control(row: &str, command: &str) {
     if std::env::var("LOCKSTEP_PERF_ROW").is_ok_and(|only| only != row) {
         return;
@@ -829,7 +829,12 @@ async fn floor_run(
     let mut inflight: VecDeque<JoinHandle<Res<(FilterHash, u64)>>> = VecDeque::new();
     let mut next = 1;
     let mut acc = 0u64;
-    perf_control("floor", "enable");
+    let perf_row = if also_fetch.is_empty() {
+        "floor"
+    } else {
+        "floor+blocks"
+    };
+    perf_control(perf_row, "enable");
     loop {
         while inflight.len() < config.prefetch && next < blocks.len() {
             let (source, lists, block) = (Arc::clone(&source), Arc::clone(&lists), blocks[next]);
@@ -886,7 +891,7 @@ async fn floor_run(
     }
     black_box(acc);
     let wall = start.elapsed();
-    perf_control("floor", "disable");
+    perf_control(perf_row, "disable");
     let s = Stats::default();
     Ok(Measured::of(wall, m0, metered.meter(), s, s))
 }

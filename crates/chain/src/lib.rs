@@ -29,7 +29,7 @@ pub mod simnode;
 mod source;
 pub mod verify;
 
-pub use bitcoind::{BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource};
+pub use bitcoind::{BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, LOOP_TURNS};
 pub use simnode::{Lie, SimNode, SimNodeConfig, SimNodeError};
 
 pub use sim::{

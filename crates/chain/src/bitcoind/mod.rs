@@ -86,13 +86,16 @@ pub struct BitcoindConfig {
     /// another (the sync benchmark's 256 in flight opened up to 470 in one
     /// sync), and those are then kept for reuse too.
     pub max_idle_connections: usize,
-    /// Most requests in flight to the node at once; more wait for a turn.
-    /// Bitcoin Core queues at most `-rpcworkqueue` requests (64 by default
-    /// in recent versions, 16 in older ones) and answers
-    /// HTTP 503 "Work queue depth exceeded" past that, REST included, so
-    /// the manager's deep prefetch (256) must not reach the node as is.
-    /// The default, 32, leaves half the default queue to the node's other
-    /// clients.
+    /// Most bulk requests (filters, blocks, filter headers in bulk,
+    /// mempool transactions) in flight to the node at once; more wait for
+    /// a turn. The loop's own requests (headers, the tip, the mempool's
+    /// txids, a broadcast) have [`LOOP_TURNS`] more turns of their own,
+    /// so that they never wait behind the prefetch. Bitcoin Core queues
+    /// at most `-rpcworkqueue` requests (64 by default in recent versions,
+    /// 16 in older ones) and answers HTTP 503 "Work queue depth exceeded"
+    /// past that, REST included, so the manager's deep prefetch (256) must
+    /// not reach the node as is. The default, 32 (34 with the loop's),
+    /// leaves about half the default queue to the node's other clients.
     pub max_in_flight: usize,
     /// The node's ZMQ `rawtx` endpoint (its `-zmqpubrawtx=`, e.g.
     /// `tcp://127.0.0.1:28332`), if the operator enabled it: new
@@ -250,9 +253,30 @@ pub struct BitcoindSource {
     next_id: AtomicU64,
     /// The ZMQ `rawtx` subscription, when configured.
     feed: Option<zmq::RawTxFeed>,
-    /// Turns for requests in flight ([`BitcoindConfig::max_in_flight`]).
-    in_flight: tokio::sync::Semaphore,
+    /// Turns for the prefetch's requests in flight
+    /// ([`BitcoindConfig::max_in_flight`]).
+    bulk: tokio::sync::Semaphore,
+    /// Turns for the loop's own requests ([`LOOP_TURNS`]).
+    loop_turns: tokio::sync::Semaphore,
 }
+
+/// Which turns a request waits for. The manager's prefetch keeps hundreds
+/// of filter and block requests waiting for turns; the loop's own requests
+/// (headers, the tip, a single filter header, the mempool, a broadcast)
+/// are few, and the loop waits on each: behind the prefetch's queue, one
+/// header request at the end of a sync waited 10-28 ms, the loop stalled
+/// meanwhile (the HTTP sync benchmark, 10 wallets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Filters, blocks, filter headers in bulk, mempool transactions.
+    Bulk,
+    /// Everything else.
+    Loop,
+}
+
+/// Requests of [`Lane::Loop`] in flight at once, besides
+/// [`BitcoindConfig::max_in_flight`] of the bulk lane.
+pub const LOOP_TURNS: usize = 2;
 
 impl BitcoindSource {
     /// Connects to the node and checks that lockstep can use it: the
@@ -263,7 +287,11 @@ impl BitcoindSource {
         let url = config.url.trim_end_matches('/').to_owned();
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
-            .pool_max_idle_per_host(config.max_idle_connections.max(config.max_in_flight.max(1)))
+            .pool_max_idle_per_host(
+                config
+                    .max_idle_connections
+                    .max(config.max_in_flight.max(1) + LOOP_TURNS),
+            )
             .build()
             .map_err(|e| BitcoindError::Unexpected {
                 url: url.clone(),
@@ -271,7 +299,8 @@ impl BitcoindSource {
                 reason: e.to_string(),
             })?;
         let authorization = RwLock::new(authorization(&config.auth)?);
-        let in_flight = tokio::sync::Semaphore::new(config.max_in_flight.max(1));
+        let bulk = tokio::sync::Semaphore::new(config.max_in_flight.max(1));
+        let loop_turns = tokio::sync::Semaphore::new(LOOP_TURNS);
         let mut source = BitcoindSource {
             http,
             url,
@@ -280,9 +309,12 @@ impl BitcoindSource {
             rest: false,
             next_id: AtomicU64::new(0),
             feed: None,
-            in_flight,
+            bulk,
+            loop_turns,
         };
-        let info = source.checked_call("getblockchaininfo", json!([])).await?;
+        let info = source
+            .checked_call(Lane::Loop, "getblockchaininfo", json!([]))
+            .await?;
         let unexpected = |reason: &str| BitcoindError::Unexpected {
             url: source.url.clone(),
             what: "getblockchaininfo".to_owned(),
@@ -307,9 +339,11 @@ impl BitcoindSource {
             });
         }
         // The filter index, on the genesis block (indexed first).
-        let genesis = source.checked_call("getblockhash", json!([0])).await?;
+        let genesis = source
+            .checked_call(Lane::Loop, "getblockhash", json!([0]))
+            .await?;
         match source
-            .call("getblockfilter", json!([genesis, "basic"]))
+            .call(Lane::Loop, "getblockfilter", json!([genesis, "basic"]))
             .await
         {
             Ok(_) => {}
@@ -323,7 +357,7 @@ impl BitcoindSource {
             Err(e) => return Err(source.connect_error("getblockfilter", e)),
         }
         // REST: Core answers 404 for every /rest/ path without -rest.
-        source.rest = match source.rest_get("chaininfo.json").await {
+        source.rest = match source.rest_get(Lane::Loop, "chaininfo.json").await {
             Ok((StatusCode::OK, _)) => true,
             Ok((StatusCode::NOT_FOUND, _)) => {
                 tracing::warn!(
@@ -386,8 +420,13 @@ impl BitcoindSource {
         }
     }
 
-    async fn checked_call(&self, method: &str, params: Value) -> Result<Value, BitcoindError> {
-        self.call(method, params)
+    async fn checked_call(
+        &self,
+        lane: Lane,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, BitcoindError> {
+        self.call(lane, method, params)
             .await
             .map_err(|e| self.connect_error(method, e))
     }
@@ -408,8 +447,8 @@ impl BitcoindSource {
     /// One JSON-RPC call. On HTTP 401 with cookie authentication the
     /// cookie is read again and the call repeated once: a restarted node
     /// has a new cookie.
-    async fn call(&self, method: &str, params: Value) -> Result<Value, RpcFailure> {
-        match self.call_once(method, &params).await {
+    async fn call(&self, lane: Lane, method: &str, params: Value) -> Result<Value, RpcFailure> {
+        match self.call_once(lane, method, &params).await {
             Err(RpcFailure::Unauthorized)
                 if matches!(self.config.auth, BitcoindAuth::Cookie(_)) =>
             {
@@ -418,15 +457,20 @@ impl BitcoindSource {
                 if let Ok(mut current) = self.authorization.write() {
                     *current = fresh;
                 }
-                self.call_once(method, &params).await
+                self.call_once(lane, method, &params).await
             }
             other => other,
         }
     }
 
-    async fn call_once(&self, method: &str, params: &Value) -> Result<Value, RpcFailure> {
-        // Never closed: the semaphore lives as long as `self`.
-        let _turn = self.in_flight.acquire().await.ok();
+    async fn call_once(
+        &self,
+        lane: Lane,
+        method: &str,
+        params: &Value,
+    ) -> Result<Value, RpcFailure> {
+        // Never closed: the semaphores live as long as `self`.
+        let _turn = self.lane(lane).acquire().await.ok();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "1.0", "id": id, "method": method, "params": params});
         let authorization = self
@@ -472,11 +516,12 @@ impl BitcoindSource {
     /// `missing`.
     async fn read_call(
         &self,
+        lane: Lane,
         method: &str,
         params: Value,
         missing: Missing,
     ) -> Result<Value, SourceError> {
-        match self.call(method, params).await {
+        match self.call(lane, method, params).await {
             Ok(value) => Ok(value),
             Err(RpcFailure::Source(e)) => Err(e),
             Err(RpcFailure::Unauthorized) => Err(BitcoindError::Unauthorized {
@@ -503,9 +548,9 @@ impl BitcoindSource {
     }
 
     /// A REST GET of `/rest/<path>`: the status and body.
-    async fn rest_get(&self, path: &str) -> Result<(StatusCode, Bytes), SourceError> {
-        // Never closed: the semaphore lives as long as `self`.
-        let _turn = self.in_flight.acquire().await.ok();
+    async fn rest_get(&self, lane: Lane, path: &str) -> Result<(StatusCode, Bytes), SourceError> {
+        // Never closed: the semaphores live as long as `self`.
+        let _turn = self.lane(lane).acquire().await.ok();
         let response = self
             .http
             .get(format!("{}/rest/{path}", self.url))
@@ -523,8 +568,13 @@ impl BitcoindSource {
     /// A REST read whose 200 body is returned; 404 is `missing` not found,
     /// 400 about the filter index a configuration error, anything else
     /// unavailable.
-    async fn rest_read(&self, path: &str, missing: Missing) -> Result<Bytes, SourceError> {
-        let (status, body) = self.rest_get(path).await?;
+    async fn rest_read(
+        &self,
+        lane: Lane,
+        path: &str,
+        missing: Missing,
+    ) -> Result<Bytes, SourceError> {
+        let (status, body) = self.rest_get(lane, path).await?;
         match status {
             StatusCode::OK => Ok(body),
             StatusCode::NOT_FOUND => Err(SourceError::NotFound(missing)),
@@ -540,6 +590,21 @@ impl BitcoindSource {
                     String::from_utf8_lossy(&body[..body.len().min(200)]).trim_end()
                 ),
             }),
+        }
+    }
+
+    /// The `header` of a `getblockfilter` result.
+    fn filter_header_of(value: &Value, what: Missing) -> Result<FilterHeader, SourceError> {
+        value["header"]
+            .as_str()
+            .and_then(|h| h.parse().ok())
+            .ok_or_else(|| invalid(what, format!("not a filter header: {value}")))
+    }
+
+    fn lane(&self, lane: Lane) -> &tokio::sync::Semaphore {
+        match lane {
+            Lane::Bulk => &self.bulk,
+            Lane::Loop => &self.loop_turns,
         }
     }
 
@@ -642,13 +707,20 @@ fn parse_rest_filter(bytes: &[u8], hash: BlockHash) -> Result<Vec<u8>, SourceErr
 impl ChainSource for BitcoindSource {
     async fn tip(&self) -> Result<BlockId, SourceError> {
         let info: Value = if self.rest {
-            let body = self.rest_read("chaininfo.json", Missing::Height(0)).await?;
+            let body = self
+                .rest_read(Lane::Loop, "chaininfo.json", Missing::Height(0))
+                .await?;
             serde_json::from_slice(&body).map_err(|e| SourceError::Unavailable {
                 reason: format!("/rest/chaininfo.json: {e}"),
             })?
         } else {
-            self.read_call("getblockchaininfo", json!([]), Missing::Height(0))
-                .await?
+            self.read_call(
+                Lane::Loop,
+                "getblockchaininfo",
+                json!([]),
+                Missing::Height(0),
+            )
+            .await?
         };
         let height = info["blocks"].as_u64().and_then(|h| u32::try_from(h).ok());
         let hash = info["bestblockhash"]
@@ -666,12 +738,12 @@ impl ChainSource for BitcoindSource {
         let what = Missing::Height(height);
         if self.rest {
             let body = self
-                .rest_read(&format!("blockhashbyheight/{height}.bin"), what)
+                .rest_read(Lane::Loop, &format!("blockhashbyheight/{height}.bin"), what)
                 .await?;
             deserialize(&body).map_err(|e| invalid(what, e))
         } else {
             let value = self
-                .read_call("getblockhash", json!([height]), what)
+                .read_call(Lane::Loop, "getblockhash", json!([height]), what)
                 .await?;
             value
                 .as_str()
@@ -684,7 +756,7 @@ impl ChainSource for BitcoindSource {
         let what = Missing::Header(hash);
         let bytes = if self.rest {
             let body = self
-                .rest_read(&format!("headers/1/{hash}.bin"), what)
+                .rest_read(Lane::Loop, &format!("headers/1/{hash}.bin"), what)
                 .await?;
             if body.is_empty() {
                 // Core answers an unknown block with no headers.
@@ -693,7 +765,12 @@ impl ChainSource for BitcoindSource {
             body.to_vec()
         } else {
             let value = self
-                .read_call("getblockheader", json!([hash.to_string(), false]), what)
+                .read_call(
+                    Lane::Loop,
+                    "getblockheader",
+                    json!([hash.to_string(), false]),
+                    what,
+                )
                 .await?;
             Self::hex_result(&value, what)?
         };
@@ -708,12 +785,17 @@ impl ChainSource for BitcoindSource {
         let what = Missing::Filter(hash);
         if self.rest {
             let body = self
-                .rest_read(&format!("blockfilter/basic/{hash}.bin"), what)
+                .rest_read(Lane::Bulk, &format!("blockfilter/basic/{hash}.bin"), what)
                 .await?;
             parse_rest_filter(&body, hash)
         } else {
             let value = self
-                .read_call("getblockfilter", json!([hash.to_string(), "basic"]), what)
+                .read_call(
+                    Lane::Bulk,
+                    "getblockfilter",
+                    json!([hash.to_string(), "basic"]),
+                    what,
+                )
                 .await?;
             Self::hex_result(&value["filter"], what)
         }
@@ -723,7 +805,11 @@ impl ChainSource for BitcoindSource {
         let what = Missing::FilterHeader(hash);
         if self.rest {
             let body = self
-                .rest_read(&format!("blockfilterheaders/basic/1/{hash}.bin"), what)
+                .rest_read(
+                    Lane::Loop,
+                    &format!("blockfilterheaders/basic/1/{hash}.bin"),
+                    what,
+                )
                 .await?;
             if body.is_empty() {
                 return Err(SourceError::NotFound(what));
@@ -731,12 +817,14 @@ impl ChainSource for BitcoindSource {
             deserialize(&body).map_err(|e| invalid(what, e))
         } else {
             let value = self
-                .read_call("getblockfilter", json!([hash.to_string(), "basic"]), what)
+                .read_call(
+                    Lane::Loop,
+                    "getblockfilter",
+                    json!([hash.to_string(), "basic"]),
+                    what,
+                )
                 .await?;
-            value["header"]
-                .as_str()
-                .and_then(|h| h.parse().ok())
-                .ok_or_else(|| invalid(what, format!("not a filter header: {value}")))
+            Self::filter_header_of(&value, what)
         }
     }
 
@@ -746,9 +834,19 @@ impl ChainSource for BitcoindSource {
     /// being consecutive); without REST, one `getblockfilter` per block.
     async fn filter_headers(&self, blocks: &[BlockId]) -> Result<Vec<FilterHeader>, SourceError> {
         if !self.rest {
+            // One `getblockfilter` per block, in the prefetch's lane.
             let mut out = Vec::with_capacity(blocks.len());
             for block in blocks {
-                out.push(self.filter_header(block.hash).await?);
+                let what = Missing::FilterHeader(block.hash);
+                let value = self
+                    .read_call(
+                        Lane::Bulk,
+                        "getblockfilter",
+                        json!([block.hash.to_string(), "basic"]),
+                        what,
+                    )
+                    .await?;
+                out.push(Self::filter_header_of(&value, what)?);
             }
             return Ok(out);
         }
@@ -761,6 +859,7 @@ impl ChainSource for BitcoindSource {
             let what = Missing::FilterHeader(first.hash);
             let body = self
                 .rest_read(
+                    Lane::Bulk,
                     &format!(
                         "blockfilterheaders/basic/{}/{}.bin",
                         chunk.len(),
@@ -801,12 +900,12 @@ impl ChainSource for BitcoindSource {
     async fn block(&self, hash: BlockHash) -> Result<Arc<Block>, SourceError> {
         let what = Missing::Block(hash);
         let bytes = if self.rest {
-            self.rest_read(&format!("block/{hash}.bin"), what)
+            self.rest_read(Lane::Bulk, &format!("block/{hash}.bin"), what)
                 .await?
                 .to_vec()
         } else {
             let value = self
-                .read_call("getblock", json!([hash.to_string(), 0]), what)
+                .read_call(Lane::Bulk, "getblock", json!([hash.to_string(), 0]), what)
                 .await?;
             Self::hex_result(&value, what)?
         };
@@ -836,7 +935,7 @@ impl ChainSource for BitcoindSource {
             let want = (count - out.len() as u32).min(REST_MAX_HEADERS);
             let what = Missing::Header(next);
             let body = self
-                .rest_read(&format!("headers/{want}/{next}.bin"), what)
+                .rest_read(Lane::Loop, &format!("headers/{want}/{next}.bin"), what)
                 .await?;
             if body.len() % 80 != 0 || body.len() / 80 > want as usize {
                 return Err(invalid(what, format!("{} bytes of headers", body.len())));
@@ -878,12 +977,12 @@ impl ChainSource for BitcoindSource {
         let what = Missing::Transaction(Txid::all_zeros());
         let value: Value = if self.rest {
             let body = self
-                .rest_read("mempool/contents.json?verbose=false", what)
+                .rest_read(Lane::Loop, "mempool/contents.json?verbose=false", what)
                 .await?;
             serde_json::from_slice(&body)
                 .map_err(|e| invalid(what, format!("mempool contents: {e}")))?
         } else {
-            self.read_call("getrawmempool", json!([false]), what)
+            self.read_call(Lane::Loop, "getrawmempool", json!([false]), what)
                 .await?
         };
         let list = value
@@ -917,12 +1016,17 @@ impl ChainSource for BitcoindSource {
         }
         let what = Missing::Transaction(txid);
         let bytes = if self.rest {
-            self.rest_read(&format!("tx/{txid}.bin"), what)
+            self.rest_read(Lane::Bulk, &format!("tx/{txid}.bin"), what)
                 .await?
                 .to_vec()
         } else {
             let value = self
-                .read_call("getrawtransaction", json!([txid.to_string()]), what)
+                .read_call(
+                    Lane::Bulk,
+                    "getrawtransaction",
+                    json!([txid.to_string()]),
+                    what,
+                )
                 .await?;
             Self::hex_result(&value, what)?
         };
@@ -936,7 +1040,10 @@ impl ChainSource for BitcoindSource {
     async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
         let txid = tx.compute_txid();
         let raw: String = serialize(tx).iter().map(|b| format!("{b:02x}")).collect();
-        match self.call("sendrawtransaction", json!([raw])).await {
+        match self
+            .call(Lane::Loop, "sendrawtransaction", json!([raw]))
+            .await
+        {
             Ok(value) => match value.as_str().and_then(|t| t.parse::<Txid>().ok()) {
                 Some(answered) if answered == txid => Ok(txid),
                 _ => Err(SourceError::Unavailable {

@@ -384,7 +384,10 @@ async fn a_restarted_node_with_a_new_cookie_is_picked_up() {
     assert_eq!(source.tip().await.unwrap(), chain.tip());
     // REST needs no login; the RPC path re-reads the cookie.
     assert_eq!(
-        source.call("getblockcount", json!([])).await.unwrap(),
+        source
+            .call(Lane::Loop, "getblockcount", json!([]))
+            .await
+            .unwrap(),
         json!(chain.height())
     );
     // A cookie that cannot be read any more is a configuration error.
@@ -402,7 +405,7 @@ async fn a_restarted_node_with_a_new_cookie_is_picked_up() {
     .unwrap();
     let tx = chain.mempool();
     assert!(tx.is_empty());
-    match source.call("getblockcount", json!([])).await {
+    match source.call(Lane::Loop, "getblockcount", json!([])).await {
         Err(RpcFailure::Unauthorized) => {}
         other => panic!("{other:?}"),
     }
@@ -829,4 +832,56 @@ async fn waves_of_requests_reuse_the_connections() {
         "{opened} connections opened for {WAVES} waves of {} requests, {in_flight} in flight",
         2 * in_flight
     );
+}
+
+/// The loop's own requests (headers, the tip) have turns of their own: a
+/// header request made while the prefetch keeps many filter requests
+/// waiting for their turns is answered before that queue drains, not
+/// after it (one at the end of a benchmark's sync waited 10-28 ms behind
+/// it, the loop stalled meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_s_requests_do_not_wait_behind_the_prefetch() {
+    let chain = SimChain::generate(SimParams::unsigned(33), 80).unwrap();
+    let (node, _dir) = node(
+        &chain,
+        SimNodeConfig {
+            service_time: Some(Duration::from_millis(5)),
+            ..SimNodeConfig::default()
+        },
+    )
+    .await;
+    let mut config = cookie_config(&node);
+    config.max_in_flight = 2;
+    let source = Arc::new(BitcoindSource::connect(config).await.unwrap());
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    const QUEUED: usize = 60;
+    for height in 1..=QUEUED as u32 {
+        let (source, hash, answered) = (
+            source.clone(),
+            chain.hash_at(height).unwrap(),
+            answered.clone(),
+        );
+        tasks.spawn(async move {
+            source.filter(hash).await.unwrap();
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    // Every filter request is waiting for a turn or in flight.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let headers = source.headers(1, 10).await.unwrap();
+    let tip = source.tip().await.unwrap();
+    let before = answered.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(headers.len(), 10);
+    assert_eq!(tip.height, chain.height());
+    // 60 filters two at a time take 30 service times; the header request
+    // and the tip take two. Sharing the prefetch's turns, they came after
+    // all 60.
+    assert!(
+        before <= QUEUED / 2,
+        "{before} of {QUEUED} queued filters were answered before the loop's two requests"
+    );
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
 }
