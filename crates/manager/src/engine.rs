@@ -572,8 +572,33 @@ impl Engine {
 
     async fn advance_with(&mut self, pipe: &mut Pipeline) -> Result<StepOutcome, Flow> {
         let tip = self.tip_or_err();
-        pipe.top_up_headers(&self.source, &self.config, &self.stop)
-            .await?;
+        // Wallets joined since the last commit (registrations add their
+        // scripts to the tail, uncompacted): the prefetch tasks must match
+        // against a base that holds them, or the loop would re-check every
+        // filter against the tail on its own task. On the blocking pool
+        // (rebuilding a large base is milliseconds of CPU), while the
+        // headers are asked for: after registering 10 wallets, 6 ms of
+        // compacting beside a 4 ms header request, each of which the
+        // first fetch waited for in turn.
+        let books = self.take_books().await?;
+        let compacting = async move {
+            if !books.watch.wants_compaction() {
+                return Ok(books);
+            }
+            tokio::task::spawn_blocking(move || {
+                let mut books = books;
+                books.watch.compact();
+                books
+            })
+            .await
+            .map_err(|e| crate::pipeline::task_failed("compacting the watchlist", &e))
+        };
+        let (topped, books) = tokio::join!(
+            pipe.top_up_headers(&self.source, &self.config, &self.stop),
+            compacting
+        );
+        self.books = Some(books?);
+        topped?;
         if pipe.pending() == 0 {
             // At the source's tip, as far as headers go. Pick up wallets
             // other processes registered meanwhile.
@@ -599,20 +624,7 @@ impl Engine {
             // Another branch: followed only if it has more work.
             return Err(Flow::Reorg);
         }
-        let mut books = self.take_books().await?;
-        if books.watch.wants_compaction() {
-            // Wallets joined since the last commit (registrations add their
-            // scripts to the tail, uncompacted): the prefetch tasks must
-            // match against a base that holds them, or the loop would
-            // re-check every filter against the tail on its own task. On the
-            // blocking pool: rebuilding a large base is milliseconds of CPU.
-            books = tokio::task::spawn_blocking(move || {
-                books.watch.compact();
-                books
-            })
-            .await
-            .map_err(|e| crate::pipeline::task_failed("compacting the watchlist", &e))?;
-        }
+        let books = self.take_books().await?;
         let mut filter_header = self.tip_filter_header;
         let stop = self.stop.clone();
         let (items, failure) = self
