@@ -593,8 +593,21 @@ impl BitcoindSource {
         }
     }
 
-    /// The `header` of a `getblockfilter` result.
-    fn filter_header_of(value: &Value, what: Missing) -> Result<FilterHeader, SourceError> {
+    /// A block's filter header through `getblockfilter` (no REST).
+    async fn rpc_filter_header(
+        &self,
+        lane: Lane,
+        hash: BlockHash,
+    ) -> Result<FilterHeader, SourceError> {
+        let what = Missing::FilterHeader(hash);
+        let value = self
+            .read_call(
+                lane,
+                "getblockfilter",
+                json!([hash.to_string(), "basic"]),
+                what,
+            )
+            .await?;
         value["header"]
             .as_str()
             .and_then(|h| h.parse().ok())
@@ -816,15 +829,7 @@ impl ChainSource for BitcoindSource {
             }
             deserialize(&body).map_err(|e| invalid(what, e))
         } else {
-            let value = self
-                .read_call(
-                    Lane::Loop,
-                    "getblockfilter",
-                    json!([hash.to_string(), "basic"]),
-                    what,
-                )
-                .await?;
-            Self::filter_header_of(&value, what)
+            self.rpc_filter_header(Lane::Loop, hash).await
         }
     }
 
@@ -837,16 +842,7 @@ impl ChainSource for BitcoindSource {
             // One `getblockfilter` per block, in the prefetch's lane.
             let mut out = Vec::with_capacity(blocks.len());
             for block in blocks {
-                let what = Missing::FilterHeader(block.hash);
-                let value = self
-                    .read_call(
-                        Lane::Bulk,
-                        "getblockfilter",
-                        json!([block.hash.to_string(), "basic"]),
-                        what,
-                    )
-                    .await?;
-                out.push(Self::filter_header_of(&value, what)?);
+                out.push(self.rpc_filter_header(Lane::Bulk, block.hash).await?);
             }
             return Ok(out);
         }
