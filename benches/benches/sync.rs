@@ -407,10 +407,44 @@ impl ChainSource for Gated {
     }
 }
 
+/// Wall and process CPU time from one point on.
+struct Stopwatch {
+    wall: Instant,
+    cpu: Option<cpu_time::ProcessTime>,
+}
+
+/// What a [`Stopwatch`] measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct Took {
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Stopwatch {
+    fn start() -> Stopwatch {
+        Stopwatch {
+            cpu: cpu_time::ProcessTime::try_now().ok(),
+            wall: Instant::now(),
+        }
+    }
+
+    fn took(&self) -> Took {
+        Took {
+            wall: self.wall.elapsed(),
+            cpu: self.cpu.map_or(Duration::ZERO, |cpu| cpu.elapsed()),
+        }
+    }
+}
+
 /// What one measured run cost.
 #[derive(Debug, Clone, Copy, Default)]
 struct Measured {
     wall: Duration,
+    /// The process's CPU time (every thread: the loop, the writer, rayon's
+    /// pool and, over HTTP, the stand-in node) over the same window: with
+    /// both cores busy, wall time is CPU time over two, and the ratio of
+    /// the two says how much of a row's wall time is idle cores.
+    cpu: Duration,
     meter: Meter,
     commits: u64,
     /// The manager's own count of blocks fetched (cross-checks the meter).
@@ -420,9 +454,10 @@ struct Measured {
 }
 
 impl Measured {
-    fn of(wall: Duration, m0: Meter, m1: Meter, s0: Stats, s1: Stats) -> Measured {
+    fn of(took: Took, m0: Meter, m1: Meter, s0: Stats, s1: Stats) -> Measured {
         Measured {
-            wall,
+            wall: took.wall,
+            cpu: took.cpu,
             meter: Meter {
                 requests: m1.requests - m0.requests,
                 filters: m1.filters - m0.filters,
@@ -441,6 +476,7 @@ impl Measured {
 
     fn add(&mut self, other: &Measured) {
         self.wall += other.wall;
+        self.cpu += other.cpu;
         self.meter.requests += other.meter.requests;
         self.meter.filters += other.meter.filters;
         self.meter.blocks += other.meter.blocks;
@@ -582,9 +618,9 @@ impl Fresh {
     async fn timed_sync(&self, tip: u32) -> Res<Measured> {
         let (m0, s0) = (self.metered.meter(), self.manager.stats());
         perf_control("sync", "enable");
-        let start = Instant::now();
+        let start = Stopwatch::start();
         let height = self.manager.sync().await?;
-        let wall = start.elapsed();
+        let took = start.took();
         perf_control("sync", "disable");
         let (m1, s1) = (self.metered.meter(), self.manager.stats());
         if height != tip {
@@ -594,7 +630,7 @@ impl Fresh {
         if connected != u64::from(tip - (SYNC_FROM - 1)) {
             return Err(format!("sync() connected {connected} blocks, expected {tip}").into());
         }
-        Ok(Measured::of(wall, m0, m1, s0, s1))
+        Ok(Measured::of(took, m0, m1, s0, s1))
     }
 
     /// Every script the wallets derive now.
@@ -714,7 +750,7 @@ async fn per_wallet_clients(chain: &SimChain, link: &Link, wallets: &[u32]) -> R
     }
     let stats: Vec<Stats> = clients.iter().map(|f| f.manager.stats()).collect();
     let m0 = total(&meters);
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let mut syncs = JoinSet::new();
     for f in &clients {
         let manager = f.manager.clone();
@@ -726,8 +762,8 @@ async fn per_wallet_clients(chain: &SimChain, link: &Link, wallets: &[u32]) -> R
             return Err(format!("a client's sync() stopped at {height}, the tip is {tip}").into());
         }
     }
-    let wall = start.elapsed();
-    let mut sum = Measured::of(wall, m0, total(&meters), Stats::default(), Stats::default());
+    let took = start.took();
+    let mut sum = Measured::of(took, m0, total(&meters), Stats::default(), Stats::default());
     for (f, s0) in clients.iter().zip(stats) {
         let s1 = f.manager.stats();
         let connected = s1.blocks_connected - s0.blocks_connected;
@@ -735,7 +771,7 @@ async fn per_wallet_clients(chain: &SimChain, link: &Link, wallets: &[u32]) -> R
             return Err(format!("a client connected {connected} blocks, expected {tip}").into());
         }
         sum.add(&Measured::of(
-            Duration::ZERO,
+            Took::default(),
             Meter::default(),
             Meter::default(),
             s0,
@@ -802,7 +838,7 @@ async fn floor_run(
     let metered = link.source(chain).await?;
     let source: Arc<dyn ChainSource> = Arc::new(metered.clone());
     let m0 = metered.meter();
-    let start = Instant::now();
+    let start = Stopwatch::start();
     // From the block before the first scanned: its filter header starts
     // the chain.
     let from = SYNC_FROM - 1;
@@ -890,10 +926,10 @@ async fn floor_run(
         *previous = header;
     }
     black_box(acc);
-    let wall = start.elapsed();
+    let took = start.took();
     perf_control(perf_row, "disable");
     let s = Stats::default();
-    Ok(Measured::of(wall, m0, metered.meter(), s, s))
+    Ok(Measured::of(took, m0, metered.meter(), s, s))
 }
 
 /// The blocks any BIP158 client watching `lists` must fetch: those paying
@@ -933,9 +969,9 @@ async fn import_run(chain: &SimChain, link: &Link, first: bool, row: &mut Row) -
         return Err(format!("the 99 wallets synced to {height}, not {tip}").into());
     }
     let (m0, s0) = (f.metered.meter(), f.manager.stats());
-    let start = Instant::now();
+    let start = Stopwatch::start();
     let id = f.manager.register(new_wallet(SYNC_WALLETS - 1)).await?;
-    let wall = start.elapsed();
+    let took = start.took();
     let (m1, s1) = (f.metered.meter(), f.manager.stats());
     if s1.imports - s0.imports != 1 {
         return Err(format!("{} imports counted, expected 1", s1.imports - s0.imports).into());
@@ -949,7 +985,7 @@ async fn import_run(chain: &SimChain, link: &Link, first: bool, row: &mut Row) -
             row.errors.push(format!("oracle: {p}"));
         }
     }
-    Ok(Measured::of(wall, m0, m1, s0, s1))
+    Ok(Measured::of(took, m0, m1, s0, s1))
 }
 
 /// The import row's reference, one run: a fresh manager with that wallet
@@ -959,15 +995,15 @@ async fn alone_run(chain: &SimChain, link: &Link) -> Res<Measured> {
     let tip = chain.height();
     let f = fresh(chain, link, Strategy::Auto).await?;
     let (m0, s0) = (f.metered.meter(), f.manager.stats());
-    let start = Instant::now();
+    let start = Stopwatch::start();
     f.manager.register(new_wallet(SYNC_WALLETS - 1)).await?;
     let height = f.manager.sync().await?;
-    let wall = start.elapsed();
+    let took = start.took();
     let (m1, s1) = (f.metered.meter(), f.manager.stats());
     if height != tip {
         return Err(format!("sync() stopped at {height}, not {tip}").into());
     }
-    Ok(Measured::of(wall, m0, m1, s0, s1))
+    Ok(Measured::of(took, m0, m1, s0, s1))
 }
 
 /// The rows and their ratios for one source and one W.
@@ -1185,7 +1221,7 @@ fn ratio(x: Duration, y: Duration) -> f64 {
     x.as_secs_f64() / y.as_secs_f64()
 }
 
-const HEADER: &str = "| W | row | wall (s) | runs (s) | requests | filter req | MB fetched | blocks fetched | blocks per run | commits | notes |\n|---:|---|---:|---|---:|---:|---:|---:|---|---:|---|\n";
+const HEADER: &str = "| W | row | wall (s) | CPU (s) | runs (s) | requests | filter req | MB fetched | blocks fetched | blocks per run | commits | notes |\n|---:|---|---:|---:|---|---:|---:|---:|---:|---|---:|---|\n";
 
 fn table_row(out: &mut String, w: &str, label: &str, row: &Row) {
     let runs = row
@@ -1221,8 +1257,9 @@ fn table_row(out: &mut String, w: &str, label: &str, row: &Row) {
         Some(m) => {
             let _ = writeln!(
                 out,
-                "| {w} | {label} | {} | {runs} | {} | {} | {:.2} | {} | {blocks} | {} | {notes} |",
+                "| {w} | {label} | {} | {} | {runs} | {} | {} | {:.2} | {} | {blocks} | {} | {notes} |",
                 secs(m.wall),
+                secs(m.cpu),
                 thousands(m.meter.requests),
                 thousands(m.meter.filters),
                 m.meter.bytes as f64 / 1e6,
@@ -1231,7 +1268,7 @@ fn table_row(out: &mut String, w: &str, label: &str, row: &Row) {
             );
         }
         None => {
-            let _ = writeln!(out, "| {w} | {label} | n/a | | | | | | | | {notes} |");
+            let _ = writeln!(out, "| {w} | {label} | n/a | | | | | | | | | {notes} |");
         }
     }
 }
@@ -1301,6 +1338,13 @@ fn case_tables(out: &mut String, link: &Link, cases: &[Case]) {
                 &format!("≤ {FLOOR_TARGET}"),
                 r.is_some_and(|r| r <= FLOOR_TARGET),
             )),
+        );
+        ratio_row(
+            out,
+            w,
+            "(a)/(d) CPU (process, the median-wall runs)",
+            a.zip(d).map(|(a, d)| ratio(a.cpu, d.cpu)),
+            None,
         );
         ratio_row(
             out,
