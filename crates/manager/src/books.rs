@@ -187,6 +187,12 @@ impl AggregateWatch {
 /// scripts it was given (and those its blocks derive).
 pub(crate) type Watched = Option<[u32; 2]>;
 
+/// Outpoints and the wallets owning them. Every input of every routed
+/// transaction is looked up here: with foldhash (as the watchlist's index)
+/// rather than std's SipHash-1-3, which showed in the writer thread's
+/// profile.
+pub(crate) type OutpointOwners = HashMap<OutPoint, Vec<WalletId>, foldhash::fast::RandomState>;
+
 /// The wallets one scan serves (the loop's active wallets, or an import's
 /// one wallet), their watchlist and their unspent coins.
 ///
@@ -201,7 +207,7 @@ pub(crate) struct Books {
     pub(crate) watch: AggregateWatch,
     /// Each unspent coin of a wallet here, and the wallets that own it
     /// (more than one only when wallets share a script).
-    pub(crate) outpoints: HashMap<OutPoint, Vec<WalletId>>,
+    pub(crate) outpoints: OutpointOwners,
     /// Each wallet's count of addresses handed out, as last read, and the
     /// registry version it was read at: a count that moved means some
     /// process revealed addresses of the wallet.
@@ -215,7 +221,7 @@ impl Books {
             registry: registry.clone(),
             wallets: BTreeMap::new(),
             watch: AggregateWatch::new(),
-            outpoints: HashMap::new(),
+            outpoints: OutpointOwners::default(),
             reveals: HashMap::new(),
             reveals_read_at: None,
         }
@@ -229,7 +235,7 @@ impl Books {
     pub(crate) fn wallets_touched(
         &self,
         t: &bitcoin::Transaction,
-        also: Option<&HashMap<OutPoint, Vec<WalletId>>>,
+        also: Option<&OutpointOwners>,
         touched: &mut Vec<WalletId>,
     ) {
         touched.clear();

@@ -28,7 +28,7 @@ use lockstep_chain::{ChainSource, Missing, SourceError};
 use lockstep_store::{WalletId, WriteTx};
 
 use crate::ManagerError;
-use crate::books::Books;
+use crate::books::{Books, OutpointOwners};
 use crate::pipeline::{Policy, timed};
 
 /// Mempool transactions fetched at once.
@@ -221,7 +221,7 @@ pub(crate) fn record_mempool(
     // What the wallets hold unconfirmed, and the outputs of it that are
     // theirs (a mempool transaction spending one touches them).
     let mut have: HashSet<(WalletId, Txid)> = HashSet::new();
-    let mut pending: HashMap<OutPoint, Vec<WalletId>> = HashMap::new();
+    let mut pending = OutpointOwners::default();
     let mut left: HashMap<Txid, Vec<WalletId>> = HashMap::new();
     let mut owners = Vec::new();
     for row in tx.unconfirmed_txs(None)? {
@@ -293,7 +293,7 @@ fn record_pass(
     books: &mut Books,
     candidates: &[(Txid, Arc<Transaction>)],
     have: &mut HashSet<(WalletId, Txid)>,
-    pending: &mut HashMap<OutPoint, Vec<WalletId>>,
+    pending: &mut OutpointOwners,
     touched: &mut Vec<WalletId>,
     derived: &mut Vec<bitcoin::ScriptBuf>,
     sync: &mut MempoolSync,
