@@ -979,41 +979,6 @@ fn every_strategy_gives_the_oracle() {
     });
 }
 
-/// While the automatic strategy measures the two paths, the loop commits
-/// two short batches, so that the two decisions a switch needs come early
-/// in a long scan; a forced strategy, and every later batch, takes
-/// `batch_size` blocks.
-#[test]
-fn the_automatic_strategy_measures_itself_on_two_short_batches() {
-    use lockstep_manager::Strategy;
-    runtime().block_on(async {
-        let mut runs = Vec::new();
-        for strategy in [Strategy::Filters, Strategy::Auto] {
-            let mut w = World::new(13, 600);
-            w.manager = Manager::new(
-                w.store.clone(),
-                Arc::new(w.chain.clone()),
-                ManagerConfig {
-                    strategy,
-                    batch_size: 250,
-                    ..config()
-                },
-            );
-            // Nothing paid: no block derives scripts, which would end a
-            // batch early (the blocks after it are matched again).
-            w.add(0, 1, 10).await;
-            w.sync().await;
-            let stats = w.manager.stats();
-            runs.push((stats.commits, stats.blocks_connected));
-        }
-        let blocks = runs[0].1;
-        assert!(blocks > 500, "{runs:?}");
-        assert_eq!(runs[1].1, blocks, "{runs:?}");
-        assert_eq!(runs[0].0, blocks.div_ceil(250), "{runs:?}");
-        assert_eq!(runs[1].0, 2 + (blocks - 250).div_ceil(250), "{runs:?}");
-    });
-}
-
 /// A hook that fails at one height, and counts what it saw.
 struct Hook {
     fail_at: AtomicU64,

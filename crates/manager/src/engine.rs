@@ -743,18 +743,10 @@ impl Engine {
         filter_header: &mut Option<FilterHeader>,
         stop: &watch::Receiver<bool>,
     ) -> (Vec<Fetched>, Option<Flow>) {
-        let mut snapshot = snapshot(books, path);
-        let calibrating =
-            main && self.config.strategy == crate::Strategy::Auto && self.cost.calibrating();
-        let batch = if calibrating {
-            snapshot.waiting_per_running = 1;
-            self.config.batch_size.min(strategy::CALIBRATION_BATCH)
-        } else {
-            self.config.batch_size
-        };
+        let snapshot = snapshot(books, path);
         pipe.spawn(&self.source, &self.config, stop, &snapshot);
         let (mut items, fetch_failure) =
-            collect(pipe, &self.source, &self.config, batch, &snapshot, stop).await;
+            collect(pipe, &self.source, &self.config, &snapshot, stop).await;
         let mut good = Vec::with_capacity(items.len());
         let check_failure = self
             .prepare(
@@ -863,7 +855,6 @@ fn snapshot(books: &Books, path: Path) -> Snapshot {
         checked,
         path,
         idle: books.watch.len() == 0,
-        waiting_per_running: crate::pipeline::FINISHED_PER_RUNNING,
     }
 }
 
@@ -873,13 +864,12 @@ async fn collect(
     pipe: &mut Pipeline,
     source: &Arc<dyn ChainSource>,
     config: &crate::ManagerConfig,
-    batch: u32,
     snapshot: &Snapshot,
     stop: &watch::Receiver<bool>,
 ) -> (Vec<Fetched>, Option<Flow>) {
     let mut items = Vec::new();
     let mut halt = stop.clone();
-    while items.len() < batch.max(1) as usize {
+    while items.len() < config.batch_size.max(1) as usize {
         match pipe.next(Some(&mut halt)).await {
             None => break,
             Some(Ok(item)) => items.push(item),

@@ -140,10 +140,6 @@ pub(crate) struct Snapshot {
     pub(crate) path: Path,
     /// Nothing is watched: fetch nothing.
     pub(crate) idle: bool,
-    /// Fetched blocks that may wait for the loop, per running task
-    /// ([`FINISHED_PER_RUNNING`], or 1 while the strategy is first
-    /// measured: what is fetched ahead is fetched on the old path).
-    pub(crate) waiting_per_running: usize,
 }
 
 /// How a pipeline starts fetch tasks: the last source, policy and snapshot
@@ -159,7 +155,7 @@ struct Spawner {
 /// are consumed in order, and a block whose fetch is slow (its filter
 /// matched, so its block is on the way) must not stop the tasks behind it
 /// from starting, or the cores idle while it arrives.
-pub(crate) const FINISHED_PER_RUNNING: usize = 4;
+const FINISHED_PER_RUNNING: usize = 4;
 
 /// How many fetch tasks may finish before the loop is woken to start
 /// others in their place: an eighth of the prefetch depth. Waking it for
@@ -368,7 +364,7 @@ impl Pipeline {
             return;
         };
         while self.running.load(Ordering::Acquire) < spawner.prefetch
-            && self.inflight.len() < spawner.prefetch * spawner.snapshot.waiting_per_running.max(1)
+            && self.inflight.len() < spawner.prefetch * FINISHED_PER_RUNNING
         {
             let Some((height, hash, bits)) = self.headers.pop_front() else {
                 break;

@@ -64,9 +64,6 @@ pub(super) struct CostModel {
     /// Consecutive decisions that found the other path cheaper (see
     /// [`CONFIRM_SWITCH`]).
     pub(super) leaning: u32,
-    /// Batches the loop committed under the automatic strategy (each
-    /// followed by a decision, or by none while a path is unmeasured).
-    pub(super) batches: u32,
 }
 
 impl CostModel {
@@ -131,7 +128,6 @@ impl CostModel {
     /// on one noisy estimate made runs of the same sync fetch 460 blocks
     /// one time and 1,500 the next.
     fn next_path(&mut self, path: Path, scripts: usize) -> Path {
-        self.batches = self.batches.saturating_add(1);
         let Some((filter, block)) = self.per_block(scripts) else {
             return path;
         };
@@ -154,30 +150,7 @@ impl CostModel {
         }
         path
     }
-
-    /// Whether the loop is still finding out which path is cheaper: its
-    /// first [`CONFIRM_SWITCH`] batches, unless block requests have shown
-    /// a remote source (the block path is never taken from one). Those
-    /// batches are [`CALIBRATION_BATCH`] blocks, and the pipeline runs no
-    /// further ahead than its running tasks: a switch takes effect only
-    /// for blocks not yet fetched, and with batches of 250 and fetched
-    /// blocks waiting up to four times the prefetch depth, the loop
-    /// switched to the block path (in the process, 100 wallets) only
-    /// about 950 blocks in; now about 400.
-    pub(super) fn calibrating(&self) -> bool {
-        let remote = self.block_fetch.samples > 0 && self.block_fetch.value >= LOCAL_BLOCK_FETCH_NS;
-        self.batches < CONFIRM_SWITCH && !remote
-    }
 }
-
-/// The loop's batches, in blocks, while the cost model is first measured
-/// (see [`CostModel::calibrating`]): the two decisions a switch needs
-/// come 125 and 250 blocks in. At 100 wallets (a quarter of blocks
-/// match) that is 29 and 54 block checks, and runs of the benchmark
-/// switched at the second decision every time (1,604 blocks fetched in
-/// each of five); batches of 64 switched one run in five later (1,141
-/// blocks instead of 1,700): too few samples for a steady estimate.
-pub(super) const CALIBRATION_BATCH: u32 = 125;
 
 /// One, as [`CostModel::filter_fetches`] counts shares.
 pub(super) const FRACTION_ONE: u64 = 1_000_000;
@@ -308,32 +281,6 @@ mod tests {
             CostModel::default().next_path(Path::Filters, 1_000_000),
             Path::Filters
         );
-    }
-
-    #[test]
-    fn the_first_two_batches_calibrate_unless_the_source_is_remote() {
-        // Nothing measured: the first batch is a calibration batch, and
-        // so is the second, whether or not a decision could be made.
-        let mut fresh = CostModel::for_cores(2);
-        assert!(fresh.calibrating());
-        assert_eq!(fresh.next_path(Path::Filters, 100_000), Path::Filters);
-        assert!(fresh.calibrating());
-        let mut local = measured(&LOCAL);
-        assert!(local.calibrating());
-        assert_eq!(local.next_path(Path::Filters, 100_000), Path::Filters);
-        assert!(local.calibrating());
-        // The second decision switches, and calibration ends with it.
-        assert_eq!(local.next_path(Path::Filters, 100_000), Path::Blocks);
-        assert!(!local.calibrating());
-        assert_eq!(after(&mut local, Path::Blocks, 100_000, 5), Path::Blocks);
-        assert!(!local.calibrating());
-        // A source whose blocks take 5 ms: no calibration at all (the
-        // block path is never taken from it).
-        let remote = measured(&Costs {
-            block_fetch_ns: 5_000_000,
-            ..LOCAL
-        });
-        assert!(!remote.calibrating());
     }
 
     #[test]
