@@ -363,6 +363,7 @@ impl Pipeline {
         let Some(spawner) = &self.spawner else {
             return;
         };
+        let wake_below = spawner.prefetch - refill_slack(spawner.prefetch);
         while self.running.load(Ordering::Acquire) < spawner.prefetch
             && self.inflight.len() < spawner.prefetch * FINISHED_PER_RUNNING
         {
@@ -378,7 +379,6 @@ impl Pipeline {
             );
             let (finished, running) = (Arc::clone(&self.finished), Arc::clone(&self.running));
             running.fetch_add(1, Ordering::AcqRel);
-            let wake_below = spawner.prefetch - refill_slack(spawner.prefetch);
             self.inflight.push_back(tokio::spawn(async move {
                 let result = task.await;
                 let left = running.fetch_sub(1, Ordering::AcqRel) - 1;
