@@ -1,7 +1,9 @@
 //! lockstep against a real Bitcoin Core on regtest, when `BITCOIND_EXE`
 //! names a `bitcoind` binary (`BITCOIND_EXE=/path/to/bitcoind cargo xtask
-//! regtest`); without it each test says it is skipped and returns, so that
-//! `cargo test` needs no node.
+//! regtest`). They are `#[ignore]`d with the reason "needs BITCOIND_EXE",
+//! so that `cargo test` needs no node and counts them as ignored in its
+//! summary; `cargo xtask regtest` runs them with `--ignored`, and a run of
+//! them without `BITCOIND_EXE` fails instead of passing unrun.
 //!
 //! The stand-in node (`tests/it/bitcoind.rs`) follows Core's documented
 //! formats; these tests check lockstep against Core itself. Core's own
@@ -34,8 +36,9 @@ use lockstep_testkit::oracle::test_descriptors;
 use lockstep_wallet::Keychain;
 use serde_json::{Value, json};
 
-/// What a test prints when no `bitcoind` is given.
-const SKIP: &str = "skipped: set BITCOIND_EXE to a bitcoind binary to run the real-Core tests";
+/// Why the tests are ignored by default, and how to run them.
+const NEEDS: &str = "set BITCOIND_EXE to a bitcoind binary to run the real-Core tests \
+                     (BITCOIND_EXE=/path/to/bitcoind cargo xtask regtest)";
 
 /// Seed of the lockstep test wallets paid here.
 const SEED: u64 = 2917;
@@ -46,7 +49,7 @@ const WALLETS: u32 = 3;
 /// How long Core may take to start, to index, or to answer.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// The `bitcoind` to run, or `None` (the test is then skipped).
+/// The `bitcoind` to run, or `None`.
 fn bitcoind_exe() -> Option<PathBuf> {
     std::env::var_os("BITCOIND_EXE")
         .filter(|exe| !exe.is_empty())
@@ -548,18 +551,16 @@ async fn mirror_in_core(core: &Bitcoind, index: u32) {
     }
 }
 
-/// Runs `test` against the `bitcoind` that `BITCOIND_EXE` names, or says
-/// that it is skipped.
+/// Runs `test` against the `bitcoind` that `BITCOIND_EXE` names; without
+/// one the test fails (it runs only when asked for with `--ignored`).
 fn with_bitcoind<F: Future<Output = ()>>(test: impl FnOnce(PathBuf) -> F) {
-    match bitcoind_exe() {
-        Some(exe) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("the runtime starts")
-            .block_on(test(exe)),
-        None => eprintln!("{SKIP}"),
-    }
+    let exe = bitcoind_exe().unwrap_or_else(|| panic!("{NEEDS}"));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the runtime starts")
+        .block_on(test(exe))
 }
 
 async fn wallets_equal_core(exe: PathBuf) {
@@ -590,6 +591,7 @@ async fn wallets_equal_core(exe: PathBuf) {
 }
 
 #[test]
+#[ignore = "needs BITCOIND_EXE (cargo xtask regtest)"]
 fn wallets_synced_from_core_equal_core_s_own_wallets() {
     with_bitcoind(wallets_equal_core);
 }
@@ -631,6 +633,7 @@ async fn reorg_equals_core(exe: PathBuf) {
 }
 
 #[test]
+#[ignore = "needs BITCOIND_EXE (cargo xtask regtest)"]
 fn wallets_follow_a_core_reorg_as_core_s_own_wallets_do() {
     with_bitcoind(reorg_equals_core);
 }
@@ -703,6 +706,7 @@ async fn refusals(exe: PathBuf) {
 }
 
 #[test]
+#[ignore = "needs BITCOIND_EXE (cargo xtask regtest)"]
 fn core_s_refusals_are_lockstep_s_typed_errors() {
     with_bitcoind(refusals);
 }
@@ -794,6 +798,7 @@ async fn replacement(exe: PathBuf) {
 }
 
 #[test]
+#[ignore = "needs BITCOIND_EXE (cargo xtask regtest)"]
 fn a_replacement_through_core_is_refused_then_accepted() {
     with_bitcoind(replacement);
 }
@@ -838,6 +843,7 @@ async fn mempool_payment_seen(exe: PathBuf) {
 }
 
 #[test]
+#[ignore = "needs BITCOIND_EXE (cargo xtask regtest)"]
 fn a_core_mempool_payment_is_seen_before_it_confirms() {
     with_bitcoind(mempool_payment_seen);
 }

@@ -406,3 +406,26 @@ fn every_rust_file_begins_with_a_header() {
         broken,
     );
 }
+
+/// CI runs the README's test command itself, word for word: the command a
+/// newcomer is told to run is the one that decides whether work lands.
+#[test]
+fn ci_runs_the_readme_s_test_command() {
+    let readme = fs::read_to_string(root().join("README.md")).expect("README.md");
+    let ci = fs::read_to_string(root().join(".ci/run")).expect(".ci/run");
+    let test_command = readme
+        .lines()
+        .filter(|line| line.starts_with("cargo test") || line.starts_with("cargo nextest"))
+        .map(|line| line.split('#').next().unwrap_or(line).trim())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        test_command.len(),
+        1,
+        "README.md must give exactly one test command, found {test_command:?}"
+    );
+    let command = test_command[0];
+    assert!(
+        ci.lines().any(|line| line.trim() == command),
+        ".ci/run does not run the README's test command `{command}` as a line of its own"
+    );
+}
