@@ -7,6 +7,7 @@ mod crash;
 mod dispatch;
 mod events;
 mod foundation;
+mod lifecycle;
 mod live;
 mod manager;
 mod mempool;

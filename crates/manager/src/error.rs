@@ -169,10 +169,7 @@ impl ManagerError {
                 SourceErrorKind::Invalid => ErrorKind::Invalid,
             },
             ManagerError::Store(e) => store_kind(e.kind()),
-            ManagerError::Wallet(e) => match e {
-                WalletError::Store(e) => store_kind(e.kind()),
-                _ => ErrorKind::Invalid,
-            },
+            ManagerError::Wallet(e) => store_kind(e.kind()),
             ManagerError::BadFilter { .. }
             | ManagerError::FilterHeaderMismatch { .. }
             | ManagerError::BadBlock { .. }
@@ -196,5 +193,23 @@ fn store_kind(kind: StoreErrorKind) -> ErrorKind {
         StoreErrorKind::Retryable => ErrorKind::Retryable,
         StoreErrorKind::Invalid => ErrorKind::Invalid,
         StoreErrorKind::Fatal => ErrorKind::Fatal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wallet whose stored state is corrupt cannot be mended by trying
+    /// again: retrying it forever would spin the loop.
+    #[test]
+    fn a_corrupt_wallet_is_not_retried_as_bad_input() {
+        let corrupt = ManagerError::Wallet(WalletError::Corrupt {
+            wallet_id: WalletId::from_i64(3),
+            detail: "stored descriptor: bad checksum".to_owned(),
+        });
+        assert_eq!(corrupt.kind(), ErrorKind::Fatal);
+        let busy = ManagerError::Wallet(WalletError::Locked(WalletId::from_i64(3)));
+        assert_eq!(busy.kind(), ErrorKind::Invalid);
     }
 }

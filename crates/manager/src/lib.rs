@@ -366,6 +366,8 @@ impl Manager {
     /// fetched are abandoned (nothing of it is committed), a batch being
     /// committed finishes; an import (the loop's, or one a caller runs)
     /// ends at its next block boundary and is resumed at the next start.
+    /// The database's loop claim is released, so that another manager (a
+    /// standby, in this process or another) can run the loop.
     /// Returns once nothing runs, without waiting out timeouts or retries.
     pub async fn stop(&self) {
         let running = self
@@ -380,8 +382,9 @@ impl Manager {
             let _ = running.task.await;
         }
         // Whoever else holds the engine (an import, a `sync`) sees the flag
-        // at once; once it has let go, later calls may run again.
-        drop(self.shared.engine.lock().await);
+        // at once; once it has let go, later calls may run again. A stopped
+        // loop holds no claim on the database: a standby may take it.
+        self.shared.engine.lock().await.release_claim();
         self.shared.stop.send_replace(false);
         self.shared.out.status.send_if_modified(|status| {
             if matches!(status, Status::Failed { .. }) {

@@ -56,6 +56,13 @@ impl std::fmt::Debug for Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The idle readers close first: SQLite checkpoints the write-ahead
+        // log and deletes it when the last connection closes, and only a
+        // read-write connection may. Closed after the writer, they would
+        // leave the `-wal` and `-shm` files behind.
+        drop(std::mem::take(
+            &mut *self.readers.lock().unwrap_or_else(PoisonError::into_inner),
+        ));
         // Closing the channel lets the writer drain its queue and exit.
         drop(self.jobs.take());
         let Some(writer) = self.writer.take() else {

@@ -14,6 +14,7 @@
 //! keys and coin locks follow.
 
 mod descriptor;
+mod grown;
 mod live;
 mod registry;
 mod secrets;

@@ -17,7 +17,7 @@ use bitcoin::{Address, Network, ScriptBuf, Transaction, Txid};
 use lockstep_store::{ReadTx, Store, WalletId, WriteTx};
 
 use crate::descriptor::Keychain;
-use crate::registry::Shared;
+use crate::grown::Grown;
 use crate::selection::{Selection, SpendRequest};
 use crate::wallet::{Balance, Coin, HistoryTx, Wallet, WalletError};
 
@@ -30,7 +30,9 @@ pub struct LiveWallet {
     birth_height: u32,
     state: Mutex<Wallet>,
     store: Store,
-    registry: Arc<Shared>,
+    /// The registry's set of grown wallets (not the registry itself: it
+    /// holds this instance, and a handle back would keep both alive).
+    grown: Grown,
     pins: AtomicUsize,
 }
 
@@ -111,7 +113,7 @@ fn lock(m: &Mutex<Wallet>) -> MutexGuard<'_, Wallet> {
 }
 
 impl LiveWallet {
-    pub(crate) fn new(wallet: Wallet, store: Store, registry: Arc<Shared>) -> LiveWallet {
+    pub(crate) fn new(wallet: Wallet, store: Store, grown: Grown) -> LiveWallet {
         LiveWallet {
             id: wallet.id(),
             name: wallet.name().to_owned(),
@@ -119,7 +121,7 @@ impl LiveWallet {
             birth_height: wallet.birth_height(),
             state: Mutex::new(wallet),
             store,
-            registry,
+            grown,
             pins: AtomicUsize::new(0),
         }
     }
@@ -213,11 +215,7 @@ impl LiveWallet {
                     // Scripts derived outside the loop: it watches them
                     // inside its next write transaction, which SQLite runs
                     // after this one commits.
-                    me.registry
-                        .grown
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(me.id);
+                    me.grown.mark(me.id);
                 }
                 out
             })

@@ -24,13 +24,14 @@
 //! recently used first, only wallets nobody holds, nobody pinned and with
 //! no coin locked.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lockstep_store::{ReadTx, Store, StoreError, WalletId, WriteTx};
 use tokio::sync::watch;
 
+use crate::grown::Grown;
 use crate::live::LiveWallet;
 use crate::wallet::{Wallet, WalletError};
 
@@ -72,10 +73,8 @@ pub struct RegistryStats {
 
 pub(crate) struct Shared {
     slots: Mutex<Slots>,
-    /// Wallets whose scripts grew outside the chain loop (an address or a
-    /// change script revealed): the loop drains this inside its next write
-    /// transaction and watches their new scripts before committing a block.
-    pub(crate) grown: Mutex<HashSet<WalletId>>,
+    /// Wallets whose scripts grew outside the chain loop.
+    grown: Grown,
     capacity: usize,
     loads: AtomicU64,
     joined: AtomicU64,
@@ -115,7 +114,7 @@ impl Registry {
             store,
             shared: Arc::new(Shared {
                 slots: Mutex::new(Slots::default()),
-                grown: Mutex::new(HashSet::new()),
+                grown: Grown::default(),
                 capacity: capacity.max(1),
                 loads: AtomicU64::new(0),
                 joined: AtomicU64::new(0),
@@ -254,7 +253,7 @@ impl Registry {
                 let live = Arc::new(LiveWallet::new(
                     wallet,
                     self.store.clone(),
-                    Arc::clone(&self.shared),
+                    self.shared.grown.clone(),
                 ));
                 self.take_in(tx, live)
             }
@@ -321,7 +320,7 @@ impl Registry {
         let live = Arc::new(LiveWallet::new(
             wallet,
             self.store.clone(),
-            Arc::clone(&self.shared),
+            self.shared.grown.clone(),
         ));
         self.take_in(tx, live)
     }
@@ -435,13 +434,13 @@ impl Registry {
     /// call (addresses and change revealed): the loop watches their new
     /// scripts inside its next write transaction.
     pub fn take_grown(&self) -> Vec<WalletId> {
-        lock(&self.shared.grown).drain().collect()
+        self.shared.grown.take()
     }
 
     /// Has the chain loop look at wallet `id`'s scripts again inside its
     /// next write transaction.
     pub fn mark_grown(&self, id: WalletId) {
-        lock(&self.shared.grown).insert(id);
+        self.shared.grown.mark(id);
     }
 
     /// Whether wallet `id` is loaded now.

@@ -172,7 +172,10 @@ impl Engine {
     ) -> Result<(), ManagerError> {
         let owner = self.owns_loop().await?;
         let tip = if owner {
-            self.ensure_loaded().await?;
+            // An import of this wallet (or another) that a stop or a
+            // failure interrupted is finished first: this one must not
+            // take its place in the wallet's row.
+            self.ensure_started().await?;
             Some(self.tip_or_err().height)
         } else {
             self.store
@@ -224,12 +227,20 @@ impl Engine {
                 };
                 // Marked importing: a crash from here on resumes as a full
                 // rescan of the wallet from `after`, which ingest's
-                // idempotence makes exact.
-                tx.set_import_progress(wallet.id(), after, &raw_after)?;
-                Ok::<_, ManagerError>((wallet.birth_height(), scripts))
+                // idempotence makes exact. An import already waiting from
+                // lower down (another process marked it) is kept: the
+                // full rescan from there covers this one too.
+                let waiting = tx
+                    .wallet(wallet.id())?
+                    .and_then(|row| row.importing_height)
+                    .is_some_and(|height| height <= after);
+                if !waiting {
+                    tx.set_import_progress(wallet.id(), after, &raw_after)?;
+                }
+                Ok::<_, ManagerError>((wallet.birth_height(), scripts, waiting))
             })
             .await;
-        let (birth, scripts) = match result {
+        let (birth, scripts, waiting) = match result {
             Ok(done) => done,
             Err(e) => {
                 self.books = None;
@@ -238,6 +249,10 @@ impl Engine {
         };
         if !owner {
             return Ok(());
+        }
+        if waiting {
+            self.pending_imports = true;
+            return self.resume_imports().await;
         }
         tracing::info!(wallet = %id, scripts = scripts.len(), from = after + 1, "targeted import");
         self.run_import(id, birth, Some(scripts), after, Some(after_hash))
