@@ -1,4 +1,4 @@
-//! The sync benchmark of issues #6 and #17, with its own harness (one run
+//! The sync benchmark, with its own harness (one run
 //! takes minutes, not microseconds): `cargo xtask bench sync`.
 //!
 //! On the cached 2,000-block chain of [`sync_chain`] (standard load, filters
@@ -20,13 +20,13 @@
 //!   the served filter-header chain (as any BIP158 client must), and every
 //!   watched script tested against it: hashed once per block with the
 //!   block's SipHash keys and looked up in the decoded set (what any BIP158
-//!   client must do to learn whether a filter matches; up to the eleventh
-//!   session the floor hashed and dropped the hashes); nothing committed;
+//!   client must do to learn whether a filter matches: hashing alone tells
+//!   a client nothing); nothing committed;
 //! - **(d)** the floor plus the blocks any BIP158 client must fetch (those
 //!   paying the wallets, and the filters' false positives), fetched and
 //!   checked against their headers' merkle roots, as any client must before
 //!   trusting what they pay. (d)/(c) shows how much of (a)/(c) no manager can
-//!   avoid, and (a)/(d) ≤ 1.3 is issue #17's target for the manager.
+//!   avoid, and (a)/(d) ≤ 1.3 is the manager's target.
 //!
 //! Each row gives wall time, requests, filter requests, bytes, blocks
 //! fetched (per run too) and commits. Everything runs three times over:
@@ -37,7 +37,7 @@
 //! `BitcoindSource` (what a deployment next to its node pays: sockets,
 //! serialising, parsing). Then the import row: one wallet imported into a
 //! manager whose 99 wallets are synced, against a fresh manager syncing
-//! that wallet alone. The ratios are printed next to the issues' targets.
+//! that wallet alone. The ratios are printed next to their targets.
 //!
 //! Output: a markdown report on stdout, also written to
 //! `target/lockstep-bench/sync-results.md`; progress on stderr.
@@ -98,7 +98,7 @@ const FLOOR_TARGET: f64 = 1.3;
 /// (b)/(a) at least this (W = 100, charging source and HTTP).
 const ONE_BY_ONE_TARGET: f64 = 10.0;
 /// (a)/(d) at most this: the manager against the floor plus the blocks any
-/// BIP158 client must fetch (issue #17).
+/// BIP158 client must fetch.
 const BLOCKS_FLOOR_TARGET: f64 = 1.3;
 /// The automatic strategy's wall at most this times the better of the two
 /// forced ones.
@@ -317,11 +317,11 @@ impl HttpNode {
     /// connections kept: what a deployment runs with), or with
     /// `connections` in flight and kept.
     ///
-    /// The rows (a), (c) and (d) used 256 in flight (the manager's
-    /// prefetch) until the tenth session: on two cores the extra
-    /// concurrency bought nothing, and each sync opened 300-470
-    /// connections (the floor's about 256), whose handshakes and teardowns
-    /// cost both rows CPU; with 32, each opens 32-50.
+    /// The rows (a), (c) and (d) run with the defaults rather than 256 in
+    /// flight (the manager's prefetch): on two cores the extra concurrency
+    /// buys nothing, and each sync would open 300-470 connections (the
+    /// floor's about 256), whose handshakes and teardowns cost both rows
+    /// CPU; with 32, each opens 32-50.
     async fn client(&self, connections: Option<usize>) -> Res<BitcoindSource> {
         let mut config = BitcoindConfig::new(
             self.node.url(),
@@ -1472,7 +1472,7 @@ fn main() {
     let config = manager_config(Strategy::Auto);
 
     let mut out = String::new();
-    let _ = writeln!(out, "# lockstep sync benchmark (issue #6)\n");
+    let _ = writeln!(out, "# lockstep sync benchmark\n");
     let _ = writeln!(
         out,
         "- **chain**: heights 0..={tip} (`target/lockstep-bench/sync-2101.sim`), {} transactions, {:.1} MB of blocks; filters: mean {:.0} elements, min {}, max {} over the whole chain; every run scans heights {SYNC_FROM}..={tip} ({} blocks), where {} filters hold fewer than 1,000 elements{}",
@@ -1528,7 +1528,7 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "- **(c) floor**: block hashes from headers in batches of {}, the filter headers in one request beside the filters, then every filter fetched through the same kind of source by {} concurrent tokio tasks, each decoding it and testing every watched script (the W × 1,000 registered) against it: hashed once with its block's SipHash keys and looked up in the decoded set, with the manager's own matcher (until the eleventh session the floor only hashed, which tells a client nothing); in height order each filter's header is computed from the filter and the previous header and compared with the served one (the BIP157 chain check any BIP158 client makes); no commits. From {} scripts on, the watchlist is split in 2 halves matched with `rayon::join` (the manager instead matches each block on one thread, blocks in parallel across tasks: the same work on the same two cores)",
+        "- **(c) floor**: block hashes from headers in batches of {}, the filter headers in one request beside the filters, then every filter fetched through the same kind of source by {} concurrent tokio tasks, each decoding it and testing every watched script (the W × 1,000 registered) against it: hashed once with its block's SipHash keys and looked up in the decoded set, with the manager's own matcher (hashing alone tells a client nothing); in height order each filter's header is computed from the filter and the previous header and compared with the served one (the BIP157 chain check any BIP158 client makes); no commits. From {} scripts on, the watchlist is split in 2 halves matched with `rayon::join` (the manager instead matches each block on one thread, blocks in parallel across tasks: the same work on the same two cores)",
         config.header_batch,
         config.prefetch,
         thousands(PARALLEL_FROM as u64)

@@ -1,4 +1,4 @@
-//! Issue #16, durable actions: sends and consolidations that persist every
+//! Durable actions: sends and consolidations that persist every
 //! step (each step run twice, to test idempotence), survive a restart of
 //! the whole process state between any two steps, pay each payee once and
 //! leave no coin locked.

@@ -1,4 +1,4 @@
-//! Issue #16's crash test: the executor runs in a child process
+//! The durable actions' crash test: the executor runs in a child process
 //! (`src/bin/actions_child.rs`: chain, loop and executor together, every
 //! step run twice) killed with SIGKILL at random moments, some aimed just
 //! after a transaction reaches the source (between persisting it and the

@@ -22,7 +22,7 @@ use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_wallet::Keychain;
 
 const SEED: u64 = 17;
-/// Wallets synced from scratch through the node (issue #17 asks for 20).
+/// Wallets synced from scratch through the node.
 const WALLETS: u32 = 20;
 
 fn config() -> ManagerConfig {

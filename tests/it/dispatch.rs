@@ -1,4 +1,4 @@
-//! Issue #15, the dispatcher wired into the facade: sends as exclusive
+//! The dispatcher wired into the facade: sends as exclusive
 //! actions that give up the wallet once their coins are locked.
 
 use std::collections::HashMap;

@@ -1,4 +1,4 @@
-//! Issue #14, live wallets: addresses handed out and payments built on the
+//! Live wallets: addresses handed out and payments built on the
 //! one live instance of a wallet while the chain loop runs and connects
 //! blocks that pay and spend it.
 

@@ -1,6 +1,6 @@
-//! Issue #13, trust: the synced state stays exact under a second process,
-//! a lagging, lying or inconsistent source, and a hiccup in the middle of
-//! an import. Every test here failed on the code before the fix it names.
+//! Trust: the synced state stays exact under a second process, a lagging,
+//! lying or inconsistent source, and a hiccup in the middle of an import.
+//! Each test fails when the check it names is taken out.
 //!
 //! One source, [`Rig`], serves a `SimChain` that the test can swap for
 //! another branch, truncate (a lagging node), hold back filters for (an

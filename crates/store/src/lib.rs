@@ -1,5 +1,5 @@
 //! lockstep's one SQLite database: every wallet, the chain loop's state and
-//! (later) every action checkpoint live in one file, and only this crate
+//! every action checkpoint live in one file, and only this crate
 //! speaks SQL. Other crates call typed methods on a transaction handle
 //! ([`WriteTx`], [`ReadTx`]) inside a closure they pass to [`Store::write`] or
 //! [`Store::read`], so the chain loop can ingest a block for many wallets and

@@ -240,7 +240,7 @@ pub fn check_unconfirmed(
     })
 }
 
-/// The weak check this module used to make: the oracle over the scripts the
+/// The weak check: the oracle over the scripts the
 /// wallet itself derived. It passes a wallet whose window is too narrow
 /// (the payments it misses are to scripts it does not derive, so the oracle
 /// does not look for them either). Kept only so that the fault tests can

@@ -7,11 +7,12 @@
 //! can make many wallets change inside one database transaction. It never
 //! talks to the chain.
 //!
-//! Built so far (issue #5, first step): descriptors with typed errors,
-//! derivation checked against the BIP84, BIP86 and BIP341 vectors, and a
-//! persisted lookahead window that moves forward the moment an index is
-//! used. Coins, ingest and its inverse, coin selection, signing, encrypted
-//! keys and coin locks follow.
+//! It owns: descriptors with typed errors (derivation checked against the
+//! BIP84, BIP86 and BIP341 vectors); a persisted lookahead window that
+//! moves forward the moment an index is used; coins, ingest of routed
+//! transactions and its exact inverse (disconnect); coin selection under
+//! locks; PSBT signing; private descriptors encrypted at rest; and the
+//! registry that keeps one live instance of each wallet per process.
 
 mod descriptor;
 mod grown;
