@@ -11,6 +11,7 @@ mod lifecycle;
 mod live;
 mod manager;
 mod mempool;
+mod parking;
 mod regtest;
 mod tidy;
 mod trust;

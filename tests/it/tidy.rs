@@ -429,3 +429,21 @@ fn ci_runs_the_readme_s_test_command() {
         ".ci/run does not run the README's test command `{command}` as a line of its own"
     );
 }
+
+/// The fault switches are for tests: only the test package turns on the
+/// store's `faults` feature, so that a build of the binaries or the
+/// library alone holds none of them.
+#[test]
+fn only_the_tests_enable_the_fault_switches() {
+    let broken = all_manifests()
+        .into_iter()
+        .filter(|manifest| manifest.path != "tests/Cargo.toml")
+        .filter_map(|manifest| {
+            let text = fs::read_to_string(root().join(&manifest.path)).expect("a manifest");
+            text.lines()
+                .any(|line| line.contains("features") && line.contains("\"faults\""))
+                .then(|| format!("{} enables the faults feature", manifest.path))
+        })
+        .collect();
+    assert_none("the faults feature outside tests/", broken);
+}

@@ -113,20 +113,35 @@ pub mod rig {
             .expect("the chain generates");
             let store = Store::open(&dir.join("lockstep.db"), StoreOptions::default())
                 .expect("the database opens");
-            let config = ManagerConfig {
+            let manager = Manager::new(store.clone(), Arc::new(chain.clone()), Rig::config());
+            Rig {
+                chain,
+                store,
+                manager,
+            }
+        }
+
+        /// The rig's manager configuration: small batches, quick polls.
+        pub fn config() -> ManagerConfig {
+            ManagerConfig {
                 batch_size: 8,
                 prefetch: 4,
                 poll_interval: Duration::from_millis(10),
                 initial_backoff: Duration::from_millis(5),
                 max_backoff: Duration::from_millis(50),
                 ..ManagerConfig::default()
-            };
-            let manager = Manager::new(store.clone(), Arc::new(chain.clone()), config);
-            Rig {
-                chain,
-                store,
-                manager,
             }
+        }
+
+        /// Replaces the manager with a new one on the same database and
+        /// chain, as a restarted process has (nothing loaded yet). Stop
+        /// the old one first.
+        pub fn restart(&mut self) {
+            self.manager = Manager::new(
+                self.store.clone(),
+                Arc::new(self.chain.clone()),
+                Rig::config(),
+            );
         }
 
         /// Registers test wallet `index` (born at height 1).

@@ -256,12 +256,12 @@ impl Books {
         touched.dedup();
     }
 
-    /// Books of the active wallets (those not importing), read from the
+    /// Books of the active wallets (neither importing nor parked), read from the
     /// database: their stored scripts and coins (no wallet is loaded).
     pub(crate) fn load_active(tx: &ReadTx<'_>, registry: &Registry) -> Result<Books, ManagerError> {
         let mut books = Books::empty(registry);
         for row in tx.wallets()? {
-            if row.importing_height.is_none() {
+            if row.is_active() {
                 books.add_wallet(tx, row.wallet_id)?;
             }
         }
@@ -380,9 +380,14 @@ impl Books {
             if !self.wallets.contains_key(&id) {
                 continue;
             }
-            let live = self.registry.get_in(tx, id)?;
+            let live = self
+                .registry
+                .get_in(tx, id)
+                .map_err(|e| ManagerError::of_wallet(id, e))?;
             let mut wallet = live.wallet_in(tx);
-            wallet.refresh_if_moved(tx)?;
+            wallet
+                .refresh_if_moved(tx)
+                .map_err(|e| ManagerError::of_wallet(id, e))?;
             self.watch_derived(id, &wallet, &NewScripts::default(), &mut added);
         }
         Ok(())
@@ -433,18 +438,23 @@ impl Books {
         let mut waiting = false;
         for row in tx.wallets()? {
             let id = row.wallet_id;
-            match (row.importing_height, self.wallets.contains_key(&id)) {
-                (None, false) => {
+            let importing = row.importing_height.is_some();
+            match (row.is_active(), self.wallets.contains_key(&id)) {
+                (true, false) => {
                     tracing::info!(wallet = %id, name = %row.name, "a wallet registered elsewhere joins the loop");
                     self.add_wallet(tx, id)?;
                 }
-                (Some(_), true) => {
-                    tracing::info!(wallet = %id, "an import of this wallet was started elsewhere");
+                (false, true) => {
+                    if importing {
+                        tracing::info!(wallet = %id, "an import of this wallet was started elsewhere");
+                    } else {
+                        tracing::info!(wallet = %id, "this wallet was parked elsewhere");
+                    }
                     self.remove_wallet(id);
-                    waiting = true;
+                    waiting |= importing;
                 }
-                (Some(_), false) => waiting = true,
-                (None, true) => {}
+                (false, false) => waiting |= importing,
+                (true, true) => {}
             }
         }
         *seen = Some(version);

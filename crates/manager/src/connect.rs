@@ -194,9 +194,14 @@ fn connect_block(
                 if !books.wallets.contains_key(&id) {
                     continue;
                 }
-                let live = books.registry.get_in(tx, id)?;
+                let live = books
+                    .registry
+                    .get_in(tx, id)
+                    .map_err(|e| ManagerError::of_wallet(id, e))?;
                 let mut wallet = live.wallet_in(tx);
-                let summary = wallet.ingest(tx, height, std::slice::from_ref(t))?;
+                let summary = wallet
+                    .ingest(tx, height, std::slice::from_ref(t))
+                    .map_err(|e| ManagerError::of_wallet(id, e))?;
                 if !t.is_coinbase() {
                     for input in &t.input {
                         if let Some(owners) = books.outpoints.get_mut(&input.previous_output) {

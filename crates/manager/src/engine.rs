@@ -459,6 +459,9 @@ impl Engine {
             Err(e) => {
                 // The books may be ahead of what was committed: read again.
                 self.mempool.forget_checks();
+                if let Some(wallet) = e.wallet_to_park() {
+                    self.park(wallet, &e).await?;
+                }
                 return Err(e);
             }
         };
@@ -502,7 +505,46 @@ impl Engine {
             self.pipe = None;
             return Ok(StepOutcome::Stopped);
         }
-        result
+        match result {
+            Err(error) => match error.wallet_to_park() {
+                Some(wallet) => {
+                    self.park(wallet, &error).await?;
+                    Ok(StepOutcome::Progress)
+                }
+                None => Err(error),
+            },
+            ok => ok,
+        }
+    }
+
+    /// Parks `wallet`, which `error` says cannot be processed: marked in
+    /// the database with the error and the height its state is synced to
+    /// (the batch that failed was rolled back), out of the books, its live
+    /// instance unloaded; the loop goes on for every other wallet.
+    pub(crate) async fn park(
+        &mut self,
+        wallet: WalletId,
+        error: &ManagerError,
+    ) -> Result<(), ManagerError> {
+        let text = error.to_string();
+        let reason = text.clone();
+        let height = self
+            .store
+            .write(move |tx| tx.park_wallet(wallet, &reason))
+            .await?;
+        if let Some(books) = &mut self.books {
+            books.remove_wallet(wallet);
+        }
+        self.registry.unload(wallet);
+        self.pipe = None;
+        tracing::error!(%wallet, height, error = %text, "wallet parked; the loop goes on for the others");
+        Counters::add(&self.out.counters.parked, 1);
+        self.out.publish(Event::WalletParked {
+            wallet,
+            height,
+            error: text,
+        });
+        Ok(())
     }
 
     async fn step_once(&mut self) -> Result<StepOutcome, ManagerError> {

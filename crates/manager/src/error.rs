@@ -37,6 +37,18 @@ pub enum ManagerError {
     /// A wallet refused (see [`WalletError::kind`]).
     #[error(transparent)]
     Wallet(#[from] WalletError),
+    /// One wallet could not be processed (its stored state is corrupt, or
+    /// a block or transaction it must record is refused by it). Unless
+    /// retrying can help, the loop parks it (see [`crate::Manager::resume_wallet`])
+    /// and goes on for every other wallet.
+    #[error("wallet {wallet} cannot be processed: {source}")]
+    WalletFailed {
+        /// The wallet.
+        wallet: WalletId,
+        /// Why.
+        #[source]
+        source: WalletError,
+    },
     /// The source sent a basic filter that does not decode.
     #[error("basic filter of block {hash} at height {height} is corrupt")]
     BadFilter {
@@ -169,7 +181,9 @@ impl ManagerError {
                 SourceErrorKind::Invalid => ErrorKind::Invalid,
             },
             ManagerError::Store(e) => store_kind(e.kind()),
-            ManagerError::Wallet(e) => store_kind(e.kind()),
+            ManagerError::Wallet(e) | ManagerError::WalletFailed { source: e, .. } => {
+                store_kind(e.kind())
+            }
             ManagerError::BadFilter { .. }
             | ManagerError::FilterHeaderMismatch { .. }
             | ManagerError::BadBlock { .. }
@@ -184,6 +198,39 @@ impl ManagerError {
             ManagerError::Stopped
             | ManagerError::SourceBehind { .. }
             | ManagerError::LoopElsewhere => ErrorKind::Retryable,
+        }
+    }
+}
+
+impl ManagerError {
+    /// `error` of wallet `wallet`, attributed to it unless it is the
+    /// database's (a busy or failing database is every wallet's problem,
+    /// not one wallet's).
+    pub(crate) fn of_wallet(wallet: WalletId, error: WalletError) -> ManagerError {
+        let database = match &error {
+            WalletError::Store(_) => true,
+            WalletError::LoadFailed { error, .. } => matches!(**error, WalletError::Store(_)),
+            _ => false,
+        };
+        if database {
+            ManagerError::Wallet(error)
+        } else {
+            ManagerError::WalletFailed {
+                wallet,
+                source: error,
+            }
+        }
+    }
+
+    /// The wallet to park for this error: one wallet's failure that
+    /// retrying cannot mend.
+    pub(crate) fn wallet_to_park(&self) -> Option<WalletId> {
+        match self {
+            ManagerError::WalletFailed { wallet, .. } if self.kind() != ErrorKind::Retryable => {
+                Some(*wallet)
+            }
+            ManagerError::ImportIncomplete { source, .. } => source.wallet_to_park(),
+            _ => None,
         }
     }
 }
@@ -211,5 +258,21 @@ mod tests {
         assert_eq!(corrupt.kind(), ErrorKind::Fatal);
         let busy = ManagerError::Wallet(WalletError::Locked(WalletId::from_i64(3)));
         assert_eq!(busy.kind(), ErrorKind::Invalid);
+    }
+
+    /// A wallet's own failure parks it; the database's does not.
+    #[test]
+    fn only_a_wallet_s_own_lasting_failure_parks_it() {
+        let id = WalletId::from_i64(4);
+        let corrupt = WalletError::Corrupt {
+            wallet_id: id,
+            detail: "x".to_owned(),
+        };
+        assert_eq!(
+            ManagerError::of_wallet(id, corrupt).wallet_to_park(),
+            Some(id)
+        );
+        let closed = WalletError::Store(StoreError::Closed);
+        assert_eq!(ManagerError::of_wallet(id, closed).wallet_to_park(), None);
     }
 }

@@ -70,6 +70,17 @@ pub enum Event {
         /// The loop's tip it joined at.
         height: u32,
     },
+    /// A wallet could not be processed and was parked: the loop goes on
+    /// for every other wallet; [`crate::Manager::resume_wallet`] takes it
+    /// back.
+    WalletParked {
+        /// The wallet.
+        wallet: WalletId,
+        /// The height its state is synced to.
+        height: u32,
+        /// Why.
+        error: String,
+    },
     /// A transaction in the source's mempool touches these wallets: they
     /// recorded it as unconfirmed.
     Unconfirmed {
@@ -120,6 +131,8 @@ pub struct Stats {
     pub commits: u64,
     /// Imports finished.
     pub imports: u64,
+    /// Wallets parked.
+    pub parked: u64,
     /// Switches between the filter and the block strategy.
     pub strategy_switches: u64,
 }
@@ -133,6 +146,7 @@ pub(crate) struct Counters {
     pub(crate) false_positives: AtomicU64,
     pub(crate) commits: AtomicU64,
     pub(crate) imports: AtomicU64,
+    pub(crate) parked: AtomicU64,
     pub(crate) strategy_switches: AtomicU64,
 }
 
@@ -151,6 +165,7 @@ impl Counters {
             false_positives: get(&self.false_positives),
             commits: get(&self.commits),
             imports: get(&self.imports),
+            parked: get(&self.parked),
             strategy_switches: get(&self.strategy_switches),
         }
     }

@@ -49,7 +49,7 @@ use std::time::{Duration, SystemTime};
 
 use bitcoin::{BlockHash, ScriptBuf};
 use lockstep_chain::{BlockId, ChainSource};
-use lockstep_store::{Store, WalletId, WriteTx};
+use lockstep_store::{Parked, Store, WalletId, WriteTx};
 use lockstep_wallet::{
     DEFAULT_LOOKAHEAD, FirstScripts, Keychain, LiveWallet, Registry, WalletDescriptors, WalletError,
 };
@@ -174,6 +174,9 @@ pub struct WalletInfo {
     pub birth_height: u32,
     /// While it is being imported: the height its scan has reached.
     pub importing: Option<u32>,
+    /// While it is parked: where its state is synced to, and why (see
+    /// [`Manager::resume_wallet`]).
+    pub parked: Option<Parked>,
 }
 
 /// Which scripts of a wallet a targeted import rescans.
@@ -335,6 +338,7 @@ impl Manager {
                         name: row.name,
                         birth_height: row.birth_height,
                         importing: row.importing_height,
+                        parked: row.parked,
                     })
                     .collect())
             })
@@ -507,6 +511,23 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         let mut engine = self.shared.engine.lock().await;
         let result = engine.import_scripts(wallet, scripts, from_height).await;
+        self.release_unless_looping(&mut engine);
+        result
+    }
+
+    /// Takes back a parked wallet (once the operator has mended what
+    /// parked it): it is imported from the height it was parked at, with
+    /// the world stopped as for any import, and joins the loop at its
+    /// tip; no restart. Returns once it has joined (at once if it was not
+    /// parked). If another process runs the loop, that loop imports it.
+    ///
+    /// # Errors
+    /// [`ManagerError::UnknownWallet`]; a source or database failure (the
+    /// wallet then stays marked importing, and the loop finishes it); the
+    /// wallet's own failure again (it is parked again, with the new error).
+    pub async fn resume_wallet(&self, wallet: WalletId) -> Result<(), ManagerError> {
+        let mut engine = self.shared.engine.lock().await;
+        let result = engine.resume_wallet(wallet).await;
         self.release_unless_looping(&mut engine);
         result
     }

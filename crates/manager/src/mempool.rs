@@ -233,8 +233,14 @@ pub(crate) fn record_mempool(
         let txid = Txid::from_byte_array(row.txid);
         let in_mempool = listed.contains(&txid);
         if in_mempool == row.left_mempool || (!in_mempool && row.from_mempool) {
-            let live = books.registry.get_in(tx, id)?;
-            let changed = live.wallet_in(tx).set_in_mempool(tx, txid, in_mempool)?;
+            let live = books
+                .registry
+                .get_in(tx, id)
+                .map_err(|e| ManagerError::of_wallet(id, e))?;
+            let changed = live
+                .wallet_in(tx)
+                .set_in_mempool(tx, txid, in_mempool)
+                .map_err(|e| ManagerError::of_wallet(id, e))?;
             if changed && !in_mempool {
                 left.entry(txid).or_default().push(id);
             }
@@ -244,7 +250,8 @@ pub(crate) fn record_mempool(
         }
         have.insert((id, txid));
         if in_mempool && !row.conflicted {
-            let t = lockstep_wallet::decode_stored(id, &row.raw)?;
+            let t = lockstep_wallet::decode_stored(id, &row.raw)
+                .map_err(|e| ManagerError::of_wallet(id, e))?;
             for (vout, out) in t.output.iter().enumerate() {
                 owners.clear();
                 books.watch.wallets_of(&out.script_pubkey, &mut owners);
@@ -309,9 +316,15 @@ fn record_pass(
             if !books.wallets.contains_key(&id) || have.contains(&(id, txid)) {
                 continue;
             }
-            let live = books.registry.get_in(tx, id)?;
+            let live = books
+                .registry
+                .get_in(tx, id)
+                .map_err(|e| ManagerError::of_wallet(id, e))?;
             let mut wallet = live.wallet_in(tx);
-            let Some(new_scripts) = wallet.record_from_mempool(tx, t)? else {
+            let Some(new_scripts) = wallet
+                .record_from_mempool(tx, t)
+                .map_err(|e| ManagerError::of_wallet(id, e))?
+            else {
                 continue;
             };
             have.insert((id, txid));

@@ -100,7 +100,7 @@ pub use actions::{CheckpointRow, OutcomeRow};
 pub use error::{ErrorKind, OpenError, SqliteError, StoreError};
 pub use open::StoreOptions;
 pub use store::{LoopClaim, Store};
-pub use tx::{BlockHash, ReadTx, WalletId, WalletRow, WriteTx};
+pub use tx::{BlockHash, Parked, ReadTx, WalletId, WalletRow, WriteTx};
 pub use wallet_tables::{
     CoinRow, Disconnected, KeychainRow, NewKeychain, PendingBroadcast, UnconfirmedRow, WalletTxRow,
 };

@@ -240,6 +240,24 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE wallet_txs ADD COLUMN from_mempool INTEGER NOT NULL DEFAULT 0 CHECK (from_mempool IN (0, 1));
     ALTER TABLE wallet_txs ADD COLUMN left_mempool INTEGER NOT NULL DEFAULT 0 CHECK (left_mempool IN (0, 1));
     ",
+    // v12: parked wallets. A wallet the chain loop could not process (its
+    // stored state is corrupt, say) is parked: `parked_height` is the
+    // height its state is synced to (and `parked_hash` that block's hash,
+    // when known), `parked_error` why. The loop serves every other wallet
+    // meanwhile; resuming the wallet turns it into an import from the
+    // parked height. Parking and resuming bump the registry version, so a
+    // loop in another process sees it at its next commit.
+    "
+    ALTER TABLE wallets ADD COLUMN parked_height INTEGER NULL CHECK (parked_height BETWEEN 0 AND 4294967295);
+    ALTER TABLE wallets ADD COLUMN parked_hash BLOB NULL CHECK (parked_hash IS NULL OR length(parked_hash) = 32);
+    ALTER TABLE wallets ADD COLUMN parked_error TEXT NULL;
+
+    CREATE TRIGGER wallet_park_changed AFTER UPDATE OF parked_height ON wallets
+    WHEN (OLD.parked_height IS NULL) != (NEW.parked_height IS NULL)
+    BEGIN
+        UPDATE registry_version SET version = version + 1 WHERE id = 0;
+    END;
+    ",
 ];
 
 /// The latest schema version this build knows.

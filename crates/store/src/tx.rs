@@ -56,11 +56,31 @@ pub struct WalletRow {
     /// How many addresses it has handed out (any process): a change tells
     /// a loop that holds the wallet to read it again.
     pub reveals: u64,
+    /// Set while the wallet is parked: the chain loop could not process it
+    /// and serves the others (see [`WriteTx::park_wallet`]).
+    pub parked: Option<Parked>,
+}
+
+/// Why and where a wallet is parked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Parked {
+    /// The height its stored state is synced to.
+    pub height: u32,
+    /// That block's hash, when known.
+    pub hash: Option<BlockHash>,
+    /// The error that parked it.
+    pub error: String,
 }
 
 impl WalletRow {
-    const COLUMNS: &'static str =
-        "wallet_id, name, birth_height, importing_height, created_at, importing_hash, reveals";
+    /// Whether the chain loop serves it: neither importing nor parked.
+    pub fn is_active(&self) -> bool {
+        self.importing_height.is_none() && self.parked.is_none()
+    }
+
+    const COLUMNS: &'static str = "wallet_id, name, birth_height, importing_height, created_at, \
+         importing_hash, reveals, parked_height, parked_hash, parked_error";
 
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
@@ -71,6 +91,14 @@ impl WalletRow {
             created_at: row.get(4)?,
             importing_hash: row.get(5)?,
             reveals: row.get::<_, i64>(6)?.unsigned_abs(),
+            parked: match row.get::<_, Option<u32>>(7)? {
+                Some(height) => Some(Parked {
+                    height,
+                    hash: row.get(8)?,
+                    error: row.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                }),
+                None => None,
+            },
         })
     }
 }
@@ -405,6 +433,86 @@ impl WriteTx<'_> {
             return Err(StoreError::WalletNotFound { wallet_id });
         }
         Ok(())
+    }
+
+    /// Parks a wallet the chain loop cannot process, with `error`: at the
+    /// height its stored state is synced to (its import's progress if it
+    /// was importing, the loop's tip otherwise). The loop leaves it alone
+    /// until [`resume_wallet`](Self::resume_wallet). Returns that height.
+    ///
+    /// # Errors
+    /// [`StoreError::WalletNotFound`] (invalid) if no wallet has this id;
+    /// otherwise busy (retry), corrupt or full disk (fatal).
+    pub fn park_wallet(&mut self, wallet_id: WalletId, error: &str) -> Result<u32, StoreError> {
+        let row = self
+            .wallet(wallet_id)?
+            .ok_or(StoreError::WalletNotFound { wallet_id })?;
+        if let Some(parked) = row.parked {
+            return Ok(parked.height);
+        }
+        let (height, hash) = match row.importing_height {
+            Some(height) => (height, row.importing_hash),
+            None => match self.tip()? {
+                Some((height, hash)) => (height, Some(hash)),
+                None => (row.birth_height.saturating_sub(1), None),
+            },
+        };
+        self.tx()
+            .prepare_cached(
+                "UPDATE wallets SET parked_height = ?2, parked_hash = ?3, parked_error = ?4, \
+                 importing_height = NULL, importing_hash = NULL WHERE wallet_id = ?1",
+            )
+            .or_store()?
+            .execute(params![wallet_id.0, height, hash, error])
+            .or_store()?;
+        Ok(height)
+    }
+
+    /// Lowers a parked wallet's height to `height` (whose block is `hash`):
+    /// a reorg disconnected what it held above.
+    ///
+    /// # Errors
+    /// Busy (retry), corrupt or full disk (fatal).
+    pub fn set_parked_height(
+        &mut self,
+        wallet_id: WalletId,
+        height: u32,
+        hash: &BlockHash,
+    ) -> Result<(), StoreError> {
+        self.tx()
+            .prepare_cached(
+                "UPDATE wallets SET parked_height = ?2, parked_hash = ?3 \
+                 WHERE wallet_id = ?1 AND parked_height IS NOT NULL",
+            )
+            .or_store()?
+            .execute(params![wallet_id.0, height, hash])
+            .or_store()?;
+        Ok(())
+    }
+
+    /// Takes a parked wallet back: it becomes an import from the height it
+    /// was parked at, which the chain loop finishes before it goes on.
+    /// Returns that height, or `None` if the wallet was not parked.
+    ///
+    /// # Errors
+    /// [`StoreError::WalletNotFound`] (invalid) if no wallet has this id;
+    /// otherwise busy (retry), corrupt or full disk (fatal).
+    pub fn resume_wallet(&mut self, wallet_id: WalletId) -> Result<Option<u32>, StoreError> {
+        let row = self
+            .wallet(wallet_id)?
+            .ok_or(StoreError::WalletNotFound { wallet_id })?;
+        let Some(parked) = row.parked else {
+            return Ok(None);
+        };
+        self.tx()
+            .prepare_cached(
+                "UPDATE wallets SET importing_height = ?2, importing_hash = ?3, \
+                 parked_height = NULL, parked_hash = NULL, parked_error = NULL WHERE wallet_id = ?1",
+            )
+            .or_store()?
+            .execute(params![wallet_id.0, parked.height, parked.hash])
+            .or_store()?;
+        Ok(Some(parked.height))
     }
 
     /// Records that a wallet's import has scanned every block up to

@@ -369,8 +369,13 @@ impl Registry {
     /// valid): after a write transaction that changed them failed, their
     /// memory may be ahead of the database. Unlocked keys stay unlocked.
     ///
+    /// A wallet that fails to load for a reason of its own (its stored
+    /// state is corrupt) is unloaded instead, so that one broken wallet
+    /// does not stop the others: its next load fails again, where the
+    /// caller knows whose failure it is.
+    ///
     /// # Errors
-    /// A wallet failed to load.
+    /// The database's error.
     pub fn reload_in(&self, tx: &ReadTx<'_>) -> Result<(), WalletError> {
         let live: Vec<Arc<LiveWallet>> = lock(&self.shared.slots)
             .slots
@@ -381,9 +386,26 @@ impl Registry {
             })
             .collect();
         for wallet in live {
-            wallet.reload_in(tx)?;
+            match wallet.reload_in(tx) {
+                Ok(()) => {}
+                Err(error @ WalletError::Store(_)) => return Err(error),
+                Err(error) => {
+                    tracing::error!(wallet = %wallet.id(), %error, "a wallet failed to reload: unloaded");
+                    self.unload(wallet.id());
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Drops wallet `id`'s live instance (a parked wallet's, whose memory
+    /// may be ahead of the database): the next [`get_or_load`](Self::get_or_load)
+    /// loads it again from the database.
+    pub fn unload(&self, id: WalletId) {
+        let mut slots = lock(&self.shared.slots);
+        if matches!(slots.slots.get(&id), Some(Slot::Live { .. })) {
+            slots.slots.remove(&id);
+        }
     }
 
     /// Reloads wallet `id`'s live instance from `tx` in place, if it is

@@ -78,6 +78,39 @@ impl Engine {
         Ok(())
     }
 
+    /// Takes a parked wallet back as an import from its parked height,
+    /// and (if this engine runs the loop) runs it now.
+    pub(crate) async fn resume_wallet(&mut self, id: WalletId) -> Result<(), ManagerError> {
+        let owner = self.owns_loop().await?;
+        if owner {
+            self.ensure_loaded().await?;
+        }
+        let resumed = self
+            .store
+            .write(move |tx| match tx.resume_wallet(id) {
+                Err(lockstep_store::StoreError::WalletNotFound { .. }) => {
+                    Err(ManagerError::UnknownWallet(id))
+                }
+                other => Ok(other?),
+            })
+            .await?;
+        let Some(height) = resumed else {
+            return Ok(());
+        };
+        tracing::info!(wallet = %id, from = height + 1, "resuming a parked wallet");
+        if !owner {
+            return Ok(());
+        }
+        self.pending_imports = true;
+        let resumed = self.resume_imports().await;
+        if let Err(error) = &resumed
+            && let Some(wallet) = error.wallet_to_park()
+        {
+            self.park(wallet, error).await?;
+        }
+        resumed
+    }
+
     /// Registers a wallet. Born above the loop's tip, it joins at once;
     /// otherwise it is imported (the world stands still meanwhile). The
     /// same name with the same descriptors again returns the wallet (and

@@ -159,6 +159,9 @@ impl Engine {
                     if row.importing_height.is_some_and(|h| h > fork_height) {
                         tx.set_import_progress(row.wallet_id, fork_height, &raw_fork)?;
                     }
+                    if row.parked.is_some_and(|p| p.height > fork_height) {
+                        tx.set_parked_height(row.wallet_id, fork_height, &raw_fork)?;
+                    }
                 }
                 tx.delete_block_hashes_above(fork_height)?;
                 tx.set_tip(fork_height, &raw_fork)?;

@@ -234,6 +234,29 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// See [`crate::faults::overwrite_descriptor`].
+    #[cfg(feature = "faults")]
+    pub(crate) fn overwrite_descriptor(
+        &mut self,
+        wallet_id: WalletId,
+        keychain: u8,
+        descriptor: &str,
+    ) -> Result<(), StoreError> {
+        let changed = self
+            .read
+            .tx
+            .prepare_cached(
+                "UPDATE wallet_keychains SET descriptor = ?3 WHERE wallet_id = ?1 AND keychain = ?2",
+            )
+            .or_store()?
+            .execute(params![wallet_id.as_i64(), keychain, descriptor])
+            .or_store()?;
+        if changed == 0 {
+            return Err(StoreError::WalletNotFound { wallet_id });
+        }
+        Ok(())
+    }
+
     /// Stores a keychain's encrypted private descriptor (already encrypted
     /// by the caller: the store never sees a secret in clear).
     ///
