@@ -10,9 +10,11 @@
 //! two at a tenth of the CPU; both `BitcoindSource` (before it answers) and
 //! the manager (for any source) use these.
 
-use bitcoin::Block;
 use bitcoin::consensus::Encodable as _;
 use bitcoin::hashes::{Hash as _, sha256d};
+use bitcoin::{Block, BlockHash};
+
+use crate::source::{Missing, SourceError};
 
 /// Checks that `block`'s transactions hash to its header's merkle root, and
 /// that no two sibling nodes of the tree are equal: a block whose last
@@ -126,6 +128,31 @@ fn merkle_root(mut level: Vec<[u8; 32]>) -> ([u8; 32], bool) {
         level.truncate(level.len() / 2);
     }
     (level[0], mutated)
+}
+
+/// A block's header and transactions checked against the hash asked for:
+/// the header hashes to it and the transactions to its Merkle root (and,
+/// with witnesses, to the coinbase's witness commitment).
+pub fn check_block(block: &Block, hash: BlockHash) -> Result<(), SourceError> {
+    let what = Missing::Block(hash);
+    if block.block_hash() != hash {
+        return Err(invalid(what, "the block has another hash"));
+    }
+    if let Err(reason) = check_merkle_root(block) {
+        return Err(invalid(what, reason));
+    }
+    if !check_witness_commitment(block) {
+        return Err(invalid(what, "the witnesses do not match the commitment"));
+    }
+    Ok(())
+}
+
+/// A [`SourceError::Invalid`] of `what`.
+fn invalid(what: Missing, reason: impl std::fmt::Display) -> SourceError {
+    SourceError::Invalid {
+        what,
+        reason: reason.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 
 mod bitcoind;
 pub mod block_checks;
+pub mod core_format;
 pub mod filters;
 pub mod metered;
 mod sim;
@@ -29,7 +30,9 @@ pub mod simnode;
 mod source;
 pub mod verify;
 
-pub use bitcoind::{BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, LOOP_TURNS};
+pub use bitcoind::{
+    BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, LOOP_TURNS, RpcFailure,
+};
 pub use simnode::{Lie, SimNode, SimNodeConfig, SimNodeError};
 
 pub use sim::{

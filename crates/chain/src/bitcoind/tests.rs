@@ -9,7 +9,20 @@ use std::time::Duration;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::{Amount, CompressedPublicKey, ScriptBuf, TxOut};
 
-use super::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bitcoin::consensus::encode::serialize;
+use bitcoin::hashes::Hash;
+use bitcoin::{BlockHash, Network};
+use serde_json::json;
+
+use crate::block_checks::check_block;
+use crate::core_format::parse_rest_filter;
+use crate::{
+    BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, BlockId, BroadcastError,
+    ChainSource, Missing, RejectReason, RpcFailure, SourceError,
+};
 use crate::{Lie, SimChain, SimNode, SimNodeConfig, SimParams, SourceErrorKind};
 
 fn key(n: u8) -> SecretKey {
@@ -384,10 +397,7 @@ async fn a_restarted_node_with_a_new_cookie_is_picked_up() {
     assert_eq!(source.tip().await.unwrap(), chain.tip());
     // REST needs no login; the RPC path re-reads the cookie.
     assert_eq!(
-        source
-            .call(Lane::Loop, "getblockcount", json!([]))
-            .await
-            .unwrap(),
+        source.rpc("getblockcount", json!([])).await.unwrap(),
         json!(chain.height())
     );
     // A cookie that cannot be read any more is a configuration error.
@@ -405,7 +415,7 @@ async fn a_restarted_node_with_a_new_cookie_is_picked_up() {
     .unwrap();
     let tx = chain.mempool();
     assert!(tx.is_empty());
-    match source.call(Lane::Loop, "getblockcount", json!([])).await {
+    match source.rpc("getblockcount", json!([])).await {
         Err(RpcFailure::Unauthorized) => {}
         other => panic!("{other:?}"),
     }

@@ -10,7 +10,6 @@
 //! is listed on [`SimNode`]. [`SimNodeConfig`] plays misconfigured and
 //! lying nodes, for clients' error paths.
 
-pub mod format;
 mod rest;
 mod rpc;
 mod zmq;

@@ -19,9 +19,9 @@ use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use serde_json::Value;
 
-use super::format::*;
 use super::rest::hex;
 use super::{Shared, reply};
+use crate::core_format::*;
 
 /// A JSON object with its fields in the order they were put (Core's order).
 #[derive(Debug, Default)]
