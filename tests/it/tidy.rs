@@ -28,6 +28,7 @@ const GRAPH: &[(&str, Option<&[&str]>)] = &[
     (
         "lockstep-testkit",
         Some(&[
+            "lockstep-sim",
             "lockstep-chain",
             "lockstep-store",
             "lockstep-wallet",
@@ -56,6 +57,7 @@ const GRAPH: &[(&str, Option<&[&str]>)] = &[
     ("lockstep-dispatcher", Some(&[])),
     ("lockstep-wallet", Some(&["lockstep-store"])),
     ("lockstep-filter", Some(&[])),
+    ("lockstep-sim", Some(&["lockstep-chain"])),
     ("lockstep-chain", Some(&[])),
     ("lockstep-store", Some(&[])),
 ];

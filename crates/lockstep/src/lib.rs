@@ -13,8 +13,10 @@
 //!
 //! It re-exports the [`bitcoin`] and [`miniscript`] crates it is built on,
 //! so an embedder uses the same versions, and [`chain`]: the
-//! [`chain::ChainSource`] trait a node implements, and the embedded
-//! simulated regtest chain [`chain::SimChain`].
+//! [`chain::ChainSource`] trait a node implements, and
+//! [`chain::BitcoindSource`], Bitcoin Core as a source. The simulated
+//! regtest chain the examples run on is the `lockstep-sim` crate, a
+//! dev-dependency only: an embedder's build carries none of it.
 
 use std::path::Path;
 use std::sync::Arc;

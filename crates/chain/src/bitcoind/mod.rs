@@ -20,8 +20,6 @@ mod error;
 mod rest;
 mod rpc;
 mod source;
-#[cfg(test)]
-mod tests;
 mod zmq;
 
 use std::sync::RwLock;

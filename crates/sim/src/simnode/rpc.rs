@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::rest::hex;
 use super::{Shared, reply};
-use crate::core_format::*;
+use lockstep_chain::core_format::*;
 
 /// A JSON object with its fields in the order they were put (Core's order).
 #[derive(Debug, Default)]

@@ -3,7 +3,7 @@
 //! Core's formats (bodies, content types, status codes, RPC error codes
 //! and messages, cookie authentication).
 //!
-//! It exists so that [`crate::BitcoindSource`] — and any other Core client
+//! It exists so that [`lockstep_chain::BitcoindSource`] — and any other Core client
 //! — can be tested, benchmarked and demonstrated over real HTTP without a
 //! `bitcoind`. Formats follow Core 28/29's `doc/REST-interface.md`,
 //! `src/rest.cpp` and `src/rpc/*.cpp`; what it serves and what it does not
