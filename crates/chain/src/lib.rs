@@ -18,6 +18,16 @@
 //!
 //! The simulated regtest chain and the stand-in node live in
 //! `lockstep-sim`, which builds on this crate.
+//!
+//! # Features
+//!
+//! - `zmq` (off by default): [`BitcoindSource`] subscribes to Core's ZMQ
+//!   `rawtx` notifications when given an endpoint
+//!   (`BitcoindConfig::with_zmq_rawtx`), so new transactions wake the
+//!   manager's mempool poll at once. It brings the `zeromq` crate. Without
+//!   it the mempool is polled on the manager's schedule, and the option is
+//!   not there to be set, so a configuration never asks for a feed it
+//!   cannot have.
 
 mod bitcoind;
 pub mod block_checks;

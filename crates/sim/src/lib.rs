@@ -18,6 +18,13 @@
 //! It depends on `lockstep-chain` (the contract it implements), never the
 //! other way: an embedder's build carries none of the simulator's
 //! dependencies (`rand`, hyper's server, `bitcoinconsensus`).
+//!
+//! # Features
+//!
+//! - `zmq` (off by default): [`SimNode`] can publish each transaction
+//!   entering the mempool on a ZMQ `rawtx` endpoint, as Core's
+//!   `-zmqpubrawtx` does (`SimNodeConfig::zmq_rawtx`). It brings the
+//!   `zeromq` crate; a client's side of it is `lockstep-chain/zmq`.
 
 mod sim;
 pub mod simnode;

@@ -68,6 +68,7 @@ pub struct BitcoindConfig {
     /// with the notification. `None`: the mempool is polled on the
     /// manager's schedule only (its `mempool_poll_interval`, and after
     /// each new block).
+    #[cfg(feature = "zmq")]
     pub zmq_rawtx: Option<String>,
 }
 
@@ -82,12 +83,14 @@ impl BitcoindConfig {
             timeout: Duration::from_secs(30),
             max_idle_connections: 64,
             max_in_flight: 32,
+            #[cfg(feature = "zmq")]
             zmq_rawtx: None,
         }
     }
 
     /// Subscribes to the node's ZMQ `rawtx` notifications at `endpoint`
     /// (see [`BitcoindConfig::zmq_rawtx`]).
+    #[cfg(feature = "zmq")]
     pub fn with_zmq_rawtx(mut self, endpoint: impl Into<String>) -> BitcoindConfig {
         self.zmq_rawtx = Some(endpoint.into());
         self

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::{
-    BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, LOOP_TURNS, Lane, RpcFailure, zmq,
+    BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, LOOP_TURNS, Lane, RpcFailure,
 };
 use crate::core_format::RPC_IN_WARMUP;
 use crate::source::SourceError;
@@ -44,6 +44,7 @@ impl BitcoindSource {
             authorization,
             rest: false,
             next_id: AtomicU64::new(0),
+            #[cfg(feature = "zmq")]
             feed: None,
             bulk,
             loop_turns,
@@ -117,7 +118,14 @@ impl BitcoindSource {
                 });
             }
         };
-        source.feed = source.config.zmq_rawtx.clone().map(zmq::RawTxFeed::start);
+        #[cfg(feature = "zmq")]
+        {
+            source.feed = source
+                .config
+                .zmq_rawtx
+                .clone()
+                .map(super::zmq::RawTxFeed::start);
+        }
         Ok(source)
     }
 

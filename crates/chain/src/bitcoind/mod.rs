@@ -20,6 +20,7 @@ mod error;
 mod rest;
 mod rpc;
 mod source;
+#[cfg(feature = "zmq")]
 mod zmq;
 
 use std::sync::RwLock;
@@ -48,6 +49,7 @@ pub struct BitcoindSource {
     rest: bool,
     next_id: AtomicU64,
     /// The ZMQ `rawtx` subscription, when configured.
+    #[cfg(feature = "zmq")]
     feed: Option<zmq::RawTxFeed>,
     /// Turns for the prefetch's requests in flight
     /// ([`BitcoindConfig::max_in_flight`]).

@@ -307,7 +307,9 @@ impl ChainSource for BitcoindSource {
     }
 
     /// With ZMQ `rawtx` configured, resolves as soon as a transaction is
-    /// published; otherwise never.
+    /// published; otherwise never (and without the `zmq` feature, the
+    /// trait's default, never, is kept).
+    #[cfg(feature = "zmq")]
     async fn mempool_news(&self, seen: u64) -> u64 {
         match &self.feed {
             Some(feed) => feed.news(seen).await,
@@ -319,6 +321,7 @@ impl ChainSource for BitcoindSource {
     /// transaction without `-txindex`; one that left the mempool is
     /// not found.
     async fn mempool_tx(&self, txid: Txid) -> Result<Transaction, SourceError> {
+        #[cfg(feature = "zmq")]
         if let Some(tx) = self.feed.as_ref().and_then(|feed| feed.take(&txid)) {
             return Ok(tx);
         }

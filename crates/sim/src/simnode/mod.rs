@@ -12,6 +12,7 @@
 
 mod rest;
 mod rpc;
+#[cfg(feature = "zmq")]
 mod zmq;
 
 #[cfg(test)]
@@ -56,6 +57,7 @@ pub struct SimNodeConfig {
     /// [`SimNode::zmq_rawtx`]. The chain's mempool is looked at every
     /// 10 ms for that (it may change under the node, through the
     /// `SimChain` handle the test holds).
+    #[cfg(feature = "zmq")]
     pub zmq_rawtx: bool,
     /// The port on 127.0.0.1; 0 lets the system choose (see
     /// [`SimNode::addr`]).
@@ -121,6 +123,7 @@ impl Default for SimNodeConfig {
         SimNodeConfig {
             work_queue: None,
             service_time: None,
+            #[cfg(feature = "zmq")]
             zmq_rawtx: false,
             port: 0,
             cookie_dir: None,
@@ -176,12 +179,14 @@ pub enum SimNodeError {
 /// Not served: JSON forms of blocks, headers and transactions (REST
 /// `.json`, `getblock` verbosity 1 and 2, verbose `getrawtransaction`,
 /// `getrawmempool true`), `getutxos`, `gettxout`, wallets, ZMQ topics
-/// other than `rawtx` (published with [`SimNodeConfig::zmq_rawtx`]). They
+/// other than `rawtx` (published with `SimNodeConfig::zmq_rawtx`, under the
+/// `zmq` feature). They
 /// answer as Core does for an unknown method or format.
 #[derive(Debug)]
 pub struct SimNode {
     addr: SocketAddr,
     /// The ZMQ `rawtx` endpoint and its publishing task.
+    #[cfg(feature = "zmq")]
     zmq: Option<(String, JoinHandle<()>)>,
     cookie: Option<PathBuf>,
     stop: watch::Sender<bool>,
@@ -258,6 +263,7 @@ impl SimNode {
         if let Some((user, password)) = &config.user_password {
             credentials.push(basic(&format!("{user}:{password}")));
         }
+        #[cfg(feature = "zmq")]
         let zmq = if config.zmq_rawtx {
             Some(
                 zmq::publish_rawtx(chain.clone())
@@ -317,6 +323,7 @@ impl SimNode {
         });
         Ok(SimNode {
             addr,
+            #[cfg(feature = "zmq")]
             zmq,
             cookie,
             stop,
@@ -344,6 +351,7 @@ impl SimNode {
 
     /// The ZMQ `rawtx` endpoint (`tcp://127.0.0.1:<port>`), when
     /// [`SimNodeConfig::zmq_rawtx`] is on.
+    #[cfg(feature = "zmq")]
     pub fn zmq_rawtx(&self) -> Option<&str> {
         self.zmq.as_ref().map(|(endpoint, _)| endpoint.as_str())
     }
@@ -357,6 +365,7 @@ impl SimNode {
     /// file, as Core does on shutdown.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        #[cfg(feature = "zmq")]
         if let Some((_, task)) = &self.zmq {
             task.abort();
         }
@@ -372,6 +381,7 @@ impl SimNode {
 impl Drop for SimNode {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        #[cfg(feature = "zmq")]
         if let Some((_, task)) = &self.zmq {
             task.abort();
         }
