@@ -10,6 +10,7 @@
 //! is listed on [`SimNode`]. [`SimNodeConfig`] plays misconfigured and
 //! lying nodes, for clients' error paths.
 
+mod answers;
 mod rest;
 mod rpc;
 #[cfg(feature = "zmq")]

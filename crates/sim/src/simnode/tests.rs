@@ -23,7 +23,7 @@ fn p2wpkh(key: &SecretKey) -> ScriptBuf {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    super::rest::hex(bytes)
+    super::answers::hex(bytes)
 }
 
 struct Node {
