@@ -72,7 +72,7 @@ enum Lane {
     Loop,
 }
 
-/// Requests of [`Lane::Loop`] in flight at once, besides
+/// Requests of the loop's own lane (`Lane::Loop`) in flight at once, besides
 /// [`BitcoindConfig::max_in_flight`] of the bulk lane.
 pub const LOOP_TURNS: usize = 2;
 
