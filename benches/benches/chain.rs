@@ -9,7 +9,7 @@
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use lockstep_benches::{cache_dir, standard_chain};
-use lockstep_chain::{SimChain, SimParams};
+use lockstep_sim::{SimChain, SimParams};
 
 fn generate(c: &mut Criterion) {
     let mut group = c.benchmark_group("generate");

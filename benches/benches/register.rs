@@ -44,8 +44,9 @@ use std::time::{Duration, Instant};
 
 use bitcoin::ScriptBuf;
 use lockstep_benches::{load_average, publish_report, thousands};
-use lockstep_chain::{ChainSource, SimChain, SimParams};
+use lockstep_chain::ChainSource;
 use lockstep_manager::{Manager, ManagerConfig, NewWallet};
+use lockstep_sim::{SimChain, SimParams};
 use lockstep_store::{NewKeychain, Store, StoreError, StoreOptions, WalletId};
 use lockstep_testkit::oracle::{KINDS, test_descriptors};
 use lockstep_wallet::{DEFAULT_CAPACITY, Keychain, Registry, WalletDescriptors, WalletError};

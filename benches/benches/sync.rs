@@ -66,11 +66,11 @@ use lockstep_benches::{
 use lockstep_chain::block_checks::check_merkle_root;
 use lockstep_chain::metered::{LinkModel, Meter, Metered};
 use lockstep_chain::{
-    BitcoindAuth, BitcoindConfig, BitcoindSource, BlockId, BroadcastError, ChainSource, SimChain,
-    SimNode, SimNodeConfig, SourceError,
+    BitcoindAuth, BitcoindConfig, BitcoindSource, BlockId, BroadcastError, ChainSource, SourceError,
 };
 use lockstep_filter::{BasicFilter, Watchlist, matches};
 use lockstep_manager::{Manager, ManagerConfig, NewWallet, Stats, Strategy};
+use lockstep_sim::{SimChain, SimNode, SimNodeConfig};
 use lockstep_store::{Store, StoreOptions, WalletId};
 use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_wallet::Wallet;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use bitcoin::{Amount, ScriptBuf};
-use lockstep_chain::{SimChain, SimParams};
+use lockstep_sim::{SimChain, SimParams};
 
 /// Where cached benchmark chains live: `target/lockstep-bench/`.
 pub fn cache_dir() -> PathBuf {

@@ -7,7 +7,7 @@
 //! binary and run one after another in ONE test: no other test can run
 //! while a fault is on.
 
-use lockstep_chain::ReorgTxs;
+use lockstep_sim::ReorgTxs;
 use lockstep_store::faults::{self, Fault};
 use lockstep_testkit::oracle::{WalletCheck, check_wallet_own_scripts};
 use lockstep_tests::rig::{Rig, runtime};

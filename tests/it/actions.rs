@@ -17,10 +17,9 @@ use lockstep::{
     DriveMode, DriveOutcome, ExecutorConfig, FeeBump, Keychain, Lockstep, NewWallet, Spend,
     WalletId,
 };
-use lockstep_chain::{
-    BlockId, BroadcastError, ChainSource, RejectReason, ReorgTxs, SimChain, SimParams, SourceError,
-};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, RejectReason, SourceError};
 use lockstep_manager::{Manager, ManagerConfig};
+use lockstep_sim::{ReorgTxs, SimChain, SimParams};
 use lockstep_store::{Store, StoreError, StoreOptions};
 use lockstep_testkit::oracle::check_wallet;
 use lockstep_tests::rig::runtime;

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
 use lockstep::{Keychain, Lockstep, NewWallet, WalletAction as _};
-use lockstep_chain::{SimChain, SimParams};
 use lockstep_manager::{Manager, ManagerConfig};
+use lockstep_sim::{SimChain, SimParams};
 use lockstep_store::{Store, StoreError, StoreOptions};
 use lockstep_testkit::oracle::check_wallet;
 use lockstep_tests::actions_crash::{

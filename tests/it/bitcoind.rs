@@ -13,10 +13,11 @@ use bitcoin::{
     Amount, Network, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid, Witness,
 };
 use lockstep_chain::{
-    BitcoindAuth, BitcoindConfig, BitcoindSource, BroadcastError, ChainSource, Lie, RejectReason,
-    ReorgTxs, SimChain, SimNode, SimNodeConfig, SimParams, SourceError,
+    BitcoindAuth, BitcoindConfig, BitcoindSource, BroadcastError, ChainSource, RejectReason,
+    SourceError,
 };
 use lockstep_manager::{ErrorKind, Manager, ManagerConfig, ManagerError, NewWallet, Status};
+use lockstep_sim::{Lie, ReorgTxs, SimChain, SimNode, SimNodeConfig, SimParams};
 use lockstep_store::{Store, StoreOptions, WalletId};
 use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_wallet::Keychain;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bitcoin::hashes::Hash as _;
 use bitcoin::{Amount, BlockHash, OutPoint, TxOut};
-use lockstep_chain::{ReorgTxs, SimChain, SimParams};
+use lockstep_sim::{ReorgTxs, SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions, WalletRow};
 use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_tests::crash::{LATE_WALLET, WALLET_SEED, done_text, wallet_spec};

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use bitcoin::{Amount, OutPoint, ScriptBuf, TxOut, Txid};
-use lockstep_chain::SimChain;
 use lockstep_manager::Event;
+use lockstep_sim::SimChain;
 use lockstep_store::WalletId;
 use lockstep_tests::rig::{Rig, runtime};
 use lockstep_wallet::Keychain;

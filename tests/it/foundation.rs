@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use bitcoin::hashes::Hash;
 use bitcoin::{Amount, BlockHash};
-use lockstep_chain::{ChainSource, ReorgTxs, SimChain, SimParams};
+use lockstep_chain::ChainSource;
+use lockstep_sim::{ReorgTxs, SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions};
 use lockstep_tests::{key, p2tr, p2wpkh};
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, NetworkKind, OutPoint, ScriptBuf, TxOut};
-use lockstep_chain::{SimChain, SimParams};
 use lockstep_manager::{Manager, ManagerConfig, NewWallet, WaitError};
+use lockstep_sim::{SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions};
 use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_tests::rig::runtime;
@@ -397,9 +397,7 @@ fn wait_for_follows_a_height_across_a_reorg_and_times_out_with_its_own_error() {
             let manager = manager.clone();
             tokio::spawn(async move { manager.wait_for(107, Duration::from_secs(60)).await })
         };
-        chain
-            .reorg(2, lockstep_chain::ReorgTxs::Drop)
-            .expect("reorg");
+        chain.reorg(2, lockstep_sim::ReorgTxs::Drop).expect("reorg");
         chain.mine(1).unwrap();
         let reached = waiter.await.unwrap().unwrap();
         assert!(reached.height >= 107);

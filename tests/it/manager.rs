@@ -13,13 +13,11 @@ use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
 use bitcoin::{Amount, Block, BlockHash, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
 use lockstep_chain::metered::Metered;
-use lockstep_chain::{
-    BlockId, BroadcastError, ChainSource, ReorgTxs, SimChain, SimParams, SourceError,
-    SourceErrorKind,
-};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, SourceError, SourceErrorKind};
 use lockstep_manager::{
     Event, Manager, ManagerConfig, ManagerError, NewWallet, ScriptImport, Status,
 };
+use lockstep_sim::{ReorgTxs, SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions, WalletId};
 use lockstep_testkit::oracle::{check_wallet_imported, test_descriptors};
 use lockstep_wallet::Keychain;

@@ -11,11 +11,9 @@ use std::time::Duration;
 
 use bitcoin::{Amount, Network, OutPoint, ScriptBuf, TxOut, Txid};
 use lockstep_chain::metered::Metered;
-use lockstep_chain::{
-    BitcoindAuth, BitcoindConfig, BitcoindSource, ChainSource, ReorgTxs, SimChain, SimNode,
-    SimNodeConfig, SimParams,
-};
+use lockstep_chain::{BitcoindAuth, BitcoindConfig, BitcoindSource, ChainSource};
 use lockstep_manager::{Event, Manager, ManagerConfig, NewWallet};
+use lockstep_sim::{ReorgTxs, SimChain, SimNode, SimNodeConfig, SimParams};
 use lockstep_store::{Store, StoreOptions, WalletId};
 use lockstep_testkit::oracle::{check_unconfirmed, check_wallet, test_descriptors};
 use lockstep_wallet::Keychain;

@@ -1,5 +1,6 @@
 //! Repository rules, as plain tests that read the tree: which lockstep
-//! crate may use which, where SQLite and the binaries' dependencies may
+//! crate may use which (and that the simulator and its dependencies stay
+//! out of the facade's build), where SQLite and the binaries' dependencies may
 //! appear, and a `//!` header at the top of every Rust file.
 //!
 //! The manifests are read by a line parser, not a TOML library: section
@@ -28,6 +29,7 @@ const GRAPH: &[(&str, Option<&[&str]>)] = &[
     (
         "lockstep-testkit",
         Some(&[
+            "lockstep-sim",
             "lockstep-chain",
             "lockstep-store",
             "lockstep-wallet",
@@ -56,6 +58,7 @@ const GRAPH: &[(&str, Option<&[&str]>)] = &[
     ("lockstep-dispatcher", Some(&[])),
     ("lockstep-wallet", Some(&["lockstep-store"])),
     ("lockstep-filter", Some(&[])),
+    ("lockstep-sim", Some(&["lockstep-chain"])),
     ("lockstep-chain", Some(&[])),
     ("lockstep-store", Some(&[])),
 ];
@@ -92,6 +95,8 @@ struct Manifest {
     path: String,
     name: String,
     deps: Vec<(Kind, String)>,
+    /// The dependencies listed with `optional = true` (behind a feature).
+    optional: BTreeSet<String>,
 }
 
 /// The dependency table a section header opens, and the dependency it names
@@ -121,6 +126,7 @@ fn manifest(path: &Path) -> Manifest {
     let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut name = None;
     let mut deps = Vec::new();
+    let mut optional = BTreeSet::new();
     let mut in_package = false;
     let mut table = None;
     for line in text.lines() {
@@ -149,6 +155,9 @@ fn manifest(path: &Path) -> Manifest {
             let dep = key.split('.').next().unwrap_or(key).trim_matches('"');
             if !dep.is_empty() {
                 deps.push((kind, dep.to_string()));
+                if value.replace(' ', "").contains("optional=true") {
+                    optional.insert(dep.to_string());
+                }
             }
         }
     }
@@ -156,6 +165,7 @@ fn manifest(path: &Path) -> Manifest {
         path: relative(path),
         name: name.unwrap_or_else(|| panic!("{}: no [package] name", path.display())),
         deps,
+        optional,
     }
 }
 
@@ -308,6 +318,131 @@ fn crates_depend_only_in_the_allowed_direction() {
         }
     }
     assert_none("dependencies against the allowed direction", broken);
+}
+
+/// The lockstep packages `manifest` lists in `[dependencies]`.
+fn normal_lockstep_deps(manifest: &Manifest) -> BTreeSet<&str> {
+    manifest
+        .deps
+        .iter()
+        .filter(|(kind, dep)| {
+            *kind == Kind::Normal && (dep == "lockstep" || dep.starts_with("lockstep-"))
+        })
+        .map(|(_, dep)| dep.as_str())
+        .collect()
+}
+
+/// The crate arrows that keep production code apart from the simulator,
+/// read from the manifests themselves (not from [`GRAPH`], so that loosening
+/// the graph cannot loosen them): the chain contract, the filter matcher
+/// and the store depend on no lockstep crate; the simulator only on the
+/// chain contract (and the filter matcher); and nothing the facade pulls
+/// in, directly or through another lockstep crate, is the simulator.
+#[test]
+fn the_simulator_stays_out_of_production_crates() {
+    let manifests: BTreeMap<String, Manifest> = crate_manifests()
+        .into_values()
+        .map(|manifest| (manifest.name.clone(), manifest))
+        .collect();
+    let mut broken = Vec::new();
+    for (name, may_use) in [
+        ("lockstep-chain", &[][..]),
+        ("lockstep-filter", &[][..]),
+        ("lockstep-store", &[][..]),
+        ("lockstep-sim", &["lockstep-chain", "lockstep-filter"][..]),
+    ] {
+        let Some(manifest) = manifests.get(name) else {
+            broken.push(format!("no package {name} in crates/"));
+            continue;
+        };
+        for dep in normal_lockstep_deps(manifest) {
+            if !may_use.contains(&dep) {
+                broken.push(format!(
+                    "{} lists {dep} in [dependencies] ({name} may use: {})",
+                    manifest.path,
+                    if may_use.is_empty() {
+                        "no lockstep crate".to_owned()
+                    } else {
+                        may_use.join(", ")
+                    }
+                ));
+            }
+        }
+    }
+    // The facade's normal closure, through the manifests.
+    let mut seen = BTreeSet::from(["lockstep"]);
+    let mut todo = vec!["lockstep"];
+    while let Some(next) = todo.pop() {
+        let Some(manifest) = manifests.get(next) else {
+            continue;
+        };
+        for dep in normal_lockstep_deps(manifest) {
+            if dep == "lockstep-sim" {
+                broken.push(format!(
+                    "{} lists lockstep-sim in [dependencies], and the facade depends on {next}",
+                    manifest.path
+                ));
+            }
+            if seen.insert(dep) {
+                todo.push(dep);
+            }
+        }
+    }
+    assert_none("arrows from production crates to the simulator", broken);
+}
+
+/// The dependencies of the simulator (its RNG, HTTP server and script
+/// interpreter) appear in no crate the facade pulls in, and `zeromq` only
+/// behind a feature: an embedder builds none of them by default.
+#[test]
+fn the_facade_pulls_no_simulator_dependency() {
+    let manifests: BTreeMap<String, Manifest> = crate_manifests()
+        .into_values()
+        .map(|manifest| (manifest.name.clone(), manifest))
+        .collect();
+    let mut closure = BTreeSet::from(["lockstep"]);
+    let mut todo = vec!["lockstep"];
+    while let Some(next) = todo.pop() {
+        if let Some(manifest) = manifests.get(next) {
+            for dep in normal_lockstep_deps(manifest) {
+                if closure.insert(dep) {
+                    todo.push(dep);
+                }
+            }
+        }
+    }
+    let forbidden = [
+        "rand",
+        "rand_chacha",
+        "hyper",
+        "hyper-util",
+        "http-body-util",
+        "bitcoinconsensus",
+    ];
+    let mut broken = Vec::new();
+    for name in &closure {
+        let Some(manifest) = manifests.get(*name) else {
+            continue;
+        };
+        for (kind, dep) in &manifest.deps {
+            if *kind != Kind::Normal {
+                continue;
+            }
+            if forbidden.contains(&dep.as_str()) {
+                broken.push(format!(
+                    "{} lists {dep} in [dependencies] (the facade depends on {name})",
+                    manifest.path
+                ));
+            }
+            if dep == "zeromq" && !manifest.optional.contains(dep) {
+                broken.push(format!(
+                    "{} lists zeromq without `optional = true` (the facade depends on {name})",
+                    manifest.path
+                ));
+            }
+        }
+    }
+    assert_none("simulator dependencies in the facade's build", broken);
 }
 
 /// The packages (by manifest path prefix) outside which a dependency must

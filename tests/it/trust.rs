@@ -22,13 +22,12 @@ use bitcoin::{
     TxOut, Txid, Witness,
 };
 use lockstep_chain::filters::{basic_filter, filter_header};
-use lockstep_chain::{
-    BlockId, BroadcastError, ChainSource, Missing, SimChain, SimParams, SourceError,
-};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, Missing, SourceError};
 use lockstep_manager::{
     BlockHook, ErrorKind, Event, HookError, Manager, ManagerConfig, ManagerError, NewWallet,
     ScriptImport, Status,
 };
+use lockstep_sim::{SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions, WalletId, WriteTx};
 use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_tests::rig::runtime;

@@ -71,8 +71,8 @@ pub mod rig {
     use std::time::Duration;
 
     use bitcoin::{Amount, OutPoint, ScriptBuf};
-    use lockstep_chain::{SimChain, SimParams};
     use lockstep_manager::{Manager, ManagerConfig, NewWallet};
+    use lockstep_sim::{SimChain, SimParams};
     use lockstep_store::{Store, StoreOptions, WalletId};
     use lockstep_testkit::oracle::{WalletCheck, check_wallet, test_descriptors};
     use lockstep_wallet::Keychain;

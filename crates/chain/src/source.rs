@@ -25,8 +25,8 @@ pub struct BlockId {
 /// that was reorganised away may give [`SourceError::NotFound`], and the
 /// caller re-reads the tip.
 ///
-/// Implementations in this crate: [`crate::SimChain`], the embedded regtest
-/// chain, and [`crate::BitcoindSource`], a Bitcoin Core node.
+/// Implementations: [`crate::BitcoindSource`] here, a Bitcoin Core node,
+/// and lockstep-sim's `SimChain`, the embedded regtest chain.
 #[async_trait]
 pub trait ChainSource: Send + Sync + 'static {
     /// The best chain's tip.

@@ -25,11 +25,9 @@ use bitcoin::{Amount, OutPoint, ScriptBuf, TxOut};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep_chain::metered::Metered;
-use lockstep_chain::{
-    BitcoindAuth, BitcoindConfig, BitcoindSource, ChainSource, ReorgTxs, SimChain, SimNode,
-    SimNodeConfig, SimParams,
-};
+use lockstep_chain::{BitcoindAuth, BitcoindConfig, BitcoindSource, ChainSource};
 use lockstep_manager::{Manager, ManagerConfig, NewWallet, ScriptImport};
+use lockstep_sim::{ReorgTxs, SimChain, SimNode, SimNodeConfig, SimParams};
 use lockstep_store::{Store, StoreOptions, WalletId};
 use lockstep_testkit::oracle::{
     KINDS, WalletCheck, check_unconfirmed, check_wallet_imported, test_descriptors,
@@ -158,12 +156,12 @@ fn main() -> anyhow::Result<()> {
 /// Runs the stand-in node until Ctrl-C.
 async fn simnode(args: SimnodeArgs) -> anyhow::Result<()> {
     let chain = SimChain::generate(SimParams::signed(args.seed), args.blocks)?;
-    let config = lockstep_chain::SimNodeConfig {
+    let config = lockstep_sim::SimNodeConfig {
         port: args.port,
         cookie_dir: Some(args.datadir.clone()),
-        ..lockstep_chain::SimNodeConfig::default()
+        ..lockstep_sim::SimNodeConfig::default()
     };
-    let node = lockstep_chain::SimNode::start(chain.clone(), config).await?;
+    let node = lockstep_sim::SimNode::start(chain.clone(), config).await?;
     println!(
         "stand-in Bitcoin Core node (regtest, {} blocks)",
         chain.height()

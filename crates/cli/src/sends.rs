@@ -22,7 +22,8 @@ use lockstep::{
     FeeBump, Keychain, Lockstep, NewWallet, Outcome, Spend, WalletDescriptors, WalletError,
     WalletId,
 };
-use lockstep_chain::{ChainSource, SimChain};
+use lockstep_chain::ChainSource;
+use lockstep_sim::SimChain;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::task::JoinHandle;

@@ -6,7 +6,7 @@
 //! - Script checks: the demo's chain is unsigned (fast to generate), so its
 //!   mempool does not run scripts. The wallets' own transactions are real,
 //!   signed ones: each fresh broadcast is checked here with Bitcoin Core's
-//!   interpreter ([`lockstep_chain::verify`]) and refused as a node would if
+//!   interpreter ([`lockstep_sim::verify`]) and refused as a node would if
 //!   a signature is wrong.
 //! - A lossy broadcast, on demand: [`DemoSource::drop_next_broadcast`] makes
 //!   the next transaction broadcast, and every later broadcast of that same
@@ -23,9 +23,8 @@ use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
 use bitcoin::{Amount, Block, BlockHash, Transaction, TxOut, Txid};
 use lockstep_chain::metered::Metered;
-use lockstep_chain::{
-    BlockId, BroadcastError, ChainSource, InvalidTx, RejectReason, SimChain, SourceError,
-};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, InvalidTx, RejectReason, SourceError};
+use lockstep_sim::SimChain;
 
 /// What the broadcasts did so far.
 #[derive(Debug, Default)]
@@ -134,7 +133,7 @@ impl ChainSource for DemoSource {
     async fn broadcast(&self, tx: &Transaction) -> Result<Txid, BroadcastError> {
         let txid = tx.compute_txid();
         if let Some(spent) = self.spent_outputs(tx) {
-            lockstep_chain::verify::verify_transaction(tx, &spent).map_err(|e| {
+            lockstep_sim::verify::verify_transaction(tx, &spent).map_err(|e| {
                 BroadcastError::Rejected {
                     txid,
                     reason: RejectReason::Invalid(InvalidTx::Script {
@@ -171,7 +170,7 @@ impl ChainSource for DemoSource {
 #[cfg(test)]
 mod tests {
     use bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, TxIn, Witness, absolute, transaction};
-    use lockstep_chain::SimParams;
+    use lockstep_sim::SimParams;
 
     use super::*;
 

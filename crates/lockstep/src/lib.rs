@@ -13,8 +13,22 @@
 //!
 //! It re-exports the [`bitcoin`] and [`miniscript`] crates it is built on,
 //! so an embedder uses the same versions, and [`chain`]: the
-//! [`chain::ChainSource`] trait a node implements, and the embedded
-//! simulated regtest chain [`chain::SimChain`].
+//! [`chain::ChainSource`] trait a node implements, and
+//! [`chain::BitcoindSource`], Bitcoin Core as a source. The simulated
+//! regtest chain the examples run on is the `lockstep-sim` crate, a
+//! dev-dependency only: an embedder's build carries none of it.
+//!
+//! # Features
+//!
+//! - `zmq` (off by default): `lockstep-chain/zmq`, Bitcoin Core's ZMQ
+//!   `rawtx` notifications for [`chain::BitcoindSource`]
+//!   (`BitcoindConfig::with_zmq_rawtx`), through the pure-Rust `zeromq`
+//!   crate. Without it the mempool is polled (every
+//!   `Config::mempool_poll_interval`, and after each block).
+//!
+//! With default features the facade pulls no random number generator, no
+//! HTTP server and no ZeroMQ: its HTTP is reqwest's client, for
+//! [`chain::BitcoindSource`].
 
 use std::path::Path;
 use std::sync::Arc;

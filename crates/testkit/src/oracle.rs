@@ -21,7 +21,7 @@ use bitcoin::bip32::{Xpriv, Xpub};
 use bitcoin::hashes::Hash as _;
 use bitcoin::secp256k1::Secp256k1;
 use bitcoin::{Amount, Network, NetworkKind, ScriptBuf};
-use lockstep_chain::{SimChain, Truth};
+use lockstep_sim::{SimChain, Truth};
 use lockstep_store::{CoinRow, ReadTx, WalletId};
 use lockstep_wallet::{DescriptorError, Keychain, Wallet, WalletDescriptors, WalletError};
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, BlockHash, Network, NetworkKind, OutPoint, ScriptBuf, Txid};
-use lockstep_chain::{ReorgTxs, SimChain, SimParams};
+use lockstep_sim::{ReorgTxs, SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions};
 use proptest::prelude::*;
 

@@ -7,7 +7,7 @@ use bitcoin::bip32::{Xpriv, Xpub};
 use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::Secp256k1;
 use bitcoin::{Amount, Network, NetworkKind, ScriptBuf, Transaction, TxOut};
-use lockstep_chain::{SimChain, SimParams};
+use lockstep_sim::{SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions};
 
 use crate::*;
@@ -15,7 +15,7 @@ use crate::*;
 /// Bitcoin Core's interpreter (`bitcoinconsensus` 0.106) on every input,
 /// with all spent outputs and Taproot on; the failing input on error.
 fn verify(tx: &Transaction, spent: &[TxOut]) -> Result<(), (usize, String)> {
-    lockstep_chain::verify::verify_transaction(tx, spent).map_err(|e| (e.input, e.reason))
+    lockstep_sim::verify::verify_transaction(tx, spent).map_err(|e| (e.input, e.reason))
 }
 
 struct World {

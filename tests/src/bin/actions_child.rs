@@ -28,8 +28,9 @@ use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
 use bitcoin::{Block, BlockHash, Transaction, Txid};
 use lockstep::{DriveMode, ExecutorConfig, Lockstep, WalletAction as _};
-use lockstep_chain::{BlockId, BroadcastError, ChainSource, Missing, SimChain, SourceError};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, Missing, SourceError};
 use lockstep_manager::{Manager, ManagerConfig};
+use lockstep_sim::SimChain;
 use lockstep_store::{Store, StoreError, StoreOptions};
 use lockstep_tests::actions_crash::{Kind, PASSPHRASE, RELAY_FLOOR, WALLETS, name, plan};
 

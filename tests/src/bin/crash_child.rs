@@ -21,8 +21,9 @@ use async_trait::async_trait;
 use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
 use bitcoin::{Block, BlockHash, Transaction, Txid};
-use lockstep_chain::{BlockId, BroadcastError, ChainSource, SimChain, SourceError};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, SourceError};
 use lockstep_manager::{BlockHook, Event, HookError, Manager, ManagerConfig, NewWallet};
+use lockstep_sim::SimChain;
 use lockstep_store::{Store, StoreOptions, WriteTx};
 use lockstep_testkit::oracle::test_descriptors;
 use lockstep_tests::crash::{

@@ -136,7 +136,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn filter_headers_are_asked_per_batch_when_needed_and_forgotten_behind() {
         use lockstep_chain::metered::Metered;
-        use lockstep_chain::{SimChain, SimParams};
+        use lockstep_sim::{SimChain, SimParams};
 
         let chain = SimChain::generate(SimParams::unsigned(3), 130).unwrap();
         let metered = Metered::new(Arc::new(chain.clone()));

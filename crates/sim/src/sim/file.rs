@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::state::{State, Stored};
 use super::{Load, SimMode, SimParams};
-use crate::filters;
+use lockstep_chain::filters;
 
 const MAGIC: &[u8; 8] = b"LKSTSIM\0";
 const FORMAT_VERSION: u32 = 1;

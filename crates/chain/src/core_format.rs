@@ -1,12 +1,16 @@
-//! Bitcoin Core's wire formats that both the stand-in node and
-//! [`crate::BitcoindSource`] need: the RPC error codes (`src/rpc/protocol.h`)
-//! and the reject strings `sendrawtransaction` answers with, in both
-//! directions, so that a rejection crosses HTTP as the same
-//! [`RejectReason`].
+//! Bitcoin Core's wire formats that both [`crate::BitcoindSource`] and
+//! any stand-in for Core (lockstep-sim's `SimNode`) need: the RPC error
+//! codes (`src/rpc/protocol.h`), the reject strings `sendrawtransaction`
+//! answers with, in both directions, so that a rejection crosses HTTP as
+//! the same [`RejectReason`], and the REST interface's serialised block
+//! filter. The contract lives here, beside the client, so that a server
+//! built on it agrees with the client by construction.
 
-use bitcoin::{Amount, OutPoint, Transaction};
+use bitcoin::consensus::encode::deserialize_partial;
+use bitcoin::hashes::Hash as _;
+use bitcoin::{Amount, BlockHash, OutPoint, Transaction, VarInt};
 
-use crate::source::{FeeRule, InvalidTx, RejectReason};
+use crate::source::{FeeRule, InvalidTx, Missing, RejectReason, SourceError};
 
 /// `RPC_MISC_ERROR`: what Core answers for "Index is not enabled…" and
 /// for a call with the wrong number of parameters.
@@ -269,6 +273,39 @@ fn parse_below_out(detail: Option<&str>) -> Option<(Amount, Amount)> {
         Amount::from_str_in(value, bitcoin::Denomination::Bitcoin).ok()
     });
     Some((amounts.next()?, amounts.next()?))
+}
+
+/// Core's serialised `BlockFilter` (REST `blockfilter/basic/<hash>.bin`):
+/// the filter type, the block hash, the encoded filter as a byte vector.
+pub fn parse_rest_filter(bytes: &[u8], hash: BlockHash) -> Result<Vec<u8>, SourceError> {
+    let what = Missing::Filter(hash);
+    let (&kind, rest) = bytes
+        .split_first()
+        .ok_or_else(|| invalid(what, "empty answer"))?;
+    if kind != 0 {
+        return Err(invalid(what, format!("filter type {kind}, not basic (0)")));
+    }
+    if rest.len() < 32 || rest[..32] != *hash.as_byte_array() {
+        return Err(invalid(what, "the filter is for another block"));
+    }
+    let (len, used): (VarInt, usize) =
+        deserialize_partial(&rest[32..]).map_err(|e| invalid(what, e))?;
+    let filter = &rest[32 + used..];
+    if filter.len() as u64 != len.0 {
+        return Err(invalid(
+            what,
+            format!("{} filter bytes, {} announced", filter.len(), len.0),
+        ));
+    }
+    Ok(filter.to_vec())
+}
+
+/// A [`SourceError::Invalid`] of `what`.
+fn invalid(what: Missing, reason: impl std::fmt::Display) -> SourceError {
+    SourceError::Invalid {
+        what,
+        reason: reason.to_string(),
+    }
 }
 
 #[cfg(test)]

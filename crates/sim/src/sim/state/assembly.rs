@@ -11,7 +11,7 @@ use super::{COINBASE_MATURITY, State};
 use crate::sim::SimError;
 use crate::sim::keys::{KeySeed, OwnKind};
 use crate::sim::pool::PoolCoin;
-use crate::source::BlockId;
+use lockstep_chain::BlockId;
 
 /// Regtest halves the subsidy every 150 blocks.
 const HALVING_INTERVAL: u32 = 150;

@@ -10,6 +10,7 @@ use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use serde_json::json;
 
+use super::answers::{blockchain_info, hex, mempool_info, mempool_txids, mempool_verbose};
 use super::{Shared, reply};
 
 /// Core's `MAX_REST_HEADERS_RESULTS`.
@@ -83,15 +84,6 @@ fn json_body(value: &impl ToString) -> Response<Full<Bytes>> {
     )
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
 /// The value of `name` in a query string.
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?
@@ -125,7 +117,7 @@ fn chain_from(shared: &Shared, hash: &BlockHash, count: usize) -> Vec<u32> {
 pub(super) fn handle(shared: &Shared, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
     let (endpoint, rest) = path.split_once('/').unwrap_or((path, ""));
     match endpoint {
-        "chaininfo.json" => json_body(&super::rpc::blockchain_info(shared)),
+        "chaininfo.json" => json_body(&blockchain_info(shared)),
         e if e.starts_with("chaininfo") => format_not_found("json"),
         "blockhashbyheight" => block_hash_by_height(shared, rest),
         "headers" => headers(shared, rest, query),
@@ -284,12 +276,12 @@ fn mempool(shared: &Shared, part: &str, query: Option<&str>) -> Response<Full<By
         "contents" => {
             let verbose = query_param(query, "verbose").unwrap_or("true");
             match verbose {
-                "true" => json_body(&super::rpc::mempool_verbose(shared)),
-                "false" => json_body(&super::rpc::mempool_txids(shared)),
+                "true" => json_body(&mempool_verbose(shared)),
+                "false" => json_body(&mempool_txids(shared)),
                 _ => bad("The \"verbose\" query parameter must be either \"true\" or \"false\"."),
             }
         }
-        "info" => json_body(&super::rpc::mempool_info(shared)),
+        "info" => json_body(&mempool_info(shared)),
         _ => bad("Invalid URI format. Expected /rest/mempool/<info|contents>.json"),
     }
 }

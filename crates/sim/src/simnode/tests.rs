@@ -23,7 +23,7 @@ fn p2wpkh(key: &SecretKey) -> ScriptBuf {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    super::rest::hex(bytes)
+    super::answers::hex(bytes)
 }
 
 struct Node {
@@ -599,7 +599,11 @@ async fn sendrawtransaction_maps_rejections_to_core_errors() {
     n.chain.mine(1).unwrap();
     assert_eq!(
         n.error("sendrawtransaction", json!([raw])).await,
-        (500, -27, format::ALREADY_IN_UTXO_SET.to_owned())
+        (
+            500,
+            -27,
+            lockstep_chain::core_format::ALREADY_IN_UTXO_SET.to_owned()
+        )
     );
     let mut conflicting = tx.clone();
     conflicting.output[0].value = Amount::from_sat(80_000);

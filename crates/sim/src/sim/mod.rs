@@ -29,7 +29,7 @@ pub use file::{LoadError, SaveError};
 pub use keys::SignError;
 pub use truth::{MempoolTruth, PendingTruthTx, ScriptTotals, SpentCoin, Truth, TruthCoin, TruthTx};
 
-use crate::source::{BlockId, BroadcastError, ChainSource, Missing, RejectReason, SourceError};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, Missing, RejectReason, SourceError};
 use state::State;
 
 /// Whether the simulator signs its transactions.
@@ -238,7 +238,7 @@ pub struct ChainStats {
 /// [`SimMode::Signed`] every block is valid on regtest: proof of work, BIP34
 /// height, merkle root, witness commitment, coinbase maturity, inputs that
 /// exist, and P2WPKH / P2TR key-path signatures. Its BIP158 filters are
-/// built by rust-bitcoin (see [`crate::filters`]), and their headers chain
+/// built by rust-bitcoin (see [`lockstep_chain::filters`]), and their headers chain
 /// from the genesis filter header.
 #[derive(Clone)]
 pub struct SimChain {
@@ -556,7 +556,7 @@ impl SimChain {
                 .sum::<u64>();
             stats.block_bytes += stored.size as u64;
             stats.filter_bytes += stored.filter.len() as u64;
-            let n = crate::filters::filter_element_count(&stored.filter).unwrap_or(0);
+            let n = lockstep_chain::filters::filter_element_count(&stored.filter).unwrap_or(0);
             elements += n;
             stats.min_filter_elements = stats.min_filter_elements.min(n);
             stats.max_filter_elements = stats.max_filter_elements.max(n);

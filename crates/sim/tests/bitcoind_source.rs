@@ -4,13 +4,22 @@
 //! error is its typed error and says what to change; a node that lies,
 //! goes away, hangs or is reconfigured after connect is caught.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bitcoin::consensus::encode::serialize;
+use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
-use bitcoin::{Amount, CompressedPublicKey, ScriptBuf, TxOut};
-
-use super::*;
-use crate::{Lie, SimChain, SimNode, SimNodeConfig, SimParams, SourceErrorKind};
+use bitcoin::{Amount, BlockHash, CompressedPublicKey, Network, ScriptBuf, TxOut};
+use lockstep_chain::block_checks::check_block;
+use lockstep_chain::core_format::parse_rest_filter;
+use lockstep_chain::{
+    BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, BlockId, BroadcastError,
+    ChainSource, Missing, RejectReason, RpcFailure, SourceError, SourceErrorKind,
+};
+use lockstep_sim::{Lie, SimChain, SimNode, SimNodeConfig, SimParams};
+use serde_json::json;
 
 fn key(n: u8) -> SecretKey {
     SecretKey::from_slice(&[n; 32]).expect("a valid key")
@@ -143,7 +152,7 @@ async fn a_reorg_is_seen_and_stale_blocks_are_not_found() {
             hash: chain.hash_at(height).unwrap(),
         })
         .collect();
-    chain.reorg(3, crate::ReorgTxs::Reappear).unwrap();
+    chain.reorg(3, lockstep_sim::ReorgTxs::Reappear).unwrap();
     assert_eq!(source.tip().await.unwrap(), chain.tip());
     // The old branch's filter headers: its last blocks are gone.
     assert!(matches!(
@@ -384,10 +393,7 @@ async fn a_restarted_node_with_a_new_cookie_is_picked_up() {
     assert_eq!(source.tip().await.unwrap(), chain.tip());
     // REST needs no login; the RPC path re-reads the cookie.
     assert_eq!(
-        source
-            .call(Lane::Loop, "getblockcount", json!([]))
-            .await
-            .unwrap(),
+        source.rpc("getblockcount", json!([])).await.unwrap(),
         json!(chain.height())
     );
     // A cookie that cannot be read any more is a configuration error.
@@ -405,7 +411,7 @@ async fn a_restarted_node_with_a_new_cookie_is_picked_up() {
     .unwrap();
     let tx = chain.mempool();
     assert!(tx.is_empty());
-    match source.call(Lane::Loop, "getblockcount", json!([])).await {
+    match source.rpc("getblockcount", json!([])).await {
         Err(RpcFailure::Unauthorized) => {}
         other => panic!("{other:?}"),
     }

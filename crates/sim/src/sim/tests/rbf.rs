@@ -9,7 +9,7 @@ use bitcoin::{Sequence, Transaction, TxIn, Txid, Witness};
 use std::collections::HashSet;
 
 use super::*;
-use crate::source::{FeeRule, MAX_REPLACEMENTS};
+use lockstep_chain::{FeeRule, MAX_REPLACEMENTS};
 
 /// The output at `outpoint`: confirmed, or created by a mempool
 /// transaction (spent in the mempool or not).

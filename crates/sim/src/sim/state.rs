@@ -24,8 +24,8 @@ use rand_chacha::ChaCha8Rng;
 use super::keys::{KeySeed, Keys, OwnKind};
 use super::pool::{Pool, PoolCoin};
 use super::{ReorgReport, ReorgTxs, SimError, SimParams};
-use crate::filters;
-use crate::source::BlockId;
+use lockstep_chain::BlockId;
+use lockstep_chain::filters;
 
 mod assembly;
 mod mempool;

@@ -3,16 +3,17 @@
 //! Core's formats (bodies, content types, status codes, RPC error codes
 //! and messages, cookie authentication).
 //!
-//! It exists so that [`crate::BitcoindSource`] — and any other Core client
+//! It exists so that [`lockstep_chain::BitcoindSource`] — and any other Core client
 //! — can be tested, benchmarked and demonstrated over real HTTP without a
 //! `bitcoind`. Formats follow Core 28/29's `doc/REST-interface.md`,
 //! `src/rest.cpp` and `src/rpc/*.cpp`; what it serves and what it does not
 //! is listed on [`SimNode`]. [`SimNodeConfig`] plays misconfigured and
 //! lying nodes, for clients' error paths.
 
-pub mod format;
+mod answers;
 mod rest;
 mod rpc;
+#[cfg(feature = "zmq")]
 mod zmq;
 
 #[cfg(test)]
@@ -57,6 +58,7 @@ pub struct SimNodeConfig {
     /// [`SimNode::zmq_rawtx`]. The chain's mempool is looked at every
     /// 10 ms for that (it may change under the node, through the
     /// `SimChain` handle the test holds).
+    #[cfg(feature = "zmq")]
     pub zmq_rawtx: bool,
     /// The port on 127.0.0.1; 0 lets the system choose (see
     /// [`SimNode::addr`]).
@@ -122,6 +124,7 @@ impl Default for SimNodeConfig {
         SimNodeConfig {
             work_queue: None,
             service_time: None,
+            #[cfg(feature = "zmq")]
             zmq_rawtx: false,
             port: 0,
             cookie_dir: None,
@@ -177,12 +180,14 @@ pub enum SimNodeError {
 /// Not served: JSON forms of blocks, headers and transactions (REST
 /// `.json`, `getblock` verbosity 1 and 2, verbose `getrawtransaction`,
 /// `getrawmempool true`), `getutxos`, `gettxout`, wallets, ZMQ topics
-/// other than `rawtx` (published with [`SimNodeConfig::zmq_rawtx`]). They
+/// other than `rawtx` (published with `SimNodeConfig::zmq_rawtx`, under the
+/// `zmq` feature). They
 /// answer as Core does for an unknown method or format.
 #[derive(Debug)]
 pub struct SimNode {
     addr: SocketAddr,
     /// The ZMQ `rawtx` endpoint and its publishing task.
+    #[cfg(feature = "zmq")]
     zmq: Option<(String, JoinHandle<()>)>,
     cookie: Option<PathBuf>,
     stop: watch::Sender<bool>,
@@ -259,6 +264,7 @@ impl SimNode {
         if let Some((user, password)) = &config.user_password {
             credentials.push(basic(&format!("{user}:{password}")));
         }
+        #[cfg(feature = "zmq")]
         let zmq = if config.zmq_rawtx {
             Some(
                 zmq::publish_rawtx(chain.clone())
@@ -318,6 +324,7 @@ impl SimNode {
         });
         Ok(SimNode {
             addr,
+            #[cfg(feature = "zmq")]
             zmq,
             cookie,
             stop,
@@ -345,6 +352,7 @@ impl SimNode {
 
     /// The ZMQ `rawtx` endpoint (`tcp://127.0.0.1:<port>`), when
     /// [`SimNodeConfig::zmq_rawtx`] is on.
+    #[cfg(feature = "zmq")]
     pub fn zmq_rawtx(&self) -> Option<&str> {
         self.zmq.as_ref().map(|(endpoint, _)| endpoint.as_str())
     }
@@ -358,6 +366,7 @@ impl SimNode {
     /// file, as Core does on shutdown.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        #[cfg(feature = "zmq")]
         if let Some((_, task)) = &self.zmq {
             task.abort();
         }
@@ -373,6 +382,7 @@ impl SimNode {
 impl Drop for SimNode {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        #[cfg(feature = "zmq")]
         if let Some((_, task)) = &self.zmq {
             task.abort();
         }

@@ -16,7 +16,7 @@ use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::{Amount, Block, CompressedPublicKey, Network, OutPoint, ScriptBuf, Target, TxOut};
 
 use super::*;
-use crate::source::{FeeRule, InvalidTx};
+use lockstep_chain::{FeeRule, InvalidTx};
 
 mod rbf;
 
@@ -492,7 +492,7 @@ fn broadcast_through_the_trait_object() {
     });
 }
 
-use crate::source::{BroadcastError, Missing, SourceError, SourceErrorKind};
+use lockstep_chain::{BroadcastError, Missing, SourceError, SourceErrorKind};
 
 #[test]
 fn the_oracle_counts_receipts_and_spends() {

@@ -16,8 +16,8 @@ use bitcoin::{Amount, OutPoint, Transaction, TxOut, Txid};
 use super::{COINBASE_MATURITY, State};
 use crate::sim::SimMode;
 use crate::sim::pool::PoolCoin;
-use crate::source::{FeeRule, InvalidTx, MAX_REPLACEMENTS, RejectReason};
 use crate::verify;
+use lockstep_chain::{FeeRule, InvalidTx, MAX_REPLACEMENTS, RejectReason};
 
 /// Bitcoin Core's default incremental relay fee (`-incrementalrelayfee`,
 /// 1 sat/vB): what a replacement must add per vbyte of its own (rule 4).
