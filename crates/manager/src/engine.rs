@@ -318,14 +318,13 @@ impl Engine {
         match self.books.take() {
             Some(books) => Ok(books),
             None => {
-                // A failed write may have left live wallets ahead of the
-                // database: they are read again too, on the writer.
+                // A failed write may have left the books ahead of the
+                // database (live wallets never are: they change only after
+                // a commit). Read on the writer, so that no commit slips
+                // between the read and the loop's next write.
                 let registry = self.registry.clone();
                 self.store
-                    .write(move |tx| {
-                        registry.reload_in(tx)?;
-                        Books::load_active(tx, &registry)
-                    })
+                    .write(move |tx| Books::load_active(tx, &registry))
                     .await
             }
         }

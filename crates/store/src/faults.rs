@@ -32,6 +32,10 @@ pub enum Fault {
     /// The manager routes each block once, even when a script derived in
     /// the block paid an earlier transaction of it.
     SinglePass = 3,
+    /// Every write transaction's COMMIT fails (as `SQLITE_BUSY` past the
+    /// busy timeout would): the transaction rolls back and its caller gets
+    /// a retryable error.
+    CommitFails = 4,
 }
 
 /// No fault.
@@ -60,6 +64,57 @@ pub fn active(fault: Fault) -> bool {
 pub const fn active(_fault: Fault) -> bool {
     false
 }
+
+/// The error a COMMIT that [`Fault::CommitFails`] fails returns: SQLite's
+/// own `SQLITE_BUSY`.
+#[cfg_attr(not(feature = "faults"), allow(dead_code))]
+pub(crate) fn commit_failed() -> crate::StoreError {
+    #[cfg(feature = "faults")]
+    COMMITS_FAILED.fetch_add(1, Ordering::Relaxed);
+    crate::StoreError::sqlite(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+        Some("COMMIT failed (fault switch)".to_owned()),
+    ))
+}
+
+/// What a test runs on the writer thread just before each COMMIT (a
+/// failing one too): it looks at what readers see while the transaction
+/// may still roll back.
+#[cfg(feature = "faults")]
+pub type BeforeCommit = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+#[cfg(feature = "faults")]
+static BEFORE_COMMIT: std::sync::Mutex<Option<BeforeCommit>> = std::sync::Mutex::new(None);
+
+/// Sets (or with `None` clears) the hook run just before each COMMIT.
+#[cfg(feature = "faults")]
+pub fn set_before_commit(hook: Option<BeforeCommit>) {
+    *BEFORE_COMMIT.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+}
+
+/// Runs the hook set by [`set_before_commit`], if any.
+#[inline]
+pub(crate) fn before_commit() {
+    #[cfg(feature = "faults")]
+    {
+        let hook = BEFORE_COMMIT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+}
+
+/// How many COMMITs [`Fault::CommitFails`] has failed so far.
+#[cfg(feature = "faults")]
+pub fn commits_failed() -> u64 {
+    COMMITS_FAILED.load(Ordering::Relaxed)
+}
+
+#[cfg(feature = "faults")]
+static COMMITS_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Replaces the stored public descriptor of a wallet's keychain (0
 /// external, 1 internal) with `descriptor`, as a damaged disk or an

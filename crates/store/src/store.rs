@@ -391,16 +391,24 @@ where
         .or_store()?;
     let mut write = WriteTx {
         read: ReadTx { tx },
+        serial: next_serial(),
+        after_commit: std::cell::RefCell::new(Vec::new()),
     };
     match catch_unwind(AssertUnwindSafe(|| f(&mut write))) {
-        // If COMMIT fails, dropping the transaction rolls it back.
-        Ok(Ok(value)) => write
-            .read
-            .tx
-            .commit()
-            .or_store()
-            .map(|()| value)
-            .map_err(E::from),
+        Ok(Ok(value)) => {
+            let after_commit = write.after_commit.take();
+            crate::faults::before_commit();
+            if crate::faults::active(crate::faults::Fault::CommitFails) {
+                rollback(write);
+                return Err(E::from(crate::faults::commit_failed()));
+            }
+            // If COMMIT fails, dropping the transaction rolls it back.
+            write.read.tx.commit().or_store().map_err(E::from)?;
+            for f in after_commit {
+                f();
+            }
+            Ok(value)
+        }
         Ok(Err(e)) => {
             rollback(write);
             Err(e)
@@ -412,6 +420,12 @@ where
             Err(E::from(e))
         }
     }
+}
+
+/// The next write transaction's number (unique in the process).
+fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn rollback(write: WriteTx<'_>) {

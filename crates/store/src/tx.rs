@@ -258,6 +258,31 @@ impl ReadTx<'_> {
 /// transaction's own writes.
 pub struct WriteTx<'c> {
     pub(crate) read: ReadTx<'c>,
+    /// This transaction's number: unique among the store's transactions.
+    pub(crate) serial: u64,
+    /// What runs once this transaction has committed (see
+    /// [`WriteTx::after_commit`]).
+    pub(crate) after_commit: std::cell::RefCell<Vec<AfterCommit>>,
+}
+
+/// A callback run on the writer thread once a transaction committed.
+pub(crate) type AfterCommit = Box<dyn FnOnce() + Send>;
+
+impl WriteTx<'_> {
+    /// This transaction's number, unique among the store's transactions:
+    /// state staged for it (a live wallet's working copy) knows whose it is.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// Runs `f` once this transaction has committed, on the writer thread,
+    /// before the next transaction begins and before the caller of the
+    /// write gets its result; never if it rolls back (or its COMMIT fails).
+    /// In-memory state that mirrors the database (a live wallet's) changes
+    /// here, so that it never shows what may still roll back.
+    pub fn after_commit(&self, f: impl FnOnce() + Send + 'static) {
+        self.after_commit.borrow_mut().push(Box::new(f));
+    }
 }
 
 impl fmt::Debug for WriteTx<'_> {

@@ -35,7 +35,7 @@ mod signing_tests;
 mod tests;
 
 pub use descriptor::{DescriptorError, Keychain, WalletDescriptors};
-pub use live::{CoinInfo, CoinState, KeychainInfo, LiveWallet, Pin, Revealed};
+pub use live::{CoinInfo, CoinState, KeychainInfo, LiveWallet, Pin, Revealed, StagedWallet};
 pub use registry::{DEFAULT_CAPACITY, Registry, RegistryStats};
 pub use selection::{Selection, SpendRequest};
 pub use wallet::{

@@ -2,13 +2,18 @@
 //! chain loop and by whoever hands out its addresses, reads it or spends
 //! from it (see [`crate::Registry`]).
 //!
-//! Every change runs inside a write transaction on the store's writer
-//! thread and changes the instance under its mutex in the same closure, so
-//! the database and the instance move together, one change at a time. The
-//! mutex is only ever taken inside a transaction's closure or on a
-//! blocking thread, never held across an await, so it cannot deadlock
-//! with the writer. If a transaction fails after the instance changed, the
-//! instance is reloaded from the database.
+//! Memory changes only after the database did. Every change runs inside a
+//! write transaction on the store's writer thread, on a working copy of
+//! the wallet staged for that transaction (the first change of a
+//! transaction copies the committed state; later changes in the same
+//! transaction, such as every block of a batch the loop connects, go on
+//! the same copy). The copy becomes the wallet's state in the store's
+//! after-commit callback, on the writer thread, before the next
+//! transaction and before the writer's caller gets its result; if the
+//! transaction rolls back or its COMMIT fails, the copy is dropped and
+//! readers never saw it. The mutexes are only ever taken inside a
+//! transaction's closure, on a blocking thread or for a moment, never held
+//! across an await, so they cannot deadlock with the writer.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,7 +33,11 @@ pub struct LiveWallet {
     name: String,
     network: Network,
     birth_height: u32,
+    /// The committed state: what readers see.
     state: Mutex<Wallet>,
+    /// The working copy of the write transaction in progress, if one
+    /// changed the wallet (lock order: `staged`, then `state`).
+    staged: Mutex<Option<Staged>>,
     store: Store,
     /// The registry's set of grown wallets (not the registry itself: it
     /// holds this instance, and a handle back would keep both alive).
@@ -108,8 +117,47 @@ impl Drop for Pin {
     }
 }
 
-fn lock(m: &Mutex<Wallet>) -> MutexGuard<'_, Wallet> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A working copy of a wallet, for the write transaction `serial`.
+struct Staged {
+    serial: u64,
+    wallet: Wallet,
+}
+
+/// The wallet as a write transaction sees and changes it: its working copy
+/// for that transaction, which becomes the wallet's state once the
+/// transaction commits.
+pub struct StagedWallet<'a>(MutexGuard<'a, Option<Staged>>);
+
+impl std::ops::Deref for StagedWallet<'_> {
+    type Target = Wallet;
+
+    fn deref(&self) -> &Wallet {
+        &self
+            .0
+            .as_ref()
+            .expect("a staged wallet holds its copy")
+            .wallet
+    }
+}
+
+impl std::ops::DerefMut for StagedWallet<'_> {
+    fn deref_mut(&mut self) -> &mut Wallet {
+        &mut self
+            .0
+            .as_mut()
+            .expect("a staged wallet holds its copy")
+            .wallet
+    }
+}
+
+impl std::fmt::Debug for StagedWallet<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StagedWallet").field(&**self).finish()
+    }
 }
 
 impl LiveWallet {
@@ -120,6 +168,7 @@ impl LiveWallet {
             network: wallet.network(),
             birth_height: wallet.birth_height(),
             state: Mutex::new(wallet),
+            staged: Mutex::new(None),
             store,
             grown,
             pins: AtomicUsize::new(0),
@@ -146,13 +195,50 @@ impl LiveWallet {
         self.birth_height
     }
 
-    /// The wallet itself, for lockstep's code running inside a write
-    /// transaction (the chain loop ingesting a block): the transaction is
-    /// asked for so that the guard is only ever taken on the writer thread,
-    /// where no await can hold it.
+    /// The wallet as write transaction `tx` sees it, for lockstep's code
+    /// running inside one (the chain loop ingesting a block): its working
+    /// copy for `tx` (made from the committed state at the transaction's
+    /// first call), which becomes the wallet's state once `tx` commits.
+    /// The transaction is asked for so that the guard is only ever taken
+    /// on the writer thread, where no await can hold it.
     #[doc(hidden)]
-    pub fn wallet_in(&self, _tx: &WriteTx<'_>) -> MutexGuard<'_, Wallet> {
-        lock(&self.state)
+    pub fn wallet_in(self: &Arc<Self>, tx: &WriteTx<'_>) -> StagedWallet<'_> {
+        let serial = tx.serial();
+        let mut staged = lock(&self.staged);
+        if staged.as_ref().is_none_or(|s| s.serial != serial) {
+            // A copy left by a transaction that rolled back is dropped.
+            let wallet = lock(&self.state).clone();
+            *staged = Some(Staged { serial, wallet });
+            let me = Arc::downgrade(self);
+            tx.after_commit(move || {
+                if let Some(me) = me.upgrade() {
+                    me.apply_staged(serial);
+                }
+            });
+        }
+        StagedWallet(staged)
+    }
+
+    /// Whether a working copy is staged (by a transaction in progress, or
+    /// left by one that rolled back until the next change replaces it).
+    pub(crate) fn is_staged(&self) -> bool {
+        lock(&self.staged).is_some()
+    }
+
+    /// Transaction `serial` committed: its working copy becomes the state.
+    /// Keys unlocked or locked meanwhile (outside any transaction) stay as
+    /// they are now.
+    fn apply_staged(&self, serial: u64) {
+        let mut staged = lock(&self.staged);
+        if staged.as_ref().is_none_or(|s| s.serial != serial) {
+            return;
+        }
+        let Some(Staged { mut wallet, .. }) = staged.take() else {
+            return;
+        };
+        let mut state = lock(&self.state);
+        wallet.keep_keys_of(&state);
+        *state = wallet;
     }
 
     /// Keeps the wallet loaded (never evicted) while the pin lives.
@@ -168,17 +254,6 @@ impl LiveWallet {
     /// Reloads the instance from `tx` in place, keeping unlocked keys.
     pub(crate) fn reload_in(&self, tx: &ReadTx<'_>) -> Result<(), WalletError> {
         lock(&self.state).reload(tx)
-    }
-
-    /// After a failed write that may have changed the instance.
-    async fn reload(self: &Arc<Self>) {
-        let me = Arc::clone(self);
-        // On the writer, so that no write slips between the read and the
-        // instance taking it.
-        let reloaded: Result<(), WalletError> = self.store.write(move |tx| me.reload_in(tx)).await;
-        if let Err(error) = reloaded {
-            tracing::error!(wallet = %self.id, %error, "reloading a wallet after a failed write");
-        }
     }
 
     /// Runs `f` on the wallet inside one write transaction of the shared
@@ -197,18 +272,17 @@ impl LiveWallet {
         self.change(f).await
     }
 
-    /// Runs `f` on the wallet in a write transaction; reloads the instance
-    /// if the transaction fails.
+    /// Runs `f` on the wallet's working copy in a write transaction; the
+    /// copy becomes the wallet's state only if the transaction commits.
     async fn change<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
     where
         F: FnOnce(&mut Wallet, &mut WriteTx<'_>) -> Result<T, WalletError> + Send + 'static,
         T: Send + 'static,
     {
         let me = Arc::clone(self);
-        let result = self
-            .store
+        self.store
             .write(move |tx| {
-                let mut wallet = lock(&me.state);
+                let mut wallet = me.wallet_in(tx);
                 let before = wallet.derived_counts();
                 let out = f(&mut wallet, tx);
                 if wallet.derived_counts() != before {
@@ -219,11 +293,7 @@ impl LiveWallet {
                 }
                 out
             })
-            .await;
-        if result.is_err() {
-            self.reload().await;
-        }
-        result
+            .await
     }
 
     /// Hands out the next address of a keychain (external: to be paid;

@@ -327,7 +327,9 @@ impl Registry {
 
     /// Evicts, least recently used first, wallets not in use until at most
     /// `capacity` are loaded. In use: a handle held outside the registry,
-    /// a pin ([`LiveWallet::pin`]: a running action), or a coin locked.
+    /// a pin ([`LiveWallet::pin`]: a running action), a coin locked, or a
+    /// working copy staged (a write transaction changed it: loaded again in
+    /// that transaction, it would read the transaction's own writes).
     fn evict(&self, slots: &mut Slots, tx: &ReadTx<'_>) -> Result<(), WalletError> {
         let live = slots.slots.len();
         if live <= self.shared.capacity {
@@ -338,7 +340,9 @@ impl Registry {
             .iter()
             .filter_map(|(id, slot)| match slot {
                 Slot::Live { wallet, used }
-                    if Arc::strong_count(wallet) == 1 && !wallet.is_pinned() =>
+                    if Arc::strong_count(wallet) == 1
+                        && !wallet.is_pinned()
+                        && !wallet.is_staged() =>
                 {
                     Some((*used, *id))
                 }

@@ -620,6 +620,14 @@ impl Wallet {
         ]
     }
 
+    /// Takes `committed`'s keys (unlocked, or locked): a working copy made
+    /// before an unlock or a lock becomes the state after it.
+    pub(crate) fn keep_keys_of(&mut self, committed: &Wallet) {
+        if self.id == committed.id {
+            self.descriptors = committed.descriptors.clone();
+        }
+    }
+
     /// Forgets the private keys (signing then needs [`Wallet::unlock`]).
     pub fn lock(&mut self) {
         self.descriptors = self.descriptors.without_secrets();

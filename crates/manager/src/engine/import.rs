@@ -577,15 +577,12 @@ impl Engine {
             let (returned, mut outcome) = match pipe.fill_while(commit).await {
                 Ok(done) => done,
                 Err(e) => {
-                    // The import's mirror may be ahead of the database:
-                    // read it again from what was committed.
+                    // The import's books may be ahead of the database:
+                    // read them again from what was committed.
                     let registry = self.registry.clone();
                     *books = self
                         .store
-                        .write(move |tx| {
-                            registry.reload_in(tx)?;
-                            Books::of_wallet(tx, &registry, id)
-                        })
+                        .write(move |tx| Books::of_wallet(tx, &registry, id))
                         .await?;
                     return Err(Flow::Fail(e));
                 }
