@@ -13,7 +13,7 @@ use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
 use bitcoin::{Amount, Block, BlockHash, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
 use lockstep_chain::metered::Metered;
-use lockstep_chain::{BlockId, BroadcastError, ChainSource, SourceError, SourceErrorKind};
+use lockstep_chain::{BlockId, BroadcastError, ChainSource, ErrorKind, SourceError};
 use lockstep_manager::{
     Event, Manager, ManagerConfig, ManagerError, NewWallet, ScriptImport, Status,
 };
@@ -727,7 +727,7 @@ fn a_short_batch_of_filter_headers_is_a_typed_error() {
         liar.short_batches.store(true, Ordering::SeqCst);
         let err = w.manager.sync().await.unwrap_err();
         assert!(
-            matches!(&err, ManagerError::Source(e) if e.kind() == SourceErrorKind::Invalid),
+            matches!(&err, ManagerError::Source(e) if e.kind() == ErrorKind::Invalid),
             "{err:?}"
         );
         assert_eq!(err.kind(), lockstep_manager::ErrorKind::Invalid);

@@ -39,7 +39,8 @@ mod source;
 pub use bitcoind::{
     BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, LOOP_TURNS, RpcFailure,
 };
+pub use lockstep_error::ErrorKind;
 pub use source::{
     BlockId, BroadcastError, ChainSource, FeeRule, InvalidTx, MAX_REPLACEMENTS, Missing,
-    RejectReason, SourceError, SourceErrorKind,
+    RejectReason, SourceError,
 };

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
 use bitcoin::{Amount, Block, BlockHash, OutPoint, Transaction, Txid};
+use lockstep_error::ErrorKind;
 
 /// A block's place in a chain: its height and hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -128,18 +129,6 @@ pub trait ChainSource: Send + Sync + 'static {
     }
 }
 
-/// What the caller of a [`ChainSource`] can do about an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SourceErrorKind {
-    /// The source is down, slow or overloaded: retrying later can help.
-    Retryable,
-    /// The source does not have it on its best chain (a reorg, or a height
-    /// above the tip): re-read the tip before asking again.
-    NotFound,
-    /// The source answered with data that is wrong: do not trust it.
-    Invalid,
-}
-
 /// What a chain source could not be asked.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -181,20 +170,29 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// What the caller can do about it.
-    pub fn kind(&self) -> SourceErrorKind {
+    /// What the caller can do about it: a source that is down, slow,
+    /// misconfigured or does not have it on its best chain (a reorg, or a
+    /// height above its tip: re-read the tip before asking again) is
+    /// [`ErrorKind::Retryable`]; data that cannot be right is
+    /// [`ErrorKind::Invalid`].
+    pub fn kind(&self) -> ErrorKind {
         match self {
             SourceError::Unavailable { .. }
             | SourceError::Timeout { .. }
-            | SourceError::Misconfigured { .. } => SourceErrorKind::Retryable,
-            SourceError::NotFound(_) => SourceErrorKind::NotFound,
-            SourceError::Invalid { .. } => SourceErrorKind::Invalid,
+            | SourceError::Misconfigured { .. }
+            | SourceError::NotFound(_) => ErrorKind::Retryable,
+            SourceError::Invalid { .. } => ErrorKind::Invalid,
         }
     }
 
     /// Whether asking again later can succeed.
     pub fn is_retryable(&self) -> bool {
-        self.kind() == SourceErrorKind::Retryable
+        self.kind() == ErrorKind::Retryable
+    }
+
+    /// Whether the source does not have it on its best chain.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, SourceError::NotFound(_))
     }
 }
 

@@ -1,25 +1,12 @@
 //! What can go wrong in the chain loop, and whether retrying helps.
 
 use bitcoin::{BlockHash, Network};
-use lockstep_chain::{SourceError, SourceErrorKind};
+use lockstep_chain::SourceError;
 use lockstep_filter::DecodeFilterError;
-use lockstep_store::{ErrorKind as StoreErrorKind, StoreError, WalletId};
+use lockstep_store::{StoreError, WalletId};
 use lockstep_wallet::WalletError;
 
-/// Whether a failed manager operation can succeed if tried again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The source or the database was briefly unavailable: the loop
-    /// retries by itself, with backoff; a caller may retry too.
-    Retryable,
-    /// The input was wrong (a source that lies, a script that is not the
-    /// wallet's, an unknown wallet): retrying the same thing gives the
-    /// same error.
-    Invalid,
-    /// The database or the chain history cannot be trusted any more (a
-    /// corrupt file, a reorg deeper than the recorded hashes).
-    Fatal,
-}
+pub use lockstep_error::ErrorKind;
 
 /// An error of a block hook ([`crate::BlockHook`]).
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;
@@ -176,14 +163,9 @@ impl ManagerError {
     /// Whether retrying can help.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ManagerError::Source(e) => match e.kind() {
-                SourceErrorKind::Retryable | SourceErrorKind::NotFound => ErrorKind::Retryable,
-                SourceErrorKind::Invalid => ErrorKind::Invalid,
-            },
-            ManagerError::Store(e) => store_kind(e.kind()),
-            ManagerError::Wallet(e) | ManagerError::WalletFailed { source: e, .. } => {
-                store_kind(e.kind())
-            }
+            ManagerError::Source(e) => e.kind(),
+            ManagerError::Store(e) => e.kind(),
+            ManagerError::Wallet(e) | ManagerError::WalletFailed { source: e, .. } => e.kind(),
             ManagerError::BadFilter { .. }
             | ManagerError::FilterHeaderMismatch { .. }
             | ManagerError::BadBlock { .. }
@@ -232,14 +214,6 @@ impl ManagerError {
             ManagerError::ImportIncomplete { source, .. } => source.wallet_to_park(),
             _ => None,
         }
-    }
-}
-
-fn store_kind(kind: StoreErrorKind) -> ErrorKind {
-    match kind {
-        StoreErrorKind::Retryable => ErrorKind::Retryable,
-        StoreErrorKind::Invalid => ErrorKind::Invalid,
-        StoreErrorKind::Fatal => ErrorKind::Fatal,
     }
 }
 

@@ -16,7 +16,7 @@ use lockstep_chain::block_checks::check_block;
 use lockstep_chain::core_format::parse_rest_filter;
 use lockstep_chain::{
     BitcoindAuth, BitcoindConfig, BitcoindError, BitcoindSource, BlockId, BroadcastError,
-    ChainSource, Missing, RejectReason, RpcFailure, SourceError, SourceErrorKind,
+    ChainSource, ErrorKind, Missing, RejectReason, RpcFailure, SourceError,
 };
 use lockstep_sim::{Lie, SimChain, SimNode, SimNodeConfig, SimParams};
 use serde_json::json;
@@ -365,7 +365,7 @@ async fn configuration_errors_are_typed() {
     gone.timeout = Duration::from_secs(2);
     match BitcoindSource::connect(gone).await {
         Err(BitcoindError::Unreachable { source, .. }) => {
-            assert_eq!(source.kind(), SourceErrorKind::Retryable);
+            assert_eq!(source.kind(), ErrorKind::Retryable);
         }
         other => panic!("{other:?}"),
     }
@@ -613,7 +613,7 @@ async fn a_lying_node_is_invalid() {
                 assert_eq!(w, what, "{reason}");
                 assert_eq!(
                     SourceError::Invalid { what, reason }.kind(),
-                    SourceErrorKind::Invalid
+                    ErrorKind::Invalid
                 );
             }
             other => panic!("rest {rest}: {other:?}"),

@@ -9,21 +9,7 @@ use rusqlite::ErrorCode;
 
 use crate::WalletId;
 
-/// What the caller can do about an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
-    /// The database was busy or locked, or a timeout expired: the same call may
-    /// succeed if tried again later. Nothing was written.
-    Retryable,
-    /// The caller's input was bad (a duplicate name, an unknown id, a path
-    /// that holds some other file): retrying the same call gives the same
-    /// error. Nothing was written.
-    Invalid,
-    /// The database or its host is unusable (corrupt file, full disk, I/O
-    /// error, the writer thread is gone) or a caller's closure panicked: stop
-    /// cleanly; a restart resumes from the last commit.
-    Fatal,
-}
+pub use lockstep_error::ErrorKind;
 
 /// An error reported by SQLite.
 ///

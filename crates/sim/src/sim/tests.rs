@@ -467,7 +467,8 @@ fn broadcast_through_the_trait_object() {
             Err(SourceError::NotFound(Missing::FilterHeader(_)))
         ));
         let missing = source.block_hash(1_000).await.unwrap_err();
-        assert_eq!(missing.kind(), SourceErrorKind::NotFound);
+        assert!(missing.is_not_found());
+        assert_eq!(missing.kind(), ErrorKind::Retryable);
         assert!(matches!(
             source.block(bitcoin::BlockHash::all_zeros()).await,
             Err(SourceError::NotFound(Missing::Block(_)))
@@ -492,7 +493,7 @@ fn broadcast_through_the_trait_object() {
     });
 }
 
-use lockstep_chain::{BroadcastError, Missing, SourceError, SourceErrorKind};
+use lockstep_chain::{BroadcastError, ErrorKind, Missing, SourceError};
 
 #[test]
 fn the_oracle_counts_receipts_and_spends() {
