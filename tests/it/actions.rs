@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bitcoin::bip32::Xpriv;
 use bitcoin::bip158::FilterHeader;
 use bitcoin::block::Header;
-use bitcoin::{Amount, NetworkKind, ScriptBuf, TxOut};
+use bitcoin::{Amount, ScriptBuf, TxOut};
 use bitcoin::{Block, BlockHash, Transaction, Txid};
 use lockstep::{
     DriveMode, DriveOutcome, ExecutorConfig, FeeBump, Keychain, Lockstep, NewWallet, Spend,
@@ -23,8 +22,8 @@ use lockstep_sim::{ReorgTxs, SimChain, SimParams};
 use lockstep_store::{Store, StoreError, StoreOptions};
 use lockstep_testkit::oracle::check_wallet;
 use lockstep_tests::rig::runtime;
-use lockstep_tests::{key, p2wpkh};
-use lockstep_wallet::WalletDescriptors;
+use lockstep_tests::wait::eventually;
+use lockstep_tests::{key, p2wpkh, signing_descriptors};
 
 /// A facade over the database in `dir`, every action step run twice.
 fn open(dir: &Path, chain: &SimChain) -> (Lockstep, Manager) {
@@ -63,13 +62,7 @@ async fn funded(
     coins: usize,
     sats: u64,
 ) -> WalletId {
-    let root = Xpriv::new_master(NetworkKind::Test, &[seed; 32]).unwrap();
-    let descriptors = WalletDescriptors::parse(
-        &format!("wpkh({root}/84h/1h/0h/0/*)"),
-        &format!("wpkh({root}/84h/1h/0h/1/*)"),
-        bitcoin::Network::Regtest,
-    )
-    .unwrap();
+    let descriptors = signing_descriptors(seed);
     let id = lockstep
         .register(
             NewWallet::new(format!("w{seed}"), descriptors)
@@ -468,7 +461,10 @@ fn resumed_actions_hold_their_wallets_before_any_new_action_is_admitted() {
                         .await
                 }
             });
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            eventually("the send to queue behind the holder", async || {
+                lockstep.dispatcher().queue_len(&id) == 1
+            })
+            .await;
             assert_eq!(lockstep.dispatcher().queue_len(&id), 1);
             // The process ends: everything holding the database goes
             // (awaited, so the next open does not find this one's loop).
@@ -706,7 +702,10 @@ fn an_expired_send_frees_its_coins_unless_it_broadcast() {
             let send = pay("late-69", id, &p2wpkh(&key(69)), 15_000, 1.0, 1).with_deadline(tip + 2);
             async move { lockstep.executor().drive(send, DriveMode::UntilDone).await }
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        eventually("the send to lock its coin", async || {
+            locks(&manager).len() == 1
+        })
+        .await;
         assert_eq!(locks(&manager).len(), 1, "it holds its coin");
         lockstep.dispatcher().set_tip(tip + 2);
         let outcome = waiting.await.unwrap();
@@ -727,7 +726,13 @@ fn an_expired_send_frees_its_coins_unless_it_broadcast() {
             let lockstep = lockstep.clone();
             async move { lockstep.executor().drive(send, DriveMode::UntilDone).await }
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Signed and recorded as broadcast (the commit that makes it one the
+        // chain may confirm) before its deadline comes.
+        eventually("the send to record its broadcast", async || {
+            let history = wallet.history().await.unwrap();
+            history.iter().any(|h| h.height.is_none())
+        })
+        .await;
         lockstep.dispatcher().set_tip(tip + 4);
         let outcome = waiting.await.unwrap();
         assert!(

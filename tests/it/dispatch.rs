@@ -6,16 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bitcoin::bip32::Xpriv;
-use bitcoin::{Amount, NetworkKind, OutPoint, TxOut};
+use bitcoin::{Amount, OutPoint, TxOut};
 use lockstep::{ActionKind, ActionSpec, Keychain, Lockstep, NewWallet, Outcome, SpendRequest};
 use lockstep_manager::{Manager, ManagerConfig};
 use lockstep_sim::{SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions};
 use lockstep_testkit::oracle::check_wallet;
 use lockstep_tests::rig::runtime;
-use lockstep_tests::{key, p2wpkh};
-use lockstep_wallet::{WalletDescriptors, WalletError};
+use lockstep_tests::wait::eventually;
+use lockstep_tests::{key, p2wpkh, signing_descriptors};
+use lockstep_wallet::WalletError;
 
 /// What a send action ends with.
 #[derive(Debug)]
@@ -42,13 +42,7 @@ fn fifty_sends_released_early_share_no_coin_and_all_confirm() {
             .wait_for(110, Duration::from_secs(60))
             .await
             .unwrap();
-        let root = Xpriv::new_master(NetworkKind::Test, &[15; 32]).unwrap();
-        let descriptors = WalletDescriptors::parse(
-            &format!("wpkh({root}/84h/1h/0h/0/*)"),
-            &format!("wpkh({root}/84h/1h/0h/1/*)"),
-            bitcoin::Network::Regtest,
-        )
-        .unwrap();
+        let descriptors = signing_descriptors(15);
         let id = lockstep
             .register(
                 NewWallet::new("sender", descriptors)
@@ -315,17 +309,24 @@ fn an_action_that_fails_panics_is_cancelled_or_expires_leaves_no_coin_locked() {
             );
             // The coins come back (at once for a failure; from the dropped
             // future's guard otherwise), except a broadcast's inputs.
-            let mut locked = Amount::MAX;
-            for _ in 0..500 {
-                locked = wallet.balance().await.unwrap().locked;
-                if locked == Amount::ZERO {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
             if ending == Ending::FailsAfterBroadcast {
+                // That something does not happen: the inputs stay locked
+                // for a whole second (looked at every 2 ms).
+                let mut locked = Amount::MAX;
+                for _ in 0..500 {
+                    locked = wallet.balance().await.unwrap().locked;
+                    if locked == Amount::ZERO {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
                 assert!(locked > Amount::ZERO, "a broadcast's inputs stay locked");
             } else {
+                eventually(&format!("{ending:?}: no coin left locked"), async || {
+                    wallet.balance().await.unwrap().locked == Amount::ZERO
+                })
+                .await;
+                let locked = wallet.balance().await.unwrap().locked;
                 assert_eq!(locked, Amount::ZERO, "{ending:?}: no coin left locked");
             }
             lockstep.dispatcher().set_tip(tip);

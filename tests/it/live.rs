@@ -7,15 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bitcoin::bip32::Xpriv;
-use bitcoin::{Amount, NetworkKind, OutPoint, ScriptBuf, TxOut};
+use bitcoin::{Amount, OutPoint, ScriptBuf, TxOut};
 use lockstep_manager::{Manager, ManagerConfig, NewWallet, WaitError};
 use lockstep_sim::{SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions};
 use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_tests::rig::runtime;
-use lockstep_tests::{key, p2wpkh};
-use lockstep_wallet::{CoinState, Keychain, SpendRequest, WalletDescriptors, WalletError};
+use lockstep_tests::{key, p2wpkh, signing_descriptors};
+use lockstep_wallet::{CoinState, Keychain, SpendRequest, WalletError};
 
 fn config() -> ManagerConfig {
     ManagerConfig {
@@ -167,16 +166,6 @@ fn addresses_revealed_while_the_loop_runs_are_credited_in_the_next_block() {
         assert!(check.ok(), "{:?}", check.mismatch);
         manager.stop().await;
     });
-}
-
-fn signing_descriptors(seed: u8) -> WalletDescriptors {
-    let root = Xpriv::new_master(NetworkKind::Test, &[seed; 32]).unwrap();
-    WalletDescriptors::parse(
-        &format!("wpkh({root}/84h/1h/0h/0/*)"),
-        &format!("wpkh({root}/84h/1h/0h/1/*)"),
-        bitcoin::Network::Regtest,
-    )
-    .unwrap()
 }
 
 /// One send's record.

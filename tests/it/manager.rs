@@ -20,6 +20,7 @@ use lockstep_manager::{
 use lockstep_sim::{ReorgTxs, SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions, WalletId};
 use lockstep_testkit::oracle::{check_wallet_imported, test_descriptors};
+use lockstep_tests::wait::eventually;
 use lockstep_wallet::Keychain;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -233,19 +234,6 @@ impl World {
     async fn sync(&self) {
         let height = self.manager.sync().await.unwrap();
         assert_eq!(height, self.chain.height());
-    }
-}
-
-/// Waits until `condition` holds (polling: it reads counters and watches
-/// the loop moves), failing the test after 30 s.
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !condition() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -659,14 +647,14 @@ fn a_flaky_source_is_retried_until_synced() {
         let is_offline = || matches!(*status.borrow(), Status::Offline { .. });
         // Anything fetched before the outage may still commit: the tip is
         // taken once the loop has seen the outage and gone offline...
-        wait_until("the loop to go offline", || {
+        eventually("the loop to go offline", async || {
             is_offline() && failed() >= outage + 5
         })
         .await;
         let stalled = *w.manager.tip().borrow();
         // ... and must not move while the loop keeps trying.
         let tried = failed();
-        wait_until("the loop to try again", || failed() >= tried + 10).await;
+        eventually("the loop to try again", async || failed() >= tried + 10).await;
         assert!(
             is_offline(),
             "the loop stays offline while the source is down"

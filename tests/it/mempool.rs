@@ -495,6 +495,9 @@ async fn zmq_rawtx_wakes_the_mempool_poll_at_once() {
     // The loop's first poll at the tip finds a first payment whatever
     // wakes it; then it settles into its minute-long wait.
     assert!(announced_within(&chain, &manager, &script, 1, Duration::from_secs(10)).await);
+    // Time passes, not a wait for a state: the first poll's tail is over,
+    // so that what follows is found by a wake (the assertion below waits
+    // for its own events).
     tokio::time::sleep(Duration::from_millis(500)).await;
     // ZMQ subscribers may miss what is published while they connect: a
     // few payments, 2 s each, well inside the minute a poll would take.
@@ -526,6 +529,8 @@ async fn the_synced_loop_lists_the_mempool_on_its_own_schedule() {
     let (manager, _dir) =
         synced_loop(&chain, Arc::new(metered.clone()), Duration::from_secs(60)).await;
     let at_tip = metered.meter();
+    // A rate over a second, and that something does not happen: no more
+    // than one listing in that time; the second has to pass.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = metered.meter();
     let looks = idle.tips - at_tip.tips;

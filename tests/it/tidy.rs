@@ -194,6 +194,15 @@ fn crate_manifests() -> BTreeMap<String, Manifest> {
     out
 }
 
+/// The manifests of the packages in `crates/`, by package name (what the
+/// dependency lists name).
+fn crate_manifests_by_package() -> BTreeMap<String, Manifest> {
+    crate_manifests()
+        .into_values()
+        .map(|manifest| (manifest.name.clone(), manifest))
+        .collect()
+}
+
 /// Every package manifest of the workspace: `crates/*`, `tests`, `benches`
 /// and `xtask`.
 fn all_manifests() -> Vec<Manifest> {
@@ -342,10 +351,7 @@ fn normal_lockstep_deps(manifest: &Manifest) -> BTreeSet<&str> {
 /// in, directly or through another lockstep crate, is the simulator.
 #[test]
 fn the_simulator_stays_out_of_production_crates() {
-    let manifests: BTreeMap<String, Manifest> = crate_manifests()
-        .into_values()
-        .map(|manifest| (manifest.name.clone(), manifest))
-        .collect();
+    let manifests = crate_manifests_by_package();
     let mut broken = Vec::new();
     for (name, may_use) in [
         ("lockstep-chain", &["lockstep-error"][..]),
@@ -398,10 +404,7 @@ fn the_simulator_stays_out_of_production_crates() {
 /// behind a feature: an embedder builds none of them by default.
 #[test]
 fn the_facade_pulls_no_simulator_dependency() {
-    let manifests: BTreeMap<String, Manifest> = crate_manifests()
-        .into_values()
-        .map(|manifest| (manifest.name.clone(), manifest))
-        .collect();
+    let manifests = crate_manifests_by_package();
     let mut closure = BTreeSet::from(["lockstep"]);
     let mut todo = vec!["lockstep"];
     while let Some(next) = todo.pop() {

@@ -31,6 +31,7 @@ use lockstep_sim::{SimChain, SimParams};
 use lockstep_store::{Store, StoreOptions, WalletId, WriteTx};
 use lockstep_testkit::oracle::{check_wallet, test_descriptors};
 use lockstep_tests::rig::runtime;
+use lockstep_tests::wait::eventually;
 use lockstep_wallet::{Keychain, WalletDescriptors};
 
 const SEED: u64 = 131;
@@ -422,7 +423,10 @@ fn wallets_registered_by_another_process_are_picked_up() {
             .wait_for_block(chain.tip(), Duration::from_secs(30))
             .await
             .unwrap();
-        eventually(|| importing(&w, below).is_none()).await;
+        eventually("the import below the tip to finish", async || {
+            importing(&w, below).is_none()
+        })
+        .await;
         for id in [a, above, below] {
             w.check(id);
         }
@@ -447,7 +451,10 @@ fn wallets_registered_by_another_process_are_picked_up() {
             .await
             .unwrap();
         // The loop ran the other process's targeted import.
-        eventually(|| importing(&w, a).is_none() && w.balance(a) == 444_000).await;
+        eventually("the import of a to finish with its coins", async || {
+            importing(&w, a).is_none() && w.balance(a) == 444_000
+        })
+        .await;
         // After a restart, still all there.
         w.manager.stop().await;
         drop(other);
@@ -504,7 +511,10 @@ fn many_wallets_registered_elsewhere_under_contention() {
             ids.extend(task.await.unwrap());
         }
         chain.mine(2).unwrap();
-        eventually(|| ids.iter().all(|(_, id)| importing(&w, *id).is_none())).await;
+        eventually("every import to finish", async || {
+            ids.iter().all(|(_, id)| importing(&w, *id).is_none())
+        })
+        .await;
         w.manager
             .wait_for_block(chain.tip(), Duration::from_secs(60))
             .await
@@ -812,18 +822,6 @@ fn registration_retries_and_import_hiccups() {
     });
 }
 
-/// Waits (up to 30 s) until `done` holds, looking every millisecond.
-async fn eventually(done: impl Fn() -> bool) {
-    let wait = async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), wait)
-        .await
-        .expect("the condition came true");
-}
-
 /// The wallet's import height (`None`: active).
 fn importing(w: &World, id: WalletId) -> Option<u32> {
     w.store
@@ -988,7 +986,10 @@ fn stop_returns_promptly_while_requests_hang() {
         w.rig.hang.store(true, Ordering::SeqCst);
         chain.pay(script(1, 0), Amount::from_sat(10_000)).unwrap();
         chain.mine(2).unwrap();
-        eventually(|| w.rig.hanging.load(Ordering::SeqCst) > 0).await;
+        eventually("a request to hang", async || {
+            w.rig.hanging.load(Ordering::SeqCst) > 0
+        })
+        .await;
         tokio::time::timeout(Duration::from_secs(2), w.manager.stop())
             .await
             .expect("stop returns while the loop's request hangs");
@@ -996,7 +997,10 @@ fn stop_returns_promptly_while_requests_hang() {
         let hung = w.rig.hanging.load(Ordering::SeqCst);
         let manager = w.manager.clone();
         let import = tokio::spawn(async move { manager.register(wallet(1, MATURE)).await });
-        eventually(|| w.rig.hanging.load(Ordering::SeqCst) > hung).await;
+        eventually("another request to hang", async || {
+            w.rig.hanging.load(Ordering::SeqCst) > hung
+        })
+        .await;
         tokio::time::timeout(Duration::from_secs(2), w.manager.stop())
             .await
             .expect("stop returns while an import's request hangs");
@@ -1013,7 +1017,7 @@ fn stop_returns_promptly_while_requests_hang() {
             .wait_for_block(chain.tip(), Duration::from_secs(30))
             .await
             .unwrap();
-        eventually(|| importing(&w, id).is_none()).await;
+        eventually("the import to finish", async || importing(&w, id).is_none()).await;
         w.manager.stop().await;
         assert_eq!(w.balance(id), 10_000);
         w.check(id);

@@ -1,7 +1,9 @@
 //! Helpers shared by lockstep's cross-crate tests (`tests/it`).
 
+use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
-use bitcoin::{CompressedPublicKey, ScriptBuf};
+use bitcoin::{CompressedPublicKey, NetworkKind, ScriptBuf};
+use lockstep_wallet::WalletDescriptors;
 
 /// A test key from one repeated byte (never zero).
 pub fn key(n: u8) -> SecretKey {
@@ -12,6 +14,19 @@ pub fn key(n: u8) -> SecretKey {
 pub fn p2wpkh(key: &SecretKey) -> ScriptBuf {
     let secp = Secp256k1::signing_only();
     ScriptBuf::new_p2wpkh(&CompressedPublicKey(key.public_key(&secp)).wpubkey_hash())
+}
+
+/// The P2WPKH descriptors (with private keys, BIP84 paths on regtest) of a
+/// master key from one repeated `seed` byte: a wallet that can sign.
+pub fn signing_descriptors(seed: u8) -> WalletDescriptors {
+    let root = Xpriv::new_master(NetworkKind::Test, &[seed; 32])
+        .expect("a 32-byte seed makes a master key");
+    WalletDescriptors::parse(
+        &format!("wpkh({root}/84h/1h/0h/0/*)"),
+        &format!("wpkh({root}/84h/1h/0h/1/*)"),
+        bitcoin::Network::Regtest,
+    )
+    .expect("the test descriptors parse")
 }
 
 /// The key-path-only P2TR script of a key.
@@ -195,8 +210,7 @@ pub mod rig {
 /// What the actions crash test (`tests/it/actions_crash.rs`) and its child
 /// (`src/bin/actions_child.rs`) agree on: the wallets and the plan.
 pub mod actions_crash {
-    use bitcoin::bip32::Xpriv;
-    use bitcoin::{Amount, NetworkKind, ScriptBuf, TxOut};
+    use bitcoin::{Amount, ScriptBuf, TxOut};
     use lockstep::{FeeBump, Spend, WalletId};
     use lockstep_wallet::WalletDescriptors;
 
@@ -247,14 +261,7 @@ pub mod actions_crash {
 
     /// Wallet `index`'s descriptors (with private keys).
     pub fn descriptors(index: u8) -> WalletDescriptors {
-        let root = Xpriv::new_master(NetworkKind::Test, &[200 + index; 32])
-            .expect("a 32-byte seed makes a master key");
-        WalletDescriptors::parse(
-            &format!("wpkh({root}/84h/1h/0h/0/*)"),
-            &format!("wpkh({root}/84h/1h/0h/1/*)"),
-            bitcoin::Network::Regtest,
-        )
-        .expect("the test descriptors parse")
+        crate::signing_descriptors(200 + index)
     }
 
     /// Wallet `index`'s name.
@@ -346,5 +353,30 @@ pub mod child {
             .expect("the child starts and says so");
         assert_eq!(first, "started");
         (process, lines)
+    }
+}
+
+/// Waiting for a condition with a bound, for the tests' state that
+/// announces no change of its own (counters, rows, queue lengths): where a
+/// watch or an event exists, a test waits on that instead.
+pub mod wait {
+    use std::time::Duration;
+
+    /// How long [`eventually`] waits before it fails the test: far beyond
+    /// what any condition here takes on a loaded machine, short of a hung
+    /// run.
+    pub const PATIENCE: Duration = Duration::from_secs(30);
+
+    /// Waits until `done` holds, looking every millisecond; panics naming
+    /// `what` after [`PATIENCE`].
+    pub async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !done().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {PATIENCE:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }

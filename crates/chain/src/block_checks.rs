@@ -14,7 +14,7 @@ use bitcoin::consensus::Encodable as _;
 use bitcoin::hashes::{Hash as _, sha256d};
 use bitcoin::{Block, BlockHash};
 
-use crate::source::{Missing, SourceError};
+use crate::source::{Missing, SourceError, invalid};
 
 /// Checks that `block`'s transactions hash to its header's merkle root, and
 /// that no two sibling nodes of the tree are equal: a block whose last
@@ -147,14 +147,6 @@ pub fn check_block(block: &Block, hash: BlockHash) -> Result<(), SourceError> {
     Ok(())
 }
 
-/// A [`SourceError::Invalid`] of `what`.
-fn invalid(what: Missing, reason: impl std::fmt::Display) -> SourceError {
-    SourceError::Invalid {
-        what,
-        reason: reason.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use bitcoin::hashes::Hash as _;
@@ -225,6 +217,16 @@ mod tests {
             !merkle_root_matches(&block_of(Vec::new())),
             "no transactions"
         );
+    }
+
+    /// A block without witness data passes without a commitment; one with
+    /// a witness and no commitment is refused.
+    #[test]
+    fn only_a_block_with_witness_data_needs_a_commitment() {
+        let legacy = block_of(vec![tx(1, false), tx(2, false)]);
+        assert!(check_witness_commitment(&legacy));
+        let uncommitted = block_of(vec![tx(1, false), tx(2, true)]);
+        assert!(!check_witness_commitment(&uncommitted));
     }
 
     /// A block whose last transactions are repeated keeps its merkle root

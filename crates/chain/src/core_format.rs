@@ -10,7 +10,7 @@ use bitcoin::consensus::encode::deserialize_partial;
 use bitcoin::hashes::Hash as _;
 use bitcoin::{Amount, BlockHash, OutPoint, Transaction, VarInt};
 
-use crate::source::{FeeRule, InvalidTx, Missing, RejectReason, SourceError};
+use crate::source::{FeeRule, InvalidTx, Missing, RejectReason, SourceError, invalid};
 
 /// `RPC_MISC_ERROR`: what Core answers for "Index is not enabled…" and
 /// for a call with the wrong number of parameters.
@@ -298,14 +298,6 @@ pub fn parse_rest_filter(bytes: &[u8], hash: BlockHash) -> Result<Vec<u8>, Sourc
         ));
     }
     Ok(filter.to_vec())
-}
-
-/// A [`SourceError::Invalid`] of `what`.
-fn invalid(what: Missing, reason: impl std::fmt::Display) -> SourceError {
-    SourceError::Invalid {
-        what,
-        reason: reason.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -169,6 +169,15 @@ pub enum SourceError {
     },
 }
 
+/// A [`SourceError::Invalid`] of `what`: what every check of a source's
+/// answer (the node's formats, the block checks) returns when it refuses.
+pub(crate) fn invalid(what: Missing, reason: impl std::fmt::Display) -> SourceError {
+    SourceError::Invalid {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
 impl SourceError {
     /// What the caller can do about it: a source that is down, slow,
     /// misconfigured or does not have it on its best chain (a reorg, or a

@@ -18,9 +18,9 @@ use anyhow::{Context as _, bail};
 use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, NetworkKind, ScriptBuf, TxOut, Txid};
 use lockstep::{
-    ActError, ActionKind, ActionSpec, Config, DispatchError, DriveError, DriveMode, DriveOutcome,
-    FeeBump, Keychain, Lockstep, NewWallet, Outcome, Spend, WalletDescriptors, WalletError,
-    WalletId,
+    ActError, ActionKind, ActionSpec, Config, DispatchError, DispatchStats, DriveError, DriveMode,
+    DriveOutcome, FeeBump, Keychain, Lockstep, NewWallet, Outcome, Spend, WalletDescriptors,
+    WalletError, WalletId,
 };
 use lockstep_chain::ChainSource;
 use lockstep_sim::SimChain;
@@ -258,11 +258,79 @@ pub(crate) async fn run(
     );
 
     // An embedder's start-up: the facade over the same database file.
-    let lockstep = Lockstep::open(db, Arc::clone(&dyn_source), config())?;
+    let lockstep = open_facade(db, &dyn_source, chain).await?;
+    let signers = fund_signers(&lockstep, chain, &mut rng, seed, count).await?;
+    refuse_a_second_action(&lockstep, &signers).await?;
+    let mut payments = pay_each_other(&lockstep, chain, &signers, &mut rng).await?;
+    payments.push(bump_a_dropped_send(&lockstep, chain, source, &signers, &mut rng).await?);
+    let (lockstep, first_stats) = restart_mid_way(
+        lockstep,
+        db,
+        &dyn_source,
+        chain,
+        &signers,
+        &mut rng,
+        &mut payments,
+    )
+    .await?;
+
+    // 6. What each wallet sent and received; every payee paid exactly once.
+    mine(&lockstep, chain, 1).await?;
+    let receipts = check_receipts(chain, &payments, count);
+    print_ledger(&lockstep, &signers, &payments, &receipts.received).await?;
+    println!();
+    println!(
+        "  paid exactly once           {} of {} payments (SimChain::truth of each payee's script: one output, the amount sent)",
+        receipts.exactly_once,
+        payments.len()
+    );
+    println!(
+        "  signatures                  {} transactions broadcast, every input checked by Bitcoin Core's interpreter",
+        source.verified()
+    );
+    println!(
+        "  dispatcher                  {} actions before the restart, {} refused as busy; {} after",
+        first_stats.dispatched,
+        first_stats.busy_rejections,
+        lockstep.dispatcher().stats().dispatched,
+    );
+    println!(
+        "  time (part 2)               {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    lockstep.stop().await;
+    drop(lockstep);
+    if !receipts.problems.is_empty() {
+        bail!(
+            "payments not made exactly once: {}",
+            receipts.problems.join("; ")
+        );
+    }
+    Ok(signers.iter().map(|s| s.id).collect())
+}
+
+/// A facade over the database at `db`, its loop started and at the chain's
+/// tip.
+async fn open_facade(
+    db: &Path,
+    source: &Arc<dyn ChainSource>,
+    chain: &SimChain,
+) -> anyhow::Result<Lockstep> {
+    let lockstep = Lockstep::open(db, Arc::clone(source), config())?;
     lockstep.start();
     lockstep.wait_for(chain.height(), WAIT).await?;
+    Ok(lockstep)
+}
 
-    // 1. Signing wallets, funded by the chain, unlocked.
+/// First step: signing wallets, funded by the chain, unlocked; each one's funded
+/// balance checked against what the chain paid it.
+async fn fund_signers(
+    lockstep: &Lockstep,
+    chain: &SimChain,
+    rng: &mut ChaCha8Rng,
+    seed: u64,
+    count: usize,
+) -> anyhow::Result<Vec<Signer>> {
     let mut signers = Vec::with_capacity(count);
     let mut kinds = Vec::new();
     for index in 0..count {
@@ -294,8 +362,8 @@ pub(crate) async fn run(
             *paid += amount;
         }
     }
-    let funded_at = mine(&lockstep, chain, 1).await?;
-    unlock_all(&lockstep, &signers).await?;
+    let funded_at = mine(lockstep, chain, 1).await?;
+    unlock_all(lockstep, &signers).await?;
     for (signer, paid) in signers.iter_mut().zip(&paid) {
         signer.funded = lockstep.wallet(signer.id).await?.balance().await?.confirmed;
         if signer.funded != *paid {
@@ -311,8 +379,13 @@ pub(crate) async fn run(
         kinds.join(", "),
         paid.iter().copied().sum::<Amount>().to_btc()
     );
+    Ok(signers)
+}
 
-    // 2. One exclusive action per wallet: a second one is refused at once.
+/// Second step: one exclusive action per wallet: while an action holds the first
+/// signer, a second one is refused at once (`WalletBusy`, naming the
+/// holder).
+async fn refuse_a_second_action(lockstep: &Lockstep, signers: &[Signer]) -> anyhow::Result<()> {
     let (release, held) = tokio::sync::oneshot::channel::<()>();
     let hold = lockstep
         .try_dispatch(
@@ -356,48 +429,60 @@ pub(crate) async fn run(
         .send(())
         .map_err(|()| anyhow::anyhow!("the holding action ended early"))?;
     match hold.outcome().await {
-        Outcome::Completed(()) => {}
+        Outcome::Completed(()) => Ok(()),
         other => bail!("the holding action ended as {other:?}"),
     }
+}
 
-    // 3. Sends driven all at once: each wallet pays the next two, so two
-    // sends ask for each wallet; the second waits in the dispatcher's queue
-    // until the first has locked its coins and released the wallet.
+/// Third step: sends driven all at once: each wallet pays the next two, so two
+/// sends ask for each wallet; the second waits in the dispatcher's queue
+/// until the first has locked its coins and released the wallet. Returns
+/// the payments with their outcomes.
+async fn pay_each_other(
+    lockstep: &Lockstep,
+    chain: &SimChain,
+    signers: &[Signer],
+    rng: &mut ChaCha8Rng,
+) -> anyhow::Result<Vec<Payment>> {
+    let count = signers.len();
     let mut payments: Vec<Payment> = Vec::new();
     for from in 0..count {
         for step in 1..=2 {
             let to = (from + step) % count;
-            payments.push(plan(&lockstep, &signers, &mut rng, "pay", from, to).await?);
+            payments.push(plan(lockstep, signers, rng, "pay", from, to).await?);
         }
     }
-    let concurrent = 0..payments.len();
     let phase = Instant::now();
-    let tasks = spawn_drives(&lockstep, &signers, &payments, DriveMode::UntilDone);
-    let blocks = mine_until_finished(&lockstep, chain, &tasks).await?;
-    for (payment, outcome) in payments[concurrent.clone()]
-        .iter_mut()
-        .zip(outcomes(tasks).await?)
-    {
+    let tasks = spawn_drives(lockstep, signers, &payments, DriveMode::UntilDone);
+    let blocks = mine_until_finished(lockstep, chain, &tasks).await?;
+    for (payment, outcome) in payments.iter_mut().zip(outcomes(tasks).await?) {
         payment.outcome = Some(outcome);
     }
     let stats = lockstep.dispatcher().stats();
-    let done = payments[concurrent.clone()]
-        .iter()
-        .filter(|p| p.done())
-        .count();
+    let done = payments.iter().filter(|p| p.done()).count();
     println!(
         "  {} sends driven at once (each wallet pays the next two; a wallet's second send queued, longest queue {}): {done} done, {} not, in {blocks} blocks, {:.0} ms",
-        concurrent.len(),
+        payments.len(),
         stats.deepest_queue,
-        concurrent.len() - done,
+        payments.len() - done,
         phase.elapsed().as_secs_f64() * 1e3
     );
+    Ok(payments)
+}
 
-    // 4. A fee bump: the source drops the first version, so it stays
-    // unconfirmed; after a block the executor replaces it with a higher fee.
-    let bumped = payments.len();
-    payments.push(plan(&lockstep, &signers, &mut rng, "bumped", 0, count - 1).await?);
-    let spend = payments[bumped].spend(&signers).with_fee_bump(FeeBump {
+/// Fourth step: a fee bump: the source drops the first version, so it stays
+/// unconfirmed; after a block the executor replaces it with a higher fee.
+/// Returns the payment, checked to have confirmed once, as the replacement.
+async fn bump_a_dropped_send(
+    lockstep: &Lockstep,
+    chain: &SimChain,
+    source: &DemoSource,
+    signers: &[Signer],
+    rng: &mut ChaCha8Rng,
+) -> anyhow::Result<Payment> {
+    let last = signers.len() - 1;
+    let mut payment = plan(lockstep, signers, rng, "bumped", 0, last).await?;
+    let spend = payment.spend(signers).with_fee_bump(FeeBump {
         after_blocks: 1,
         max_bumps: 3,
         factor: 2.0,
@@ -406,13 +491,13 @@ pub(crate) async fn run(
     let executor = lockstep.executor().clone();
     let task = tokio::spawn(async move { executor.drive(spend, DriveMode::UntilDone).await });
     let tasks = vec![task];
-    let blocks = mine_until_finished(&lockstep, chain, &tasks).await?;
-    payments[bumped].outcome = outcomes(tasks).await?.pop();
+    let blocks = mine_until_finished(lockstep, chain, &tasks).await?;
+    payment.outcome = outcomes(tasks).await?.pop();
     let (dropped, dropped_times) = source
         .dropped()
         .context("the source dropped no broadcast")?;
-    let confirmed: Vec<Txid> = paid_to(chain, [&payments[bumped].script])
-        .remove(&payments[bumped].script)
+    let confirmed: Vec<Txid> = paid_to(chain, [&payment.script])
+        .remove(&payment.script)
         .unwrap_or_default()
         .iter()
         .map(|(txid, _)| *txid)
@@ -420,7 +505,7 @@ pub(crate) async fn run(
     let [replacement] = confirmed[..] else {
         bail!("the bumped payment confirmed {} times", confirmed.len());
     };
-    if replacement == dropped || !payments[bumped].done() {
+    if replacement == dropped || !payment.done() {
         bail!("the fee bump did not replace the dropped version");
     }
     let fee = |txid: &Txid| {
@@ -431,22 +516,38 @@ pub(crate) async fn run(
     println!(
         "  fee bump: {} → {}: the source dropped the first version {dropped} (acknowledged {dropped_times} broadcasts of it, relayed none); unconfirmed a block later, it was replaced by {replacement} (fee {} sat instead of {} sat), confirmed; {blocks} blocks",
         signers[0].name,
-        signers[count - 1].name,
+        signers[last].name,
         fee(&replacement),
         fee(&dropped),
     );
+    Ok(payment)
+}
 
-    // 5. A restart mid-way: sends driven until they park (broadcast, waiting
-    // for their confirmation), then the facade is dropped.
+/// Fifth step: a restart mid-way: sends driven until they park (broadcast, waiting
+/// for their confirmation), then the facade is dropped; a new one over the
+/// same file unlocks the wallets (keys are never stored in the clear) and
+/// resumes what the previous one left. Appends the sends to `payments`
+/// with their recorded outcomes; returns the new facade and the first
+/// one's dispatcher counters.
+async fn restart_mid_way(
+    lockstep: Lockstep,
+    db: &Path,
+    source: &Arc<dyn ChainSource>,
+    chain: &SimChain,
+    signers: &[Signer],
+    rng: &mut ChaCha8Rng,
+    payments: &mut Vec<Payment>,
+) -> anyhow::Result<(Lockstep, DispatchStats)> {
+    let count = signers.len();
     let first_restarted = payments.len();
     for from in 0..count {
         let to = (from + count - 1) % count;
-        payments.push(plan(&lockstep, &signers, &mut rng, "resumed", from, to).await?);
+        payments.push(plan(&lockstep, signers, rng, "resumed", from, to).await?);
     }
     let restarted = first_restarted..payments.len();
     let tasks = spawn_drives(
         &lockstep,
-        &signers,
+        signers,
         &payments[restarted.clone()],
         DriveMode::UntilParkOrDone,
     );
@@ -461,17 +562,13 @@ pub(crate) async fn run(
     chain.mine(1)?;
     let down_block = chain.height();
 
-    // A new process state over the same file: unlock (keys are never
-    // stored in the clear), then resume what the previous one left.
-    let lockstep = Lockstep::open(db, Arc::clone(&dyn_source), config())?;
-    lockstep.start();
-    lockstep.wait_for(chain.height(), WAIT).await?;
-    unlock_all(&lockstep, &signers).await?;
+    let lockstep = open_facade(db, source, chain).await?;
+    unlock_all(&lockstep, signers).await?;
     let tasks = lockstep.executor().resume_all().await?;
     let resumed = tasks.len();
     let blocks = mine_until_finished(&lockstep, chain, &tasks).await?;
-    let resumed_outcomes = outcomes(tasks).await?;
-    let resumed_done = resumed_outcomes
+    let resumed_done = outcomes(tasks)
+        .await?
         .iter()
         .filter(|o| matches!(o, DriveOutcome::Done(_)))
         .count();
@@ -481,7 +578,7 @@ pub(crate) async fn run(
         payment.outcome = Some(
             lockstep
                 .executor()
-                .drive(payment.spend(&signers), DriveMode::UntilParkOrDone)
+                .drive(payment.spend(signers), DriveMode::UntilParkOrDone)
                 .await?,
         );
         if let Some(DriveOutcome::Finished(row)) = &payment.outcome
@@ -494,14 +591,27 @@ pub(crate) async fn run(
         "  restart: {} sends driven until they parked ({parked} parked: broadcast, awaiting a confirmation); the facade stopped and dropped; block {down_block} mined while down; a new facade over the same database file: resume_all resumed {resumed}, {resumed_done} done ({blocks} more blocks)",
         restarted.len(),
     );
+    Ok((lockstep, first_stats))
+}
 
-    // 6. What each wallet sent and received; every payee paid exactly once.
-    mine(&lockstep, chain, 1).await?;
+/// What the chain shows of the payments.
+struct Receipts {
+    /// Payments done whose payee received exactly their amount, once.
+    exactly_once: usize,
+    /// The others, each described.
+    problems: Vec<String>,
+    /// What each signer received from the payments, by signer index.
+    received: Vec<Amount>,
+}
+
+/// Checks every payee's receipts against the chain: each payment done, and
+/// its payee's fresh address paid once, with the amount sent.
+fn check_receipts(chain: &SimChain, payments: &[Payment], count: usize) -> Receipts {
     let mut exactly_once = 0;
     let mut problems = Vec::new();
     let mut received = vec![Amount::ZERO; count];
     let receipts = paid_to(chain, payments.iter().map(|p| &p.script));
-    for payment in &payments {
+    for payment in payments {
         let amounts: Vec<Amount> = receipts
             .get(&payment.script)
             .map(|r| r.iter().map(|(_, a)| *a).collect())
@@ -516,6 +626,21 @@ pub(crate) async fn run(
         }
         received[payment.to] += amounts.iter().copied().sum::<Amount>();
     }
+    Receipts {
+        exactly_once,
+        problems,
+        received,
+    }
+}
+
+/// The table of what each signing wallet sent, received, paid in fees and
+/// holds, with a line of totals.
+async fn print_ledger(
+    lockstep: &Lockstep,
+    signers: &[Signer],
+    payments: &[Payment],
+    received: &[Amount],
+) -> anyhow::Result<()> {
     println!();
     println!(
         "  {:<10} {:>5} {:>7} {:>14} {:>14} {:>10} {:>14}",
@@ -559,29 +684,5 @@ pub(crate) async fn run(
         totals.4.to_sat(),
         totals.5.to_btc()
     );
-    println!();
-    println!(
-        "  paid exactly once           {exactly_once} of {} payments (SimChain::truth of each payee's script: one output, the amount sent)",
-        payments.len()
-    );
-    println!(
-        "  signatures                  {} transactions broadcast, every input checked by Bitcoin Core's interpreter",
-        source.verified()
-    );
-    println!(
-        "  dispatcher                  {} actions before the restart, {} refused as busy; {} after",
-        first_stats.dispatched,
-        first_stats.busy_rejections,
-        lockstep.dispatcher().stats().dispatched,
-    );
-    println!(
-        "  time (part 2)               {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    lockstep.stop().await;
-    drop(lockstep);
-    if !problems.is_empty() {
-        bail!("payments not made exactly once: {}", problems.join("; "));
-    }
-    Ok(signers.iter().map(|s| s.id).collect())
+    Ok(())
 }

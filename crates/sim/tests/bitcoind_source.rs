@@ -859,22 +859,33 @@ async fn the_loop_s_requests_do_not_wait_behind_the_prefetch() {
     let mut config = cookie_config(&node);
     config.max_in_flight = 2;
     let source = Arc::new(BitcoindSource::connect(config).await.unwrap());
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     const QUEUED: usize = 60;
     for height in 1..=QUEUED as u32 {
-        let (source, hash, answered) = (
+        let (source, hash, asked, answered) = (
             source.clone(),
             chain.hash_at(height).unwrap(),
+            asked.clone(),
             answered.clone(),
         );
         tasks.spawn(async move {
+            // Counted as it asks: nothing yields between the count and the
+            // request taking its place in the queue of turns.
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             source.filter(hash).await.unwrap();
             answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
     // Every filter request is waiting for a turn or in flight.
-    tokio::time::sleep(Duration::from_millis(2)).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while asked.load(std::sync::atomic::Ordering::SeqCst) < QUEUED {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("every filter request asked within 10 s");
     let headers = source.headers(1, 10).await.unwrap();
     let tip = source.tip().await.unwrap();
     let before = answered.load(std::sync::atomic::Ordering::SeqCst);

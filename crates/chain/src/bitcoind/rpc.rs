@@ -9,9 +9,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::connect::authorization;
-use super::source::invalid;
 use super::{BitcoindAuth, BitcoindError, BitcoindSource, Lane, RpcFailure};
 use crate::core_format::{RPC_INVALID_ADDRESS_OR_KEY, RPC_INVALID_PARAMETER, RPC_MISC_ERROR};
+use crate::source::invalid;
 use crate::source::{Missing, SourceError};
 
 #[cfg(doc)]

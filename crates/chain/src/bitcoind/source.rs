@@ -19,14 +19,9 @@ use crate::core_format::{
     RPC_DESERIALIZATION_ERROR, RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED,
     parse_rest_filter, rpc_to_reject,
 };
-use crate::source::{BlockId, BroadcastError, ChainSource, Missing, RejectReason, SourceError};
-
-pub(super) fn invalid(what: Missing, reason: impl std::fmt::Display) -> SourceError {
-    SourceError::Invalid {
-        what,
-        reason: reason.to_string(),
-    }
-}
+use crate::source::{
+    BlockId, BroadcastError, ChainSource, Missing, RejectReason, SourceError, invalid,
+};
 
 #[async_trait]
 impl ChainSource for BitcoindSource {
