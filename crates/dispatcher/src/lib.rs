@@ -16,6 +16,7 @@
 //! over the wallet key `K` and depends on no other lockstep crate.
 
 mod error;
+mod holder;
 mod kind;
 mod outcome;
 mod slots;
@@ -36,7 +37,8 @@ use tokio::task::AbortHandle;
 use tracing::Instrument;
 
 pub use error::DispatchError;
-pub use kind::{ActionId, ActionKind, ActionSpec};
+pub use holder::{LockHolder, lock_holder};
+pub use kind::{ActionKind, ActionSpec, DispatchId};
 pub use outcome::{ActionHandle, Outcome};
 
 use slots::{Holder, Slots};
@@ -49,7 +51,7 @@ impl<K: Eq + Hash + Clone + Debug + Send + Sync + 'static> WalletKey for K {}
 
 /// The callback run once for each action that expired (see
 /// [`Dispatcher::on_expired`]).
-type ExpiredCallback<K> = Arc<dyn Fn(&K, ActionId, &ActionKind) + Send + Sync>;
+type ExpiredCallback<K> = Arc<dyn Fn(&K, DispatchId, &ActionKind) + Send + Sync>;
 
 /// The value of `Inner::tip` before the first `set_tip`.
 const NO_TIP: u64 = u64::MAX;
@@ -118,13 +120,13 @@ impl Counters {
 
     /// A fresh action id: unique because stripe `i` hands out only ids
     /// `n * STRIPES + i + 1`.
-    fn next_id(&self) -> ActionId {
+    fn next_id(&self) -> DispatchId {
         let index = stripe_index();
         let n = self.stripes[index]
             .0
             .next_id
             .fetch_add(1, Ordering::Relaxed);
-        ActionId::new(n * STRIPES as u64 + index as u64 + 1)
+        DispatchId::new(n * STRIPES as u64 + index as u64 + 1)
     }
 }
 
@@ -160,7 +162,7 @@ struct Deadlines<K> {
     /// The last height given to [`Dispatcher::set_tip`].
     tip: Option<u32>,
     /// Running actions with a deadline, keyed by (deadline, id).
-    pending: BTreeMap<(u32, ActionId), Arc<ActionShared<K>>>,
+    pending: BTreeMap<(u32, DispatchId), Arc<ActionShared<K>>>,
 }
 
 /// State shared by all clones of a [`Dispatcher`].
@@ -192,7 +194,7 @@ impl<K> Inner<K> {
 
 /// One running action, shared by its task, its context and its handle.
 struct ActionShared<K> {
-    id: ActionId,
+    id: DispatchId,
     wallet: K,
     kind: ActionKind,
     deadline_height: Option<u32>,
@@ -317,7 +319,7 @@ type Grant = oneshot::Receiver<()>;
 struct Place<K: WalletKey> {
     inner: Arc<Inner<K>>,
     wallet: K,
-    id: ActionId,
+    id: DispatchId,
     armed: bool,
 }
 
@@ -370,7 +372,7 @@ impl<K: WalletKey> Debug for ActionCtx<K> {
 
 impl<K: WalletKey> ActionCtx<K> {
     /// This action's id.
-    pub fn id(&self) -> ActionId {
+    pub fn id(&self) -> DispatchId {
         self.shared.id
     }
 
@@ -571,7 +573,7 @@ impl<K: WalletKey> Dispatcher<K> {
         wallet: &K,
         spec: &ActionSpec,
         spawned: bool,
-    ) -> Result<ActionId, DispatchError<K>> {
+    ) -> Result<DispatchId, DispatchError<K>> {
         self.check_can_start(spec, spawned)?;
         let holder = self.holder_for(spec);
         let id = holder.id;
@@ -709,7 +711,7 @@ impl<K: WalletKey> Dispatcher<K> {
         &self,
         wallet: K,
         spec: ActionSpec,
-        id: ActionId,
+        id: DispatchId,
         waited: Duration,
     ) -> (Arc<ActionShared<K>>, Lease<K>, tracing::Span) {
         let shared = Arc::new(ActionShared {
@@ -770,7 +772,7 @@ impl<K: WalletKey> Dispatcher<K> {
         &self,
         wallet: K,
         spec: ActionSpec,
-        id: ActionId,
+        id: DispatchId,
         waited: Duration,
         action: F,
     ) -> ActionHandle<T, E>
@@ -881,7 +883,7 @@ impl<K: WalletKey> Dispatcher<K> {
             self.inner.tip.store(u64::from(height), Ordering::SeqCst);
             let later = deadlines
                 .pending
-                .split_off(&(height.saturating_add(1), ActionId::new(0)));
+                .split_off(&(height.saturating_add(1), DispatchId::new(0)));
             let due = std::mem::replace(&mut deadlines.pending, later);
             if height == u32::MAX {
                 // `height + 1` saturated: every entry is due.
@@ -911,7 +913,10 @@ impl<K: WalletKey> Dispatcher<K> {
     /// as it is dropped, before its wallet is freed (e.g. to free the coins
     /// it reserved, so that the next action on the wallet sees them free).
     /// Replaces the previous one.
-    pub fn on_expired(&self, callback: impl Fn(&K, ActionId, &ActionKind) + Send + Sync + 'static) {
+    pub fn on_expired(
+        &self,
+        callback: impl Fn(&K, DispatchId, &ActionKind) + Send + Sync + 'static,
+    ) {
         *write(&self.inner.on_expired) = Some(Arc::new(callback));
     }
 

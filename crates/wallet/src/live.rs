@@ -181,25 +181,9 @@ impl LiveWallet {
         }
     }
 
-    /// Runs `f` on the wallet inside one write transaction of the shared
-    /// store, so that whatever else `f` writes (an action's checkpoint)
-    /// commits or rolls back together with the wallet's change. Reloads the
-    /// instance if the transaction fails; scripts `f` derives are watched
-    /// by the loop before its next block.
-    ///
-    /// # Errors
-    /// `f`'s error, or the database's.
-    pub async fn transact<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
-    where
-        F: FnOnce(&mut Wallet, &mut WriteTx<'_>) -> Result<T, WalletError> + Send + 'static,
-        T: Send + 'static,
-    {
-        self.change(f).await
-    }
-
     /// Runs `f` on the wallet in a write transaction; reloads the instance
     /// if the transaction fails.
-    async fn change<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
+    pub(crate) async fn change<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
     where
         F: FnOnce(&mut Wallet, &mut WriteTx<'_>) -> Result<T, WalletError> + Send + 'static,
         T: Send + 'static,
