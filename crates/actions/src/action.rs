@@ -8,7 +8,7 @@ use bitcoin::{Transaction, Txid};
 use lockstep_chain::{BroadcastError, ChainSource, RejectReason};
 use lockstep_dispatcher::{ActionCtx, ActionKind, LockHolder, SignPermit, lock_holder};
 use lockstep_store::{Checkpoint, CheckpointRow, LockExpiry, WalletId};
-use lockstep_wallet::{CoinChoice, LiveWallet, Selection, WalletError};
+use lockstep_wallet::{BroadcastChange, CoinChoice, LiveWallet, Selection, WalletError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -75,9 +75,8 @@ impl From<WalletError> for StepError {
 /// checkpoint), after an early wake, and twice per step in the executor's
 /// test mode ([`crate::ExecutorConfig::run_each_step_twice`]). So each
 /// step's effects must be safe to repeat:
-/// - database effects go through [`StepCtx::commit_lock`],
-///   [`StepCtx::commit_broadcast`] or [`StepCtx::commit_forget`], which
-///   write them and the next checkpoint in one transaction and, when the step already
+/// - database effects go through [`StepCtx::commit_lock`] or
+///   [`StepCtx::commit_broadcast`], which write them and the next checkpoint in one transaction and, when the step already
 ///   committed, returns the committed state instead of running again;
 /// - a broadcast repeats harmlessly (a transaction the source knows is
 ///   success), and only a transaction already persisted is broadcast, so a
@@ -251,38 +250,20 @@ impl StepCtx {
         self.committed(row)
     }
 
-    /// Records `transaction` in the wallet as broadcasting and persists
-    /// `next` as this step's successor, in one transaction; once only, as
+    /// Makes `change` to the wallet's broadcasts (records a signed
+    /// transaction, or forgets one the source rejected) and persists `next`
+    /// as this step's successor, in one transaction; once only, as
     /// [`StepCtx::commit_lock`].
     ///
     /// # Errors
     /// The database's error, or a checkpoint that does not decode.
     pub async fn commit_broadcast<A: WalletAction>(
         &self,
-        transaction: Transaction,
+        change: BroadcastChange,
         next: A,
     ) -> Result<A, StepError> {
         let checkpoint = self.step_key().checkpoint(&next);
-        let row = self
-            .wallet
-            .record_broadcast_at(transaction, checkpoint)
-            .await?;
-        self.committed(row)
-    }
-
-    /// Forgets the broadcast `txid` the source rejected and persists
-    /// `next` as this step's successor, in one transaction; once only, as
-    /// [`StepCtx::commit_lock`].
-    ///
-    /// # Errors
-    /// The database's error, or a checkpoint that does not decode.
-    pub async fn commit_forget<A: WalletAction>(
-        &self,
-        txid: Txid,
-        next: A,
-    ) -> Result<A, StepError> {
-        let checkpoint = self.step_key().checkpoint(&next);
-        let row = self.wallet.forget_broadcast_at(txid, checkpoint).await?;
+        let row = self.wallet.broadcast_at(change, checkpoint).await?;
         self.committed(row)
     }
 

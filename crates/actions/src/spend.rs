@@ -11,7 +11,9 @@
 use bitcoin::{Amount, OutPoint, Transaction, TxOut, Txid};
 use lockstep_chain::RejectReason;
 use lockstep_store::WalletId;
-use lockstep_wallet::{Coin, CoinChoice, Keychain, Selection, SpendRequest};
+use lockstep_wallet::{
+    BroadcastChange, Coin, CoinChoice, HistoryTx, Keychain, Selection, SpendRequest,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::action::{Advance, StepCtx, StepError, WalletAction};
@@ -265,7 +267,8 @@ impl Spend {
             selection,
             versions,
         });
-        ctx.commit_broadcast(signed, next).await
+        ctx.commit_broadcast(BroadcastChange::Record(signed), next)
+            .await
     }
 
     /// The first step: chooses and locks the coins (with the checkpoint, in
@@ -354,32 +357,8 @@ impl Spend {
         let history = ctx.wallet().history().await?;
         let ours: Vec<Txid> = versions.iter().map(Transaction::compute_txid).collect();
         let tip = ctx.tip().unwrap_or(0);
-        let mut conflicted = 0;
-        for entry in history.iter().filter(|h| ours.contains(&h.txid)) {
-            if let Some(height) = entry.height
-                && tip + 1 >= height + self.confirmations
-            {
-                let replaced: Vec<String> = ours
-                    .iter()
-                    .filter(|t| **t != entry.txid)
-                    .map(ToString::to_string)
-                    .collect();
-                return Ok(Advance::Done(format!(
-                    "{} confirmed at height {height}; replaced: [{}]",
-                    entry.txid,
-                    replaced.join(", ")
-                )));
-            }
-            if let Some((by, _)) = entry.conflicted_by
-                && !ours.contains(&by)
-            {
-                conflicted += 1;
-            }
-        }
-        if conflicted == ours.len() {
-            return Ok(Advance::Failed(
-                "every version was conflicted by another transaction".into(),
-            ));
+        if let Some(ended) = self.settled(&history, &ours, tip) {
+            return Ok(ended);
         }
         let confirming = history
             .iter()
@@ -408,6 +387,40 @@ impl Spend {
             wake_after: None,
             error: None,
         })
+    }
+
+    /// How the wait ends, if it does: done once a version of `ours` has
+    /// the confirmations asked for at `tip`, failed once every version is
+    /// conflicted by another transaction.
+    fn settled(&self, history: &[HistoryTx], ours: &[Txid], tip: u32) -> Option<Advance<Self>> {
+        let mut conflicted = 0;
+        for entry in history.iter().filter(|h| ours.contains(&h.txid)) {
+            if let Some(height) = entry.height
+                && tip + 1 >= height + self.confirmations
+            {
+                let replaced: Vec<String> = ours
+                    .iter()
+                    .filter(|t| **t != entry.txid)
+                    .map(ToString::to_string)
+                    .collect();
+                return Some(Advance::Done(format!(
+                    "{} confirmed at height {height}; replaced: [{}]",
+                    entry.txid,
+                    replaced.join(", ")
+                )));
+            }
+            if let Some((by, _)) = entry.conflicted_by
+                && !ours.contains(&by)
+            {
+                conflicted += 1;
+            }
+        }
+        if conflicted == ours.len() {
+            return Some(Advance::Failed(
+                "every version was conflicted by another transaction".into(),
+            ));
+        }
+        None
     }
 
     /// The selection of the next replacement, or `None` if it cannot pay
@@ -513,7 +526,9 @@ impl WalletAction for Spend {
             let abandoned = self.with_state(SpendState::Abandoned {
                 reason: format!("broadcast of {txid} rejected: {reason}"),
             });
-            let state = ctx.commit_forget(txid, abandoned).await?;
+            let state = ctx
+                .commit_broadcast(BroadcastChange::Forget(txid), abandoned)
+                .await?;
             return Ok(Advance::Next(state));
         }
         // A replacement refused (an earlier version may have confirmed, or
@@ -527,7 +542,9 @@ impl WalletAction for Spend {
             versions: previous,
             since,
         });
-        let state = ctx.commit_forget(txid, waiting).await?;
+        let state = ctx
+            .commit_broadcast(BroadcastChange::Forget(txid), waiting)
+            .await?;
         Ok(Advance::Next(state))
     }
 }

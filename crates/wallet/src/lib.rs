@@ -37,7 +37,7 @@ mod tests;
 
 pub use descriptor::{DescriptorError, Keychain, WalletDescriptors};
 pub use live::{CoinInfo, CoinState, KeychainInfo, LiveWallet, Pin, Revealed};
-pub use live_actions::{CoinChoice, Release};
+pub use live_actions::{BroadcastChange, CoinChoice, Release};
 pub use registry::{DEFAULT_CAPACITY, Registry, RegistryStats};
 pub use selection::{Selection, SpendRequest};
 pub use wallet::{

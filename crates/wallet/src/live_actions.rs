@@ -37,6 +37,19 @@ pub enum CoinChoice {
     },
 }
 
+/// What an action's step does to the wallet's broadcasts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BroadcastChange {
+    /// Records a signed transaction as broadcasting (as
+    /// [`LiveWallet::record_broadcast`]): unconfirmed in the history, its
+    /// inputs' locks guarded, until a block confirms or conflicts it.
+    Record(Transaction),
+    /// Forgets a broadcast the source rejected (as
+    /// [`Wallet::forget_broadcast`]): its inputs' locks then expire with the
+    /// action's.
+    Forget(Txid),
+}
+
 /// Which of an ended action's coin locks go with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
@@ -88,44 +101,32 @@ impl LiveWallet {
         .await
     }
 
-    /// Records `transaction` as broadcasting (as
-    /// [`LiveWallet::record_broadcast`]) and writes `checkpoint`, in one
-    /// transaction; not again once the action's checkpoint reached
+    /// Makes `change` to the wallet's broadcasts and writes `checkpoint`,
+    /// in one transaction; not again once the action's checkpoint reached
     /// `checkpoint`'s step (that checkpoint comes back).
     ///
     /// # Errors
     /// The database's error.
-    pub async fn record_broadcast_at(
+    pub async fn broadcast_at(
         self: &Arc<Self>,
-        transaction: Transaction,
+        change: BroadcastChange,
         checkpoint: Checkpoint,
     ) -> Result<CheckpointRow, WalletError> {
         self.change_at(
             checkpoint.row.id.clone(),
             checkpoint.row.step,
-            move |wallet, tx| wallet.record_broadcast(tx, &transaction),
-            move |_| checkpoint,
-        )
-        .await
-    }
-
-    /// Forgets a broadcast the source rejected (as
-    /// [`Wallet::forget_broadcast`]: its inputs' locks then expire with the
-    /// action's) and writes `checkpoint`, in one transaction; not again once
-    /// the action's checkpoint reached `checkpoint`'s step.
-    ///
-    /// # Errors
-    /// The database's error.
-    pub async fn forget_broadcast_at(
-        self: &Arc<Self>,
-        txid: Txid,
-        checkpoint: Checkpoint,
-    ) -> Result<CheckpointRow, WalletError> {
-        self.change_at(
-            checkpoint.row.id.clone(),
-            checkpoint.row.step,
-            move |wallet, tx| wallet.forget_broadcast(tx, txid),
-            move |_| checkpoint,
+            move |wallet, tx| {
+                match change {
+                    BroadcastChange::Record(transaction) => {
+                        wallet.record_broadcast(tx, &transaction)?;
+                    }
+                    BroadcastChange::Forget(txid) => {
+                        wallet.forget_broadcast(tx, txid)?;
+                    }
+                }
+                Ok(())
+            },
+            move |()| checkpoint,
         )
         .await
     }
