@@ -246,7 +246,7 @@ fn an_action_that_fails_panics_is_cancelled_or_expires_leaves_no_coin_locked() {
             let spec = ActionSpec::new(ActionKind::SEND).deadline(tip + 10);
             let handle = lockstep
                 .try_dispatch(id, spec, move |ctx, wallet| async move {
-                    let holder = lockstep::action_holder(ctx.id());
+                    let holder = lockstep::lock_holder(lockstep::LockHolder::Dispatched(ctx.id()));
                     let selection = wallet.select_and_lock(request, &holder).await?;
                     if ending == Ending::FailsAfterBroadcast {
                         let tx = bitcoin::Transaction {

@@ -355,9 +355,7 @@ async fn an_own_broadcast_out_of_the_mempool_is_marked_not_forgotten() {
     let txid = spend.compute_txid();
     let live = rig.manager.wallet(rig.wallets[0]).await.unwrap();
     let recorded = spend.clone();
-    live.transact(move |wallet, tx| wallet.record_broadcast(tx, &recorded))
-        .await
-        .unwrap();
+    live.record_broadcast(recorded).await.unwrap();
     rig.chain.submit(spend.clone()).unwrap();
     rig.sync_and_check("broadcast").await;
     assert_eq!(

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use bitcoin::{Transaction, Txid};
 use lockstep_chain::{BroadcastError, ChainSource, RejectReason};
-use lockstep_dispatcher::{ActionCtx, ActionKind, SignPermit};
-use lockstep_store::{CheckpointRow, WalletId, WriteTx};
-use lockstep_wallet::{LiveWallet, Wallet, WalletError};
+use lockstep_dispatcher::{ActionCtx, ActionKind, LockHolder, SignPermit, lock_holder};
+use lockstep_store::{Checkpoint, CheckpointRow, LockExpiry, WalletId};
+use lockstep_wallet::{BroadcastChange, CoinChoice, LiveWallet, Selection, WalletError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -75,8 +75,8 @@ impl From<WalletError> for StepError {
 /// checkpoint), after an early wake, and twice per step in the executor's
 /// test mode ([`crate::ExecutorConfig::run_each_step_twice`]). So each
 /// step's effects must be safe to repeat:
-/// - database effects go through [`StepCtx::commit`], which writes them and
-///   the next checkpoint in one transaction and, when the step already
+/// - database effects go through [`StepCtx::commit_lock`] or
+///   [`StepCtx::commit_broadcast`], which write them and the next checkpoint in one transaction and, when the step already
 ///   committed, returns the committed state instead of running again;
 /// - a broadcast repeats harmlessly (a transaction the source knows is
 ///   success), and only a transaction already persisted is broadcast, so a
@@ -152,8 +152,8 @@ pub struct StepCtx {
     pub(crate) step: u64,
     pub(crate) tip: Option<u32>,
     pub(crate) lock_ttl: u32,
-    /// The state [`StepCtx::commit`] persisted (or found persisted) as this
-    /// step's successor, encoded.
+    /// The state a commit ([`StepCtx::commit_lock`] and the like)
+    /// persisted (or found persisted) as this step's successor, encoded.
     pub(crate) committed: Mutex<Option<Vec<u8>>>,
     pub(crate) released: AtomicBool,
 }
@@ -176,7 +176,7 @@ impl StepCtx {
 
     /// The holder id its coins are locked under.
     pub fn holder(&self) -> String {
-        holder_of(&self.id)
+        lock_holder(LockHolder::Durable(&self.id))
     }
 
     /// The wallet's live instance.
@@ -220,51 +220,81 @@ impl StepCtx {
         }
     }
 
-    /// Runs `f` on the wallet inside one write transaction and persists the
-    /// state it returns as this step's successor in the SAME transaction,
-    /// with the action's coin locks set to expire `lock_ttl` blocks from the
-    /// tip unless they guard a broadcast. If this step already committed
-    /// (a crash after the commit, an early wake, the test mode's second
-    /// run), `f` does not run and the committed state comes back.
+    /// Chooses coins as `choice` says, locks them under the action's holder
+    /// and persists the state `next` makes of the selection as this step's
+    /// successor, in one transaction, with the action's coin locks set to
+    /// expire `lock_ttl` blocks from the tip unless they guard a
+    /// broadcast. If this step already committed (a crash after the
+    /// commit, an early wake, the test mode's second run), nothing is
+    /// chosen again and the committed state comes back.
     ///
     /// # Errors
-    /// `f`'s error, the database's, or a checkpoint that does not decode.
-    pub async fn commit<A, F>(&self, f: F) -> Result<A, StepError>
+    /// The selection's error, the database's, or a checkpoint that does
+    /// not decode.
+    pub async fn commit_lock<A, F>(&self, choice: CoinChoice, next: F) -> Result<A, StepError>
     where
         A: WalletAction,
-        F: FnOnce(&mut Wallet, &mut WriteTx<'_>) -> Result<A, WalletError> + Send + 'static,
+        F: FnOnce(&Selection) -> A + Send + 'static,
     {
-        let id = self.id.clone();
-        let namespace = self.namespace;
-        let step = self.step;
-        let holder = self.holder();
-        let expires_at = self.tip.map(|tip| tip.saturating_add(self.lock_ttl));
-        let wallet_id = self.wallet.id();
-        let (state, encoded) = self
+        let (key, successor) = (self.step_key(), self.successor_step());
+        let row = self
             .wallet
-            .transact(move |wallet, tx| {
-                if let Some(row) = tx.checkpoint(&id)?
-                    && row.step > step
-                {
-                    let state = decode::<A>(&row.state)
-                        .map_err(|detail| WalletError::Corrupt { wallet_id, detail })?;
-                    return Ok((state, row.state));
-                }
-                let state = f(wallet, tx)?;
-                let encoded = encode(&state);
-                tx.put_checkpoint(&CheckpointRow {
-                    id: id.clone(),
-                    namespace: namespace.to_owned(),
-                    wallet_id,
-                    step: step + 1,
-                    attempts: 0,
-                    state: encoded.clone(),
-                })?;
-                set_lock_expiry(tx, &holder, &state, expires_at)?;
-                Ok((state, encoded))
-            })
+            .lock_coins_at(
+                &self.id,
+                successor,
+                &self.holder(),
+                choice,
+                move |selection| key.checkpoint(&next(selection)),
+            )
             .await?;
-        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(encoded);
+        self.committed(row)
+    }
+
+    /// Makes `change` to the wallet's broadcasts (records a signed
+    /// transaction, or forgets one the source rejected) and persists `next`
+    /// as this step's successor, in one transaction; once only, as
+    /// [`StepCtx::commit_lock`].
+    ///
+    /// # Errors
+    /// The database's error, or a checkpoint that does not decode.
+    pub async fn commit_broadcast<A: WalletAction>(
+        &self,
+        change: BroadcastChange,
+        next: A,
+    ) -> Result<A, StepError> {
+        let checkpoint = self.step_key().checkpoint(&next);
+        let row = self.wallet.broadcast_at(change, checkpoint).await?;
+        self.committed(row)
+    }
+
+    /// The step number this step's successor is persisted as.
+    fn successor_step(&self) -> u64 {
+        self.step + 1
+    }
+
+    /// What this step's checkpoints are written under.
+    fn step_key(&self) -> StepKey {
+        StepKey {
+            id: self.id.clone(),
+            namespace: self.namespace,
+            wallet_id: self.wallet.id(),
+            step: self.successor_step(),
+            attempts: 0,
+            holder: self.holder(),
+            expires_at: self.tip.map(|tip| tip.saturating_add(self.lock_ttl)),
+        }
+    }
+
+    /// Takes the successor checkpoint a commit wrote (or found written):
+    /// the state it holds, remembered as this step's.
+    fn committed<A: WalletAction>(&self, row: CheckpointRow) -> Result<A, StepError> {
+        let state = decode::<A>(&row.state).map_err(|detail| {
+            StepError::from(WalletError::Corrupt {
+                wallet_id: row.wallet_id,
+                detail,
+            })
+        })?;
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(row.state);
         Ok(state)
     }
 
@@ -283,25 +313,44 @@ impl StepCtx {
     }
 }
 
-/// Sets the expiry of an action's coin locks for the state it persists:
-/// none while it holds a broadcast, else `expires_at` (if the tip is known).
-pub(crate) fn set_lock_expiry<A: WalletAction>(
-    tx: &mut WriteTx<'_>,
-    holder: &str,
-    state: &A,
-    expires_at: Option<u32>,
-) -> Result<(), lockstep_store::StoreError> {
-    if state.holds_broadcast() {
-        tx.set_lock_expiry(holder, None)?;
-    } else if let Some(height) = expires_at {
-        tx.set_lock_expiry(holder, Some(height))?;
-    }
-    Ok(())
+/// Where an action's checkpoints of one step go: the action, the step
+/// number, and the expiry its coin locks take.
+pub(crate) struct StepKey {
+    pub(crate) id: String,
+    pub(crate) namespace: &'static str,
+    pub(crate) wallet_id: WalletId,
+    pub(crate) step: u64,
+    pub(crate) attempts: u32,
+    pub(crate) holder: String,
+    /// When the locks expire unless they guard a broadcast (none while
+    /// the tip is unknown).
+    pub(crate) expires_at: Option<u32>,
 }
 
-/// The holder id an action's coins are locked under.
-pub fn holder_of(action_id: &str) -> String {
-    format!("action:{action_id}")
+impl StepKey {
+    /// The checkpoint of `state`: its locks never expire while it holds a
+    /// broadcast, else they expire at `expires_at` (if the tip is known).
+    pub(crate) fn checkpoint<A: WalletAction>(&self, state: &A) -> Checkpoint {
+        let locks = if state.holds_broadcast() {
+            LockExpiry::Never
+        } else if let Some(height) = self.expires_at {
+            LockExpiry::At(height)
+        } else {
+            LockExpiry::Unchanged
+        };
+        Checkpoint {
+            row: CheckpointRow {
+                id: self.id.clone(),
+                namespace: self.namespace.to_owned(),
+                wallet_id: self.wallet_id,
+                step: self.step,
+                attempts: self.attempts,
+                state: encode(state),
+            },
+            holder: self.holder.clone(),
+            locks,
+        }
+    }
 }
 
 pub(crate) fn encode<A: Serialize>(state: &A) -> Vec<u8> {

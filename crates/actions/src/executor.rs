@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockstep_chain::{BlockId, ChainSource};
-use lockstep_dispatcher::{ActionCtx, ActionSpec, DispatchError, Dispatcher, Outcome};
-use lockstep_store::{CheckpointRow, OutcomeRow, Store, StoreError, WalletId};
-use lockstep_wallet::{LiveWallet, Registry, Wallet, WalletError};
+use lockstep_dispatcher::{
+    ActionCtx, ActionSpec, DispatchError, Dispatcher, LockHolder, Outcome, lock_holder,
+};
+use lockstep_store::{CheckpointRow, OutcomeRow, Stop, Store, StoreError, WalletId};
+use lockstep_wallet::{LiveWallet, Registry, Release, WalletError};
 use tokio::sync::watch;
 
-use crate::action::{
-    Advance, StepCtx, StepError, WalletAction, decode, encode, holder_of, set_lock_expiry,
-};
+use crate::action::{Advance, StepCtx, StepError, StepKey, WalletAction, decode, encode};
 
 /// How the executor runs.
 #[derive(Debug, Clone)]
@@ -257,10 +257,7 @@ impl Executor {
     /// # Errors
     /// The database's error.
     pub async fn expire_locks(&self, height: u32) -> Result<usize, StoreError> {
-        self.inner
-            .store
-            .write(move |tx| tx.expire_locks(height))
-            .await
+        self.inner.registry.expire_locks(height).await
     }
 
     /// Stops a live action: removes its checkpoint and releases its coin
@@ -270,35 +267,24 @@ impl Executor {
     /// # Errors
     /// [`StopError`].
     pub async fn stop(&self, id: &str, force: bool) -> Result<(), StopError> {
-        let id = id.to_owned();
-        self.inner
-            .store
-            .write(move |tx| {
-                let Some(row) = tx.checkpoint(&id)? else {
-                    return Err(StopError::NotFound(id));
-                };
-                let holder = holder_of(&id);
-                if !force && tx.guarded_locks(&holder)? > 0 {
-                    return Err(StopError::BroadcastPending(id));
-                }
-                tx.finish_action(
-                    &OutcomeRow {
-                        id: row.id,
-                        namespace: row.namespace,
-                        wallet_id: row.wallet_id,
-                        outcome: "stopped".into(),
-                        detail: if force {
-                            "stopped by hand (forced)"
-                        } else {
-                            "stopped by hand"
-                        }
-                        .into(),
-                    },
-                    &holder,
-                )?;
-                Ok(())
-            })
-            .await
+        let holder = lock_holder(LockHolder::Durable(id));
+        let detail = if force {
+            "stopped by hand (forced)"
+        } else {
+            "stopped by hand"
+        };
+        let stopped = {
+            let id = id.to_owned();
+            self.inner
+                .store
+                .write(move |tx| tx.stop_action(&id, &holder, force, detail))
+                .await?
+        };
+        match stopped {
+            Stop::Stopped => Ok(()),
+            Stop::NotFound => Err(StopError::NotFound(id.to_owned())),
+            Stop::BroadcastPending => Err(StopError::BroadcastPending(id.to_owned())),
+        }
     }
 
     /// Drives `action`: from its checkpoint if it has one (the state passed
@@ -397,6 +383,7 @@ impl Executor {
         if let Some(deadline) = state.deadline() {
             spec = spec.deadline(deadline);
         }
+        let expiring = Arc::clone(&wallet);
         let me = self.clone();
         let step = row.step;
         let attempts = row.attempts;
@@ -417,7 +404,7 @@ impl Executor {
                 Outcome::Panicked(message) => Err(DriveError::Panicked(message)),
                 Outcome::Cancelled => Err(DriveError::Cancelled),
                 Outcome::Expired => {
-                    me.expired::<A>(&id, wallet_id).await?;
+                    me.expired::<A>(&expiring, &id, wallet_id).await?;
                     Err(DriveError::Expired)
                 }
             }
@@ -428,28 +415,23 @@ impl Executor {
     /// the inputs of a transaction it broadcast.
     async fn expired<A: WalletAction>(
         &self,
+        wallet: &Arc<LiveWallet>,
         id: &str,
         wallet_id: WalletId,
     ) -> Result<(), WalletError> {
-        let id = id.to_owned();
-        self.inner
-            .store
-            .write(move |tx| {
-                let holder = holder_of(&id);
-                tx.finish_action(
-                    &OutcomeRow {
-                        id,
-                        namespace: A::NAMESPACE.to_owned(),
-                        wallet_id,
-                        outcome: "expired".into(),
-                        detail: "its deadline height was reached".into(),
-                    },
-                    // Released below, keeping a broadcast's inputs.
-                    "",
-                )?;
-                Wallet::release_unbroadcast(tx, &holder)?;
-                Ok(())
-            })
+        let outcome = OutcomeRow {
+            id: id.to_owned(),
+            namespace: A::NAMESPACE.to_owned(),
+            wallet_id,
+            outcome: "expired".into(),
+            detail: "its deadline height was reached".into(),
+        };
+        wallet
+            .finish_action(
+                outcome,
+                &lock_holder(LockHolder::Durable(id)),
+                Release::Unbroadcast,
+            )
             .await
     }
 
@@ -493,7 +475,7 @@ impl Executor {
             match advance {
                 Advance::Next(next) => {
                     if !committed {
-                        self.persist(&next, step + 1, 0, height).await?;
+                        self.persist(&wallet, &next, step + 1, 0, height).await?;
                     }
                     step += 1;
                     attempts = 0;
@@ -508,7 +490,8 @@ impl Executor {
                         tracing::info!(action = %next.id(), %error, attempts = tries, "action parked");
                     }
                     if !committed || tries > 0 {
-                        self.persist(&next, step + 1, tries, height).await?;
+                        self.persist(&wallet, &next, step + 1, tries, height)
+                            .await?;
                     }
                     step += 1;
                     attempts = tries;
@@ -523,11 +506,11 @@ impl Executor {
                     }
                 }
                 Advance::Done(detail) => {
-                    self.finish(&current, "done", &detail).await?;
+                    self.finish(&wallet, &current, "done", &detail).await?;
                     return Ok(DriveOutcome::Done(detail));
                 }
                 Advance::Failed(detail) => {
-                    self.finish(&current, "failed", &detail).await?;
+                    self.finish(&wallet, &current, "failed", &detail).await?;
                     return Ok(DriveOutcome::Failed(detail));
                 }
             }
@@ -537,39 +520,34 @@ impl Executor {
     /// Writes a checkpoint (and sets its locks' expiry) in one transaction.
     async fn persist<A: WalletAction>(
         &self,
+        wallet: &Arc<LiveWallet>,
         state: &A,
         step: u64,
         attempts: u32,
         tip: Option<u32>,
-    ) -> Result<(), StoreError> {
-        let row = CheckpointRow {
-            id: state.id(),
-            namespace: A::NAMESPACE.to_owned(),
+    ) -> Result<(), WalletError> {
+        let id = state.id();
+        let key = StepKey {
+            holder: lock_holder(LockHolder::Durable(&id)),
+            id,
+            namespace: A::NAMESPACE,
             wallet_id: state.wallet(),
             step,
             attempts,
-            state: encode(state),
+            expires_at: tip.map(|t| t.saturating_add(self.inner.config.lock_ttl)),
         };
-        let holder = holder_of(&row.id);
-        let expires_at = tip.map(|t| t.saturating_add(self.inner.config.lock_ttl));
-        let state = state.clone();
-        self.inner
-            .store
-            .write(move |tx| {
-                tx.put_checkpoint(&row)?;
-                set_lock_expiry(tx, &holder, &state, expires_at)
-            })
-            .await
+        wallet.put_step(key.checkpoint(state)).await
     }
 
     /// Ends an action: its checkpoint goes, its outcome is recorded and its
     /// coin locks are released, in one transaction.
     async fn finish<A: WalletAction>(
         &self,
+        wallet: &Arc<LiveWallet>,
         state: &A,
         outcome: &str,
         detail: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), WalletError> {
         let row = OutcomeRow {
             id: state.id(),
             namespace: A::NAMESPACE.to_owned(),
@@ -577,11 +555,8 @@ impl Executor {
             outcome: outcome.to_owned(),
             detail: detail.to_owned(),
         };
-        let holder = holder_of(&row.id);
-        self.inner
-            .store
-            .write(move |tx| tx.finish_action(&row, &holder).map(|_| ()))
-            .await
+        let holder = lock_holder(LockHolder::Durable(&row.id));
+        wallet.finish_action(row, &holder, Release::All).await
     }
 }
 

@@ -18,6 +18,6 @@ mod spend;
 #[cfg(test)]
 mod tests;
 
-pub use action::{Advance, StepCtx, StepError, WalletAction, holder_of};
+pub use action::{Advance, StepCtx, StepError, WalletAction};
 pub use executor::{DriveError, DriveMode, DriveOutcome, Executor, ExecutorConfig, StopError};
 pub use spend::{FeeBump, Plan, SelectionRecord, Spend, SpendState};

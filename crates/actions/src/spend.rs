@@ -8,11 +8,12 @@
 //! each block and replacing it with a higher fee after `after_blocks` →
 //! done when one version has the confirmations asked for.
 
-use bitcoin::hashes::Hash as _;
 use bitcoin::{Amount, OutPoint, Transaction, TxOut, Txid};
 use lockstep_chain::RejectReason;
 use lockstep_store::WalletId;
-use lockstep_wallet::{Coin, Keychain, Selection, SpendRequest};
+use lockstep_wallet::{
+    BroadcastChange, Coin, CoinChoice, HistoryTx, Keychain, Selection, SpendRequest,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::action::{Advance, StepCtx, StepError, WalletAction};
@@ -266,11 +267,160 @@ impl Spend {
             selection,
             versions,
         });
-        ctx.commit(move |wallet, tx| {
-            wallet.record_broadcast(tx, &signed)?;
-            Ok(next)
+        ctx.commit_broadcast(BroadcastChange::Record(signed), next)
+            .await
+    }
+
+    /// The first step: chooses and locks the coins (with the checkpoint, in
+    /// one transaction), then lets the next action on the wallet go.
+    async fn select(self, ctx: &StepCtx) -> Result<Advance<Self>, StepError> {
+        let choice = match self.plan.clone() {
+            Plan::Pay { outputs } => CoinChoice::Pay(SpendRequest {
+                recipients: outputs,
+                fee_rate_sat_vb: self.fee_rate_sat_vb,
+            }),
+            Plan::Consolidate {
+                min_inputs,
+                max_inputs,
+            } => CoinChoice::Sweep {
+                fee_rate_sat_vb: self.fee_rate_sat_vb,
+                min_inputs,
+                max_inputs,
+            },
+        };
+        let me = self.clone();
+        let next = ctx
+            .commit_lock(choice, move |selection| {
+                me.with_state(SpendState::Selected {
+                    selection: SelectionRecord::from(selection),
+                })
+            })
+            .await;
+        let next = match next {
+            Ok(next) => next,
+            Err(StepError::Fatal(detail)) => return Ok(Advance::Failed(detail)),
+            Err(other) => return Err(other),
+        };
+        // The coins are ours: the next action on the wallet may go.
+        ctx.release_exclusivity();
+        Ok(Advance::Next(next))
+    }
+
+    /// Coins locked: makes sure they still are, then signs and persists
+    /// the first version.
+    async fn sign_first(
+        self,
+        ctx: &StepCtx,
+        selection: SelectionRecord,
+    ) -> Result<Advance<Self>, StepError> {
+        ctx.release_exclusivity();
+        if !still_held(ctx, &selection).await? {
+            // Its locks expired while it was stopped and another
+            // spend took a coin: nothing was broadcast, so it
+            // chooses again.
+            return Ok(Advance::Next(self.with_state(SpendState::Start)));
+        }
+        let next = self.sign_and_persist(ctx, selection, Vec::new()).await?;
+        Ok(Advance::Next(next))
+    }
+
+    /// A version persisted: broadcasts it, then waits from the tip.
+    async fn broadcast_latest(
+        self,
+        ctx: &StepCtx,
+        selection: SelectionRecord,
+        versions: Vec<Transaction>,
+    ) -> Result<Advance<Self>, StepError> {
+        ctx.release_exclusivity();
+        let Some(latest) = versions.last() else {
+            return Err(StepError::Fatal("no version to broadcast".into()));
+        };
+        ctx.broadcast(latest).await?;
+        Ok(Advance::Next(self.with_state(SpendState::Waiting {
+            selection,
+            versions,
+            since: ctx.tip().unwrap_or(0),
+        })))
+    }
+
+    /// Broadcast: done once a version has its confirmations, failed once
+    /// every version is conflicted; else replaced with a higher fee when
+    /// due, or broadcast again, and parked until the next block.
+    async fn wait_for_confirmations(
+        self,
+        ctx: &StepCtx,
+        selection: SelectionRecord,
+        versions: Vec<Transaction>,
+        since: u32,
+    ) -> Result<Advance<Self>, StepError> {
+        ctx.release_exclusivity();
+        let history = ctx.wallet().history().await?;
+        let ours: Vec<Txid> = versions.iter().map(Transaction::compute_txid).collect();
+        let tip = ctx.tip().unwrap_or(0);
+        if let Some(ended) = self.settled(&history, &ours, tip) {
+            return Ok(ended);
+        }
+        let confirming = history
+            .iter()
+            .any(|h| ours.contains(&h.txid) && h.height.is_some());
+        let Some(latest) = versions.last() else {
+            return Err(StepError::Fatal("no version to wait for".into()));
+        };
+        if !confirming
+            && let Some(bump) = &self.bump
+            && tip >= since + bump.after_blocks
+            && versions.len() <= bump.max_bumps as usize
+            && let Some(next) = self.bumped(&selection, latest)
+        {
+            let next = self.sign_and_persist(ctx, next, versions.clone()).await?;
+            return Ok(Advance::Next(next));
+        }
+        if !confirming {
+            // The source may have dropped it (a restart, an
+            // eviction): sending it again is harmless.
+            if let Err(error) = ctx.broadcast(latest).await {
+                tracing::debug!(action = %self.id, %error, "re-broadcast refused");
+            }
+        }
+        Ok(Advance::Park {
+            state: self,
+            wake_after: None,
+            error: None,
         })
-        .await
+    }
+
+    /// How the wait ends, if it does: done once a version of `ours` has
+    /// the confirmations asked for at `tip`, failed once every version is
+    /// conflicted by another transaction.
+    fn settled(&self, history: &[HistoryTx], ours: &[Txid], tip: u32) -> Option<Advance<Self>> {
+        let mut conflicted = 0;
+        for entry in history.iter().filter(|h| ours.contains(&h.txid)) {
+            if let Some(height) = entry.height
+                && tip + 1 >= height + self.confirmations
+            {
+                let replaced: Vec<String> = ours
+                    .iter()
+                    .filter(|t| **t != entry.txid)
+                    .map(ToString::to_string)
+                    .collect();
+                return Some(Advance::Done(format!(
+                    "{} confirmed at height {height}; replaced: [{}]",
+                    entry.txid,
+                    replaced.join(", ")
+                )));
+            }
+            if let Some((by, _)) = entry.conflicted_by
+                && !ours.contains(&by)
+            {
+                conflicted += 1;
+            }
+        }
+        if conflicted == ours.len() {
+            return Some(Advance::Failed(
+                "every version was conflicted by another transaction".into(),
+            ));
+        }
+        None
     }
 
     /// The selection of the next replacement, or `None` if it cannot pay
@@ -329,132 +479,19 @@ impl WalletAction for Spend {
 
     async fn advance(self, ctx: &StepCtx) -> Result<Advance<Self>, StepError> {
         match self.state.clone() {
-            SpendState::Start => {
-                let holder = ctx.holder();
-                let plan = self.plan.clone();
-                let rate = self.fee_rate_sat_vb;
-                let me = self.clone();
-                let next = ctx
-                    .commit(move |wallet, tx| {
-                        let selection = match plan {
-                            Plan::Pay { outputs } => wallet.select_lock_and_reveal_change(
-                                tx,
-                                &SpendRequest {
-                                    recipients: outputs,
-                                    fee_rate_sat_vb: rate,
-                                },
-                                &holder,
-                            )?,
-                            Plan::Consolidate {
-                                min_inputs,
-                                max_inputs,
-                            } => {
-                                wallet.sweep_and_lock(tx, &holder, rate, min_inputs, max_inputs)?
-                            }
-                        };
-                        Ok(me.with_state(SpendState::Selected {
-                            selection: SelectionRecord::from(&selection),
-                        }))
-                    })
-                    .await;
-                let next = match next {
-                    Ok(next) => next,
-                    Err(StepError::Fatal(detail)) => return Ok(Advance::Failed(detail)),
-                    Err(other) => return Err(other),
-                };
-                // The coins are ours: the next action on the wallet may go.
-                ctx.release_exclusivity();
-                Ok(Advance::Next(next))
-            }
-            SpendState::Selected { selection } => {
-                ctx.release_exclusivity();
-                if !still_held(ctx, &selection).await? {
-                    // Its locks expired while it was stopped and another
-                    // spend took a coin: nothing was broadcast, so it
-                    // chooses again.
-                    return Ok(Advance::Next(self.with_state(SpendState::Start)));
-                }
-                let next = self.sign_and_persist(ctx, selection, Vec::new()).await?;
-                Ok(Advance::Next(next))
-            }
+            SpendState::Start => self.select(ctx).await,
+            SpendState::Selected { selection } => self.sign_first(ctx, selection).await,
             SpendState::Broadcasting {
                 selection,
                 versions,
-            } => {
-                ctx.release_exclusivity();
-                let Some(latest) = versions.last() else {
-                    return Err(StepError::Fatal("no version to broadcast".into()));
-                };
-                ctx.broadcast(latest).await?;
-                Ok(Advance::Next(self.with_state(SpendState::Waiting {
-                    selection,
-                    versions,
-                    since: ctx.tip().unwrap_or(0),
-                })))
-            }
+            } => self.broadcast_latest(ctx, selection, versions).await,
             SpendState::Waiting {
                 selection,
                 versions,
                 since,
             } => {
-                ctx.release_exclusivity();
-                let history = ctx.wallet().history().await?;
-                let ours: Vec<Txid> = versions.iter().map(Transaction::compute_txid).collect();
-                let tip = ctx.tip().unwrap_or(0);
-                let mut conflicted = 0;
-                for entry in history.iter().filter(|h| ours.contains(&h.txid)) {
-                    if let Some(height) = entry.height
-                        && tip + 1 >= height + self.confirmations
-                    {
-                        let replaced: Vec<String> = ours
-                            .iter()
-                            .filter(|t| **t != entry.txid)
-                            .map(ToString::to_string)
-                            .collect();
-                        return Ok(Advance::Done(format!(
-                            "{} confirmed at height {height}; replaced: [{}]",
-                            entry.txid,
-                            replaced.join(", ")
-                        )));
-                    }
-                    if let Some((by, _)) = entry.conflicted_by
-                        && !ours.contains(&by)
-                    {
-                        conflicted += 1;
-                    }
-                }
-                if conflicted == ours.len() {
-                    return Ok(Advance::Failed(
-                        "every version was conflicted by another transaction".into(),
-                    ));
-                }
-                let confirming = history
-                    .iter()
-                    .any(|h| ours.contains(&h.txid) && h.height.is_some());
-                let Some(latest) = versions.last() else {
-                    return Err(StepError::Fatal("no version to wait for".into()));
-                };
-                if !confirming
-                    && let Some(bump) = &self.bump
-                    && tip >= since + bump.after_blocks
-                    && versions.len() <= bump.max_bumps as usize
-                    && let Some(next) = self.bumped(&selection, latest)
-                {
-                    let next = self.sign_and_persist(ctx, next, versions.clone()).await?;
-                    return Ok(Advance::Next(next));
-                }
-                if !confirming {
-                    // The source may have dropped it (a restart, an
-                    // eviction): sending it again is harmless.
-                    if let Err(error) = ctx.broadcast(latest).await {
-                        tracing::debug!(action = %self.id, %error, "re-broadcast refused");
-                    }
-                }
-                Ok(Advance::Park {
-                    state: self,
-                    wake_after: None,
-                    error: None,
-                })
+                self.wait_for_confirmations(ctx, selection, versions, since)
+                    .await
             }
             SpendState::Abandoned { reason } => Ok(Advance::Failed(reason)),
         }
@@ -490,10 +527,7 @@ impl WalletAction for Spend {
                 reason: format!("broadcast of {txid} rejected: {reason}"),
             });
             let state = ctx
-                .commit(move |wallet, tx| {
-                    wallet.forget_broadcast(tx, txid)?;
-                    Ok(abandoned)
-                })
+                .commit_broadcast(BroadcastChange::Forget(txid), abandoned)
                 .await?;
             return Ok(Advance::Next(state));
         }
@@ -509,10 +543,7 @@ impl WalletAction for Spend {
             since,
         });
         let state = ctx
-            .commit(move |wallet, tx| {
-                wallet.forget_broadcast(tx, txid)?;
-                Ok(waiting)
-            })
+            .commit_broadcast(BroadcastChange::Forget(txid), waiting)
             .await?;
         Ok(Advance::Next(state))
     }
@@ -524,40 +555,8 @@ impl WalletAction for Spend {
 /// with the action's remaining locks released, if another holder took one
 /// or one was spent meanwhile.
 async fn still_held(ctx: &StepCtx, selection: &SelectionRecord) -> Result<bool, StepError> {
-    let holder = ctx.holder();
-    let wanted: Vec<([u8; 32], u32)> = selection
-        .coins
-        .iter()
-        .map(|c| (c.outpoint.txid.to_byte_array(), c.outpoint.vout))
-        .collect();
-    let held = ctx
-        .wallet()
-        .transact(move |wallet, tx| {
-            let mine: std::collections::HashSet<([u8; 32], u32)> = tx
-                .locks_of(&holder)?
-                .into_iter()
-                .map(|(_, txid, vout)| (txid, vout))
-                .collect();
-            let missing: Vec<([u8; 32], u32)> =
-                wanted.into_iter().filter(|c| !mine.contains(c)).collect();
-            if missing.is_empty() {
-                return Ok(true);
-            }
-            let free: std::collections::HashSet<([u8; 32], u32)> = tx
-                .unspent_coins_with_locks(wallet.id())?
-                .into_iter()
-                .filter(|(_, locked_by)| locked_by.is_none())
-                .map(|(coin, _)| (coin.txid, coin.vout))
-                .collect();
-            if missing.iter().all(|c| free.contains(c)) {
-                tx.lock_coins(wallet.id(), &missing, &holder)?;
-                return Ok(true);
-            }
-            tx.release_locks(&holder)?;
-            Ok(false)
-        })
-        .await?;
-    Ok(held)
+    let coins = selection.coins.iter().map(|c| c.outpoint).collect();
+    Ok(ctx.wallet().retake_locks(&ctx.holder(), coins).await?)
 }
 
 /// The selection that `previous` paid from, given the one the rejected

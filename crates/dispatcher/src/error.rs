@@ -3,7 +3,7 @@
 use std::fmt::Debug;
 use std::time::Duration;
 
-use crate::{ActionId, ActionKind};
+use crate::{ActionKind, DispatchId};
 
 /// Why an action was not started, or may not sign.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -17,7 +17,7 @@ pub enum DispatchError<K: Debug> {
         /// The wallet asked for.
         wallet: K,
         /// The action holding it.
-        action_id: ActionId,
+        action_id: DispatchId,
         /// That action's kind.
         kind: ActionKind,
         /// The tip when that action was dispatched, if one was known.

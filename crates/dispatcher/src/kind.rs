@@ -42,11 +42,16 @@ impl fmt::Display for ActionKind {
     }
 }
 
-/// An action's id, unique within its dispatcher (given by a counter).
+/// One dispatch's id: a counter each dispatched action gets, unique
+/// within its dispatcher and this process only (never persisted). It names
+/// a run in a wallet's slot, not a durable action: those
+/// (`lockstep-actions`) have their own caller-chosen string id that
+/// survives restarts, and each drive of one is a dispatch with a fresh
+/// `DispatchId`. Coin locks name either through [`crate::lock_holder`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-pub struct ActionId(u64);
+pub struct DispatchId(u64);
 
-impl ActionId {
+impl DispatchId {
     pub(crate) const fn new(id: u64) -> Self {
         Self(id)
     }
@@ -57,7 +62,7 @@ impl ActionId {
     }
 }
 
-impl fmt::Display for ActionId {
+impl fmt::Display for DispatchId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
     }

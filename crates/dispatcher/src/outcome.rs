@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::task::JoinHandle;
 
-use crate::{ActionId, ActionKind, ActionShared, CANCELLED, EXPIRED};
+use crate::{ActionKind, ActionShared, CANCELLED, DispatchId, EXPIRED};
 
 /// How an action ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub enum Outcome<T, E> {
 /// [`detach`](ActionHandle::detach)ed.
 pub struct ActionHandle<T, E> {
     join: Option<JoinHandle<Result<T, E>>>,
-    id: ActionId,
+    id: DispatchId,
     kind: ActionKind,
     stop: Arc<dyn Stop>,
 }
@@ -74,7 +74,7 @@ impl<T, E> ActionHandle<T, E> {
     }
 
     /// The action's id.
-    pub fn id(&self) -> ActionId {
+    pub fn id(&self) -> DispatchId {
         self.id
     }
 

@@ -23,7 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use crate::{ActionId, ActionKind, Padded, WalletKey, lock};
+use crate::{ActionKind, DispatchId, Padded, WalletKey, lock};
 
 /// Number of shards: a power of two well above the core count.
 const SHARDS: usize = 64;
@@ -31,7 +31,7 @@ const SHARDS: usize = 64;
 /// The action holding a wallet's slot, as `WalletBusy` reports it.
 #[derive(Clone, Debug)]
 pub(crate) struct Holder {
-    pub(crate) id: ActionId,
+    pub(crate) id: DispatchId,
     pub(crate) kind: ActionKind,
     pub(crate) started_at_height: Option<u32>,
     pub(crate) deadline_height: Option<u32>,
@@ -139,7 +139,7 @@ impl<K: WalletKey> Slots<K> {
 
     /// Frees `wallet`'s slot if action `id` holds it, passing it to the next
     /// waiter. Returns whether `id` held it.
-    pub(crate) fn release(&self, wallet: &K, id: ActionId) -> bool {
+    pub(crate) fn release(&self, wallet: &K, id: DispatchId) -> bool {
         let mut shard = self.shard(wallet);
         let Entry::Occupied(mut entry) = shard.entry(wallet.clone()) else {
             return false;
@@ -158,7 +158,7 @@ impl<K: WalletKey> Slots<K> {
 
     /// Takes waiter `id` out of the queue (`Dequeued`), or, if it was already
     /// granted the slot, says so (`Granted`).
-    pub(crate) fn leave(&self, wallet: &K, id: ActionId) -> Leave {
+    pub(crate) fn leave(&self, wallet: &K, id: DispatchId) -> Leave {
         let mut shard = self.shard(wallet);
         let Entry::Occupied(mut entry) = shard.entry(wallet.clone()) else {
             return Leave::Gone;

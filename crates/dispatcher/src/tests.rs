@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::{ActionId, ActionKind, ActionSpec, DispatchError, Dispatcher, Outcome};
+use crate::{ActionKind, ActionSpec, DispatchError, DispatchId, Dispatcher, Outcome};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -60,10 +60,10 @@ impl Drop for DropFlag {
 struct Record {
     /// Per successful dispatch: (wallet, seq before dispatching, seq after
     /// the outcome arrived, i.e. after the slot was freed).
-    ran: HashMap<ActionId, (u32, u64, u64)>,
+    ran: HashMap<DispatchId, (u32, u64, u64)>,
     /// Per `WalletBusy`: (wallet, named action, seq before the call, seq
     /// after it returned).
-    busy: Vec<(u32, ActionId, u64, u64)>,
+    busy: Vec<(u32, DispatchId, u64, u64)>,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -41,8 +41,8 @@ pub use lockstep_actions::{
 };
 pub use lockstep_chain as chain;
 pub use lockstep_dispatcher::{
-    ActionCtx, ActionHandle, ActionId, ActionKind, ActionSpec, DispatchError, Outcome, SignPermit,
-    Stats as DispatchStats,
+    ActionCtx, ActionHandle, ActionKind, ActionSpec, DispatchError, DispatchId, LockHolder,
+    Outcome, SignPermit, Stats as DispatchStats, lock_holder,
 };
 pub use lockstep_manager::{
     ErrorKind, Event, ManagerConfig as Config, ManagerError, MempoolSync, NewWallet, ScriptImport,
@@ -402,7 +402,7 @@ where
     move |ctx| {
         let mut unlock = ReleaseOnDrop {
             wallet: Some(Arc::clone(&wallet)),
-            holder: action_holder(ctx.id()),
+            holder: lock_holder(LockHolder::Dispatched(ctx.id())),
         };
         let running = action(ctx, wallet);
         Box::pin(async move {
@@ -420,14 +420,6 @@ where
             result
         })
     }
-}
-
-/// The holder id under which an action locks its coins
-/// (`LiveWallet::select_and_lock(request, &action_holder(ctx.id()))`): the
-/// coins of an action that fails, panics, is cancelled or expires are
-/// released under it, except those a transaction it broadcast spends.
-pub fn action_holder(id: ActionId) -> String {
-    format!("action-{id}")
 }
 
 /// Releases an action's unbroadcast coins when its future is dropped

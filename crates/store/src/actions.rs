@@ -43,6 +43,43 @@ pub struct OutcomeRow {
     pub detail: String,
 }
 
+/// How a persisted step leaves its action's coin locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockExpiry {
+    /// As they are (the tip is not known yet, so no height to expire at).
+    Unchanged,
+    /// Never expire: they guard a transaction persisted for broadcast.
+    Never,
+    /// Expire when a block reaches this height.
+    At(u32),
+}
+
+/// A checkpoint as an action's step persists it: the row, and the expiry
+/// the action's coin locks take with it. Written in one transaction (with
+/// the wallet change of the step, if any), so that after a crash the step
+/// is there entirely or not at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The checkpoint.
+    pub row: CheckpointRow,
+    /// The holder the action's coins are locked under.
+    pub holder: String,
+    /// The expiry its locks take.
+    pub locks: LockExpiry,
+}
+
+/// What [`WriteTx::stop_action`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The action was live and is stopped.
+    Stopped,
+    /// No live action has that id.
+    NotFound,
+    /// It holds a transaction persisted for broadcast, which can still
+    /// confirm: left running.
+    BroadcastPending,
+}
+
 fn checkpoint_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
     Ok(CheckpointRow {
         id: row.get(0)?,
@@ -175,6 +212,25 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Writes a step's checkpoint and sets its action's coin locks' expiry
+    /// (see [`Checkpoint`]).
+    ///
+    /// # Errors
+    /// As [`WriteTx::put_checkpoint`].
+    pub fn put_step(&mut self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        self.put_checkpoint(&checkpoint.row)?;
+        match checkpoint.locks {
+            LockExpiry::Unchanged => {}
+            LockExpiry::Never => {
+                self.set_lock_expiry(&checkpoint.holder, None)?;
+            }
+            LockExpiry::At(height) => {
+                self.set_lock_expiry(&checkpoint.holder, Some(height))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes an action's checkpoint and records how it ended, releasing
     /// every coin lock `holder` still has (in one transaction: a finished
     /// action never keeps a coin). Returns whether a checkpoint was there.
@@ -210,6 +266,39 @@ impl WriteTx<'_> {
             .or_store()?;
         self.release_locks(holder)?;
         Ok(removed > 0)
+    }
+
+    /// Stops live action `id` by hand: removes its checkpoint and releases
+    /// `holder`'s coin locks, recording the outcome `stopped` with
+    /// `detail`, in one transaction. Refused while a lock of `holder`
+    /// guards a broadcast, unless `force`.
+    ///
+    /// # Errors
+    /// [`StoreError`]: busy (retry), corrupt or full disk (fatal).
+    pub fn stop_action(
+        &mut self,
+        id: &str,
+        holder: &str,
+        force: bool,
+        detail: &str,
+    ) -> Result<Stop, StoreError> {
+        let Some(row) = self.checkpoint(id)? else {
+            return Ok(Stop::NotFound);
+        };
+        if !force && self.guarded_locks(holder)? > 0 {
+            return Ok(Stop::BroadcastPending);
+        }
+        self.finish_action(
+            &OutcomeRow {
+                id: row.id,
+                namespace: row.namespace,
+                wallet_id: row.wallet_id,
+                outcome: "stopped".into(),
+                detail: detail.to_owned(),
+            },
+            holder,
+        )?;
+        Ok(Stop::Stopped)
     }
 
     /// Sets the expiry height of every coin lock `holder` has (`None`:

@@ -96,7 +96,7 @@ mod wallet_tables;
 #[cfg(test)]
 mod tests;
 
-pub use actions::{CheckpointRow, OutcomeRow};
+pub use actions::{Checkpoint, CheckpointRow, LockExpiry, OutcomeRow, Stop};
 pub use error::{ErrorKind, OpenError, SqliteError, StoreError};
 pub use open::StoreOptions;
 pub use store::{LoopClaim, Store};

@@ -17,6 +17,7 @@
 mod descriptor;
 mod grown;
 mod live;
+mod live_actions;
 mod registry;
 mod secrets;
 mod selection;
@@ -36,6 +37,7 @@ mod tests;
 
 pub use descriptor::{DescriptorError, Keychain, WalletDescriptors};
 pub use live::{CoinInfo, CoinState, KeychainInfo, LiveWallet, Pin, Revealed, StagedWallet};
+pub use live_actions::{BroadcastChange, CoinChoice, Release};
 pub use registry::{DEFAULT_CAPACITY, Registry, RegistryStats};
 pub use selection::{Selection, SpendRequest};
 pub use wallet::{

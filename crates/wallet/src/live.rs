@@ -256,25 +256,9 @@ impl LiveWallet {
         lock(&self.state).reload(tx)
     }
 
-    /// Runs `f` on the wallet inside one write transaction of the shared
-    /// store, so that whatever else `f` writes (an action's checkpoint)
-    /// commits or rolls back together with the wallet's change. Reloads the
-    /// instance if the transaction fails; scripts `f` derives are watched
-    /// by the loop before its next block.
-    ///
-    /// # Errors
-    /// `f`'s error, or the database's.
-    pub async fn transact<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
-    where
-        F: FnOnce(&mut Wallet, &mut WriteTx<'_>) -> Result<T, WalletError> + Send + 'static,
-        T: Send + 'static,
-    {
-        self.change(f).await
-    }
-
     /// Runs `f` on the wallet's working copy in a write transaction; the
     /// copy becomes the wallet's state only if the transaction commits.
-    async fn change<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
+    pub(crate) async fn change<T, F>(self: &Arc<Self>, f: F) -> Result<T, WalletError>
     where
         F: FnOnce(&mut Wallet, &mut WriteTx<'_>) -> Result<T, WalletError> + Send + 'static,
         T: Send + 'static,

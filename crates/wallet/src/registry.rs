@@ -130,6 +130,16 @@ impl Registry {
         &self.store
     }
 
+    /// Releases every coin lock (of any wallet) whose expiry height
+    /// `height` reached: the coins of actions that stopped renewing them
+    /// come back. Returns how many.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn expire_locks(&self, height: u32) -> Result<usize, StoreError> {
+        self.store.write(move |tx| tx.expire_locks(height)).await
+    }
+
     /// The one live instance of wallet `id`, loading it if no one has it.
     ///
     /// Concurrent calls for one id cause one load; every caller gets the

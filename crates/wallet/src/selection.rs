@@ -14,7 +14,7 @@ use bdk_coin_select::{
     TXOUT_BASE_WEIGHT, Target, TargetFee, TargetOutputs,
 };
 use bitcoin::hashes::Hash;
-use bitcoin::{Amount, OutPoint, ScriptBuf, TxOut, Txid};
+use bitcoin::{Amount, OutPoint, TxOut, Txid};
 use lockstep_store::WriteTx;
 
 use crate::descriptor::Keychain;
@@ -132,7 +132,10 @@ impl Wallet {
         let fee = selector.selected_value() - target.value() - drain.value;
         let outpoints: Vec<([u8; 32], u32)> = chosen.iter().map(|c| (c.txid, c.vout)).collect();
         tx.lock_coins(self.id(), &outpoints, holder)?;
-        let coins = chosen.into_iter().map(coin_of_row).collect();
+        let coins = chosen
+            .into_iter()
+            .map(|c| Coin::from_row(self.id(), c))
+            .collect::<Result<_, _>>()?;
         Ok(Selection {
             holder: holder.to_owned(),
             coins,
@@ -269,7 +272,10 @@ impl Wallet {
                 detail: "sweep script is not the next internal one".into(),
             });
         }
-        let coins = free.into_iter().map(coin_of_row).collect();
+        let coins = free
+            .into_iter()
+            .map(|c| Coin::from_row(self.id(), c))
+            .collect::<Result<_, _>>()?;
         Ok(Selection {
             holder: holder.to_owned(),
             coins,
@@ -324,21 +330,5 @@ impl Wallet {
                 wallet_id: self.id(),
                 detail: format!("unsatisfiable descriptor: {e}"),
             })
-    }
-}
-
-/// A selected coin from its row.
-fn coin_of_row(c: lockstep_store::CoinRow) -> Coin {
-    Coin {
-        outpoint: OutPoint::new(Txid::from_byte_array(c.txid), c.vout),
-        txout: TxOut {
-            value: Amount::from_sat(c.value),
-            script_pubkey: ScriptBuf::from(c.script),
-        },
-        keychain: Keychain::from_u8(c.keychain).unwrap_or(Keychain::External),
-        index: c.index,
-        height: c.height,
-        is_coinbase: c.is_coinbase,
-        spent: None,
     }
 }

@@ -196,24 +196,30 @@ impl HistoryTx {
     }
 }
 
-/// A stored coin row as a [`Coin`].
-pub(super) fn coin_of_row(id: WalletId, row: CoinRow) -> Result<Coin, WalletError> {
-    let keychain = Keychain::from_u8(row.keychain).ok_or_else(|| WalletError::Corrupt {
-        wallet_id: id,
-        detail: format!("keychain {}", row.keychain),
-    })?;
-    Ok(Coin {
-        outpoint: OutPoint::new(Txid::from_byte_array(row.txid), row.vout),
-        txout: TxOut {
-            value: Amount::from_sat(row.value),
-            script_pubkey: ScriptBuf::from(row.script),
-        },
-        keychain,
-        index: row.index,
-        height: row.height,
-        is_coinbase: row.is_coinbase,
-        spent: row.spent.map(|(t, h)| (Txid::from_byte_array(t), h)),
-    })
+impl Coin {
+    /// A stored coin row of wallet `wallet_id` as a [`Coin`]: the one
+    /// conversion, so that a selection and a listing read rows alike.
+    ///
+    /// # Errors
+    /// [`WalletError::Corrupt`] if the row names no known keychain.
+    pub(crate) fn from_row(wallet_id: WalletId, row: CoinRow) -> Result<Coin, WalletError> {
+        let keychain = Keychain::from_u8(row.keychain).ok_or_else(|| WalletError::Corrupt {
+            wallet_id,
+            detail: format!("keychain {}", row.keychain),
+        })?;
+        Ok(Coin {
+            outpoint: OutPoint::new(Txid::from_byte_array(row.txid), row.vout),
+            txout: TxOut {
+                value: Amount::from_sat(row.value),
+                script_pubkey: ScriptBuf::from(row.script),
+            },
+            keychain,
+            index: row.index,
+            height: row.height,
+            is_coinbase: row.is_coinbase,
+            spent: row.spent.map(|(t, h)| (Txid::from_byte_array(t), h)),
+        })
+    }
 }
 
 impl Wallet {
@@ -265,7 +271,7 @@ impl Wallet {
     ) -> Result<Vec<Coin>, WalletError> {
         tx.wallet_coins(id, unspent_only)?
             .into_iter()
-            .map(|row| coin_of_row(id, row))
+            .map(|row| Coin::from_row(id, row))
             .collect()
     }
 
