@@ -262,6 +262,16 @@ impl Lockstep {
             .await
     }
 
+    /// Takes back a parked wallet (one the loop could not process, see
+    /// [`WalletInfo::parked`] and [`Event::WalletParked`]) once its cause
+    /// is mended: it is imported from where it was parked, no restart.
+    ///
+    /// # Errors
+    /// See [`ManagerError`]; the wallet's own failure again parks it again.
+    pub async fn resume_wallet(&self, wallet: WalletId) -> Result<(), ManagerError> {
+        self.manager.resume_wallet(wallet).await
+    }
+
     /// The live instance of a wallet: addresses, reads and spends, shared
     /// with the chain loop. Loaded once however many callers ask.
     ///
