@@ -194,9 +194,18 @@ impl SourceError {
         }
     }
 
-    /// Whether asking again later can succeed.
+    /// Whether asking the same again, after a pause, can succeed: the
+    /// source is down, slow or misconfigured. Not when it does not have
+    /// it on its best chain ([`is_not_found`](Self::is_not_found)): that
+    /// is retryable too, but only after re-reading the tip, so a request
+    /// retry loop must not wait it out.
     pub fn is_retryable(&self) -> bool {
-        self.kind() == ErrorKind::Retryable
+        matches!(
+            self,
+            SourceError::Unavailable { .. }
+                | SourceError::Timeout { .. }
+                | SourceError::Misconfigured { .. }
+        )
     }
 
     /// Whether the source does not have it on its best chain.

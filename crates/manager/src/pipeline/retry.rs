@@ -82,3 +82,63 @@ where
         result = attempts => result,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use lockstep_chain::Missing;
+
+    use super::*;
+
+    fn policy() -> (Policy, watch::Sender<bool>) {
+        let (stop, watch) = watch::channel(false);
+        let policy = Policy {
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            backoff: Duration::from_secs(60),
+            stop: watch,
+        };
+        (policy, stop)
+    }
+
+    /// What the source does not have on its best chain is answered at
+    /// once: asking again before re-reading the tip gives the same, and
+    /// waiting out the backoff would stall every scan that reaches the
+    /// source's tip.
+    #[tokio::test]
+    async fn not_found_is_returned_at_once_not_retried() {
+        let (policy, _stop) = policy();
+        let asked = AtomicU32::new(0);
+        let result: Result<(), SourceError> = tokio::time::timeout(
+            Duration::from_secs(10),
+            timed(&policy, || {
+                asked.fetch_add(1, Ordering::Relaxed);
+                async { Err(SourceError::NotFound(Missing::Height(7))) }
+            }),
+        )
+        .await
+        .expect("not retried with a 60 s backoff");
+        assert!(matches!(result, Err(SourceError::NotFound(_))));
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+    }
+
+    /// A source that is down is asked again, up to the policy's retries.
+    #[tokio::test]
+    async fn an_unavailable_source_is_asked_again() {
+        let (mut policy, _stop) = policy();
+        policy.backoff = Duration::from_millis(1);
+        let asked = AtomicU32::new(0);
+        let result: Result<(), SourceError> = timed(&policy, || {
+            asked.fetch_add(1, Ordering::Relaxed);
+            async {
+                Err(SourceError::Unavailable {
+                    reason: "down".to_owned(),
+                })
+            }
+        })
+        .await;
+        assert!(matches!(result, Err(SourceError::Unavailable { .. })));
+        assert_eq!(asked.load(Ordering::Relaxed), 4);
+    }
+}
