@@ -243,12 +243,26 @@ fn sends_built_while_blocks_spend_the_wallet_never_share_a_coin_or_a_change_scri
                 spent
             })
         };
+        let start = manager.tip().borrow().map_or(0, |t| t.height);
         let sends: Vec<_> = (0..50u8)
             .map(|i| {
                 let manager = manager.clone();
                 let chain = chain.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(u64::from(i) * 4)).await;
+                    if i >= 25 {
+                        // The second half is built after the loop has
+                        // connected a block mined meanwhile, however busy
+                        // the machine: the sends straddle blocks.
+                        let mut tip = manager.tip();
+                        tokio::time::timeout(
+                            Duration::from_secs(60),
+                            tip.wait_for(|t| t.is_some_and(|t| t.height > start)),
+                        )
+                        .await
+                        .expect("the loop connects a mined block")
+                        .expect("the manager lives");
+                    }
                     let wallet = manager.wallet(id).await.unwrap();
                     let holder = format!("send-{i}");
                     let before = manager.tip().borrow().map_or(0, |t| t.height);
