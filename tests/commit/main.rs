@@ -58,9 +58,12 @@ impl CommitsFail {
         CommitsFail { seen }
     }
 
-    /// What readers saw at each failing COMMIT.
-    fn seen(&self) -> Vec<View> {
-        self.seen.lock().unwrap().clone()
+    /// Every COMMIT succeeds again; returns what readers saw at each
+    /// failing one.
+    fn finish(self) -> Vec<View> {
+        let seen = self.seen.lock().unwrap().clone();
+        drop(self);
+        seen
     }
 }
 
@@ -111,8 +114,7 @@ fn memory_changes_only_after_commit() {
             lockstep_store::ErrorKind::Retryable,
             "{error}"
         );
-        let seen = failing.seen();
-        drop(failing);
+        let seen = failing.finish();
         assert_unchanged("reveal", &seen, &live, &rig.store, committed);
         let revealed = live.reveal_address(Keychain::External).await.unwrap();
         assert_eq!(Some(revealed.index), memory(&live)[0].0);
@@ -138,8 +140,7 @@ fn memory_changes_only_after_commit() {
             lockstep_store::ErrorKind::Retryable,
             "{error}"
         );
-        let seen = failing.seen();
-        drop(failing);
+        let seen = failing.finish();
         assert_unchanged("send", &seen, &live, &rig.store, committed);
         assert_eq!(live.balance().await.unwrap().locked, Amount::ZERO);
         live.select_and_lock(request, "send-1").await.unwrap();
@@ -156,8 +157,7 @@ fn memory_changes_only_after_commit() {
         let failing = CommitsFail::new(&live);
         let error = rig.manager.sync().await.unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Retryable, "{error}");
-        let seen = failing.seen();
-        drop(failing);
+        let seen = failing.finish();
         assert_unchanged("ingest", &seen, &live, &rig.store, committed);
         assert!(faults::commits_failed() >= 3);
         rig.sync().await;

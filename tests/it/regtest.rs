@@ -1,8 +1,8 @@
 //! lockstep against a real Bitcoin Core on regtest, when `BITCOIND_EXE`
 //! names a `bitcoind` binary (`BITCOIND_EXE=/path/to/bitcoind cargo xtask
-//! regtest`). They are `#[ignore]`d with the reason "needs BITCOIND_EXE",
-//! so that `cargo test` needs no node and counts them as ignored in its
-//! summary; `cargo xtask regtest` runs them with `--ignored`, and a run of
+//! regtest`). Each is ignored by default, its attribute giving the reason
+//! ("needs BITCOIND_EXE"), so that `cargo test` needs no node and counts
+//! them as ignored in its summary; `cargo xtask regtest` runs them with `--ignored`, and a run of
 //! them without `BITCOIND_EXE` fails instead of passing unrun.
 //!
 //! The stand-in node (`tests/it/bitcoind.rs`) follows Core's documented
